@@ -1,0 +1,374 @@
+"""explore() and replay(): run a scenario under many schedules, or one recorded schedule again."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..check.lockdep import Lockdep
+from ..runtime.executor import ExecutionResult, Executor
+from ..runtime.failures import Failure, ToolError
+from ..runtime.strategies import RandomStrategy, ReplayStrategy, Strategy, make_strategy
+from .schedule import Schedule, ScheduleError
+
+ScenarioFn = Callable[..., Coroutine[Any, Any, Any]]
+
+DEFAULT_MAX_STEPS = 200_000
+
+
+def scenario_name(scenario: ScenarioFn) -> str:
+    """The name a schedule file records: the registered name, else module:qualname."""
+    name = getattr(scenario, "scenario_name", None)
+    if name:
+        return str(name)
+    return f"{getattr(scenario, '__module__', '?')}:{getattr(scenario, '__qualname__', repr(scenario))}"
+
+
+def scenario_params(scenario: ScenarioFn, params: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Declared defaults overridden by `params`; unknown names are a one-line error."""
+    declared = dict(getattr(scenario, "scenario_params", {}) or {})
+    given = dict(params or {})
+    if declared:
+        unknown = sorted(set(given) - set(declared))
+        if unknown:
+            raise ValueError(
+                f"scenario {scenario_name(scenario)} has no parameter {', '.join(unknown)} "
+                f"(it takes: {', '.join(sorted(declared)) or 'none'})"
+            )
+    declared.update(given)
+    return declared
+
+
+@dataclass
+class Program:
+    """A scenario bound to its parameters, kernel profile and injected bugs: what one execution runs."""
+
+    scenario: ScenarioFn
+    params: dict[str, Any] = field(default_factory=dict)
+    profile: str = "6.18"
+    bugs: tuple[str, ...] = ()
+    max_steps: int = DEFAULT_MAX_STEPS
+    data_probs: dict[str, float] = field(default_factory=dict)
+    #: whether executions feed a lockdep graph (a campaign-wide one while hunting)
+    lockdep: bool = True
+
+    @property
+    def name(self) -> str:
+        return scenario_name(self.scenario)
+
+    def main(self) -> Callable[[], Coroutine[Any, Any, Any]]:
+        def start() -> Coroutine[Any, Any, Any]:
+            # The world is built inside the execution so its oracles attach to this executor.
+            world = make_world(self.profile, self.bugs)
+            return self.scenario(world, **self.params)
+
+        return start
+
+    def run(
+        self,
+        strategy: Strategy,
+        *,
+        lockdep: Lockdep | None = None,
+        record: bool = False,
+        count_preemptions: bool = False,
+    ) -> ExecutionResult:
+        exe = Executor(
+            strategy,
+            max_steps=self.max_steps,
+            lockdep=lockdep,
+            record=record,
+            count_preemptions=count_preemptions,
+            data_probs=self.data_probs,
+        )
+        result = exe.run(self.main())
+        strategy.end(result)
+        return result
+
+    def schedule(self, result: ExecutionResult, strategy: dict[str, Any], seed: int, index: int) -> Schedule:
+        return Schedule(
+            scenario=self.name,
+            params=dict(self.params),
+            profile=self.profile,
+            bugs=list(self.bugs),
+            strategy=strategy,
+            seed=seed,
+            execution=index,
+            tasks=list(result.task_names),
+            steps=result.steps,
+            preemptions=result.preemptions,
+            failure=result.failure,
+            max_steps=self.max_steps,
+            data_probs=dict(self.data_probs),
+            lockdep=self.lockdep,
+            choices=list(result.choices),
+        )
+
+    def new_lockdep(self, report: bool = True) -> Lockdep | None:
+        return Lockdep(report=report) if self.lockdep else None
+
+    def replay(
+        self, schedule: Schedule, *, strict: bool = True, record: bool = False, choices: list[Any] | None = None
+    ) -> ExecutionResult:
+        """Run `schedule` (its preludes first, sharing one lockdep graph), counting preemptions."""
+        lockdep = self.new_lockdep(report=schedule.failure is not None and schedule.failure.kind == "lockdep")
+        for i, prelude in enumerate(schedule.prelude):
+            if lockdep is not None:
+                lockdep.execution = -1 - i
+            self.run(ReplayStrategy(prelude), lockdep=lockdep)
+        if lockdep is not None:
+            lockdep.execution = schedule.execution
+        stream = schedule.choices if choices is None else choices
+        return self.run(ReplayStrategy(stream, strict=strict), lockdep=lockdep, record=record, count_preemptions=True)
+
+
+def make_world(profile: str, bugs: Iterable[str]) -> Any:
+    """The emulated /dev/kvm a scenario receives."""
+    from ..kvm.kvm import Kvm
+
+    return Kvm(profile=profile, bugs=tuple(bugs))
+
+
+@dataclass
+class FoundFailure:
+    """A distinct failure signature found by a campaign, with its first failing schedule."""
+
+    failure: Failure
+    schedule: Schedule
+    count: int = 1
+    first_run: int = 0
+
+    @property
+    def signature(self) -> str:
+        return self.failure.signature
+
+    @property
+    def kind(self) -> str:
+        return self.failure.kind
+
+    @property
+    def message(self) -> str:
+        return self.failure.message
+
+    @property
+    def task(self) -> str | None:
+        return self.failure.task
+
+    def __str__(self) -> str:
+        return f"{self.failure} (first in run {self.first_run}, {self.count} runs)"
+
+
+@dataclass
+class Report:
+    """What a campaign found."""
+
+    scenario: str
+    strategy: dict[str, Any]
+    runs: int = 0
+    failing_runs: int = 0
+    failures: list[FoundFailure] = field(default_factory=list)
+    exhausted: bool = False
+    elapsed: float = 0.0
+    steps: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    @property
+    def signatures(self) -> list[str]:
+        return [f.signature for f in self.failures]
+
+    @property
+    def runs_per_second(self) -> float:
+        return self.runs / self.elapsed if self.elapsed > 0 else 0.0
+
+    def first(self, signature_prefix: str = "") -> FoundFailure | None:
+        for f in self.failures:
+            if f.signature.startswith(signature_prefix):
+                return f
+        return None
+
+    def summary(self) -> str:
+        head = f"{self.scenario}: {self.runs} runs, {self.failing_runs} failing, {len(self.failures)} distinct"
+        if self.exhausted:
+            head += " (schedule space exhausted)"
+        return "\n".join([head] + [f"  {f}" for f in self.failures])
+
+
+def calibrate_steps(program: Program, seed: int, samples: int = 3) -> int:
+    """Execution length for PCT's change points: the longest of a few seeded random executions."""
+    longest = 1
+    for i in range(samples):
+        s = RandomStrategy(seed ^ 0x5EED)
+        s.start(i)
+        longest = max(longest, program.run(s).steps)
+    return longest
+
+
+def build_strategy(
+    program: Program,
+    strategy: str | Strategy,
+    seed: int,
+    *,
+    depth: int = 3,
+    steps: int | None = None,
+    preemptions: int = 2,
+) -> Strategy:
+    if isinstance(strategy, Strategy):
+        return strategy
+    if steps is None and strategy in ("pct", "idpct", "portfolio"):
+        steps = calibrate_steps(program, seed)
+    return make_strategy(strategy, seed, depth=depth, steps=steps or 1000, preemptions=preemptions)
+
+
+def explore(
+    scenario: ScenarioFn,
+    *,
+    strategy: str | Strategy = "pct",
+    runs: int = 1000,
+    seed: int = 0,
+    depth: int = 3,
+    steps: int | None = None,
+    preemptions: int = 2,
+    params: Mapping[str, Any] | None = None,
+    profile: str = "6.18",
+    bugs: Iterable[str] = (),
+    max_steps: int = DEFAULT_MAX_STEPS,
+    data_probs: Mapping[str, float] | None = None,
+    stop_on_first_failure: bool = False,
+    time_budget: float | None = None,
+    record: bool = False,
+    first_run: int = 0,
+    lockdep: bool = True,
+    progress: Callable[[Report], None] | None = None,
+) -> Report:
+    """Run `scenario` under `runs` schedules chosen by `strategy`; return the distinct failures.
+
+    Execution i depends only on (seed, i): a campaign split over processes finds the same
+    failures. A lockdep graph is shared by every execution, so a lock-order inversion shows up
+    even when the two halves of it happen in different executions.
+    """
+    program = Program(
+        scenario,
+        scenario_params(scenario, params),
+        profile,
+        tuple(bugs),
+        max_steps,
+        dict(data_probs or {}),
+        lockdep,
+    )
+    strat = build_strategy(program, strategy, seed, depth=depth, steps=steps, preemptions=preemptions)
+    report = Report(program.name, strat.describe())
+    graph = program.new_lockdep()
+    contributors: dict[int, list[Any]] = {}
+    by_sig: dict[str, FoundFailure] = {}
+    t0 = time.perf_counter()
+    deadline = t0 + time_budget if time_budget else None
+    index = first_run
+    end = first_run + runs
+    while index < end:
+        if not strat.start(index):
+            report.exhausted = True
+            break
+        if graph is not None:
+            graph.execution = index
+            graph.new_edges = []
+        result = program.run(strat, lockdep=graph, record=record)
+        report.runs += 1
+        report.steps += result.steps
+        if graph is not None and graph.new_edges:
+            contributors[index] = list(result.choices)
+        failure = result.failure
+        if failure is not None:
+            report.failing_runs += 1
+            found = by_sig.get(failure.signature)
+            if found is None:
+                schedule = program.schedule(result, strat.describe(), seed, index)
+                if failure.kind == "lockdep":
+                    schedule.prelude = [
+                        contributors[i]
+                        for i in failure.evidence.get("executions", [])
+                        if i != index and i in contributors
+                    ]
+                _confirm(program, schedule)
+                found = by_sig[failure.signature] = FoundFailure(failure, schedule, 0, index)
+                report.failures.append(found)
+            found.count += 1
+        index += 1
+        if progress is not None:
+            report.elapsed = time.perf_counter() - t0
+            progress(report)
+        if failure is not None and stop_on_first_failure:
+            break
+        if deadline is not None and time.perf_counter() > deadline:
+            break
+    report.elapsed = time.perf_counter() - t0
+    return report
+
+
+def _confirm(program: Program, schedule: Schedule) -> None:
+    """Replay a new failure once: it must reproduce (else something escaped the scheduler),
+    and the replay measures what hunting does not (preemptions)."""
+    again = program.replay(schedule)
+    if again.failure is None or schedule.failure is None or again.failure.signature != schedule.failure.signature:
+        got = again.failure.signature if again.failure else "no failure"
+        raise ToolError(
+            f"uncontrolled nondeterminism: execution {schedule.execution} failed with "
+            f"{schedule.signature} but its replay gave {got}"
+        )
+    schedule.preemptions = again.preemptions
+
+
+def _program_for(schedule: Schedule, scenario: ScenarioFn) -> Program:
+    return Program(
+        scenario,
+        dict(schedule.params),
+        schedule.profile,
+        tuple(schedule.bugs),
+        schedule.max_steps,
+        dict(schedule.data_probs),
+        schedule.lockdep,
+    )
+
+
+def load_schedule(source: str | Path | Schedule) -> Schedule:
+    return source if isinstance(source, Schedule) else Schedule.load(source)
+
+
+def check_compatible(schedule: Schedule, scenario: ScenarioFn, *, force: bool = False) -> None:
+    """Refuse a schedule recorded by another asyncvm version or for other scenario parameters."""
+    if force:
+        return
+    if schedule.asyncvm_version != __version__:
+        raise ScheduleError(
+            f"schedule was recorded by asyncvm {schedule.asyncvm_version}, this is {__version__} "
+            "(pass force=True / --force to replay anyway)"
+        )
+    registered = getattr(scenario, "scenario_name", None)
+    if registered and registered != schedule.scenario:
+        raise ScheduleError(f"schedule is for scenario {schedule.scenario!r}, not {registered!r}")
+    declared = getattr(scenario, "scenario_params", None)
+    if declared:
+        unknown = sorted(set(schedule.params) - set(declared))
+        if unknown:
+            raise ScheduleError(
+                f"schedule sets parameters {', '.join(unknown)} that scenario {schedule.scenario} does not "
+                "declare (pass force=True / --force to replay anyway)"
+            )
+
+
+def replay(
+    source: str | Path | Schedule,
+    scenario: ScenarioFn,
+    *,
+    force: bool = False,
+    record: bool = True,
+) -> ExecutionResult:
+    """Re-run a recorded schedule exactly; any choice that no longer fits raises ReplayDivergence."""
+    schedule = load_schedule(source)
+    check_compatible(schedule, scenario, force=force)
+    return _program_for(schedule, scenario).replay(schedule, record=record)

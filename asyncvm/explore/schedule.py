@@ -1,0 +1,172 @@
+"""Schedule files: versioned JSON naming the scenario, its parameters and every recorded choice.
+
+A schedule is data, never code: the scenario is named by its registered name (replay never
+imports anything the file names), and the choice stream is a JSON list in which an integer is the
+id of the task that ran and a one-element list ``[v]`` is the value a nondeterministic draw took.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..runtime.executor import Choice
+from ..runtime.failures import Failure, ToolError
+
+FORMAT = "asyncvm-schedule"
+FORMAT_VERSION = 1
+
+
+class ScheduleError(ToolError):
+    """A schedule file that cannot be used; the message is one line naming the file and why."""
+
+
+@dataclass
+class Schedule:
+    """Everything needed to re-run one execution exactly."""
+
+    scenario: str
+    choices: list[Choice]
+    params: dict[str, Any] = field(default_factory=dict)
+    profile: str = "6.18"
+    bugs: list[str] = field(default_factory=list)
+    strategy: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    execution: int = 0
+    tasks: list[str] = field(default_factory=list)
+    steps: int = 0
+    preemptions: int = 0
+    failure: Failure | None = None
+    max_steps: int = 200_000
+    data_probs: dict[str, float] = field(default_factory=dict)
+    #: choice streams of earlier executions that must run first (lockdep edges they contributed)
+    prelude: list[list[Choice]] = field(default_factory=list)
+    lockdep: bool = True
+    asyncvm_version: str = __version__
+
+    @property
+    def signature(self) -> str | None:
+        return self.failure.signature if self.failure else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "asyncvm": self.asyncvm_version,
+            "scenario": {"name": self.scenario, "params": self.params},
+            "profile": self.profile,
+            "bugs": self.bugs,
+            "strategy": self.strategy,
+            "seed": self.seed,
+            "execution": self.execution,
+            "max_steps": self.max_steps,
+            "data_probs": self.data_probs,
+            "lockdep": self.lockdep,
+            "tasks": self.tasks,
+            "steps": self.steps,
+            "preemptions": self.preemptions,
+            "failure": self.failure.to_json() if self.failure else None,
+            "prelude": [_encode(p) for p in self.prelude],
+            "choices": _encode(self.choices),
+        }
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=1)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write atomically: a reader (or a killed run) never sees half a file."""
+        return write_atomic(Path(path), self.dumps() + "\n")
+
+    @classmethod
+    def from_json(cls, data: Any, origin: str = "schedule") -> Schedule:
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ScheduleError(f"{origin}: not an asyncvm schedule file")
+        if data.get("version") != FORMAT_VERSION:
+            raise ScheduleError(
+                f"{origin}: schedule format version {data.get('version')!r} is not supported "
+                f"(this asyncvm reads version {FORMAT_VERSION})"
+            )
+        try:
+            scenario = data["scenario"]
+            failure = data.get("failure")
+            return cls(
+                scenario=str(scenario["name"]),
+                params=dict(scenario.get("params") or {}),
+                profile=str(data.get("profile", "6.18")),
+                bugs=[str(b) for b in data.get("bugs") or []],
+                strategy=dict(data.get("strategy") or {}),
+                seed=int(data.get("seed", 0)),
+                execution=int(data.get("execution", 0)),
+                max_steps=int(data.get("max_steps", 200_000)),
+                data_probs={str(k): float(v) for k, v in (data.get("data_probs") or {}).items()},
+                tasks=[str(t) for t in data.get("tasks") or []],
+                steps=int(data.get("steps", 0)),
+                preemptions=int(data.get("preemptions", 0)),
+                failure=Failure.from_json(failure) if failure else None,
+                prelude=[_decode(p, origin) for p in data.get("prelude") or []],
+                lockdep=bool(data.get("lockdep", True)),
+                choices=_decode(data["choices"], origin),
+                asyncvm_version=str(data.get("asyncvm", "?")),
+            )
+        except ScheduleError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ScheduleError(f"{origin}: malformed schedule ({type(e).__name__}: {e})") from None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Schedule:
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except FileNotFoundError:
+            raise ScheduleError(f"{p}: no such file") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ScheduleError(f"{p}: cannot read ({e.__class__.__name__})") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            what = "truncated" if e.pos >= len(text.rstrip()) else "not valid JSON"
+            raise ScheduleError(f"{p}: {what} (line {e.lineno}, column {e.colno})") from None
+        return cls.from_json(data, str(p))
+
+
+def _encode(choices: list[Choice]) -> list[Any]:
+    return [c if type(c) is int else [c[0]] for c in choices]  # type: ignore[index]
+
+
+def _decode(raw: Any, origin: str) -> list[Choice]:
+    if not isinstance(raw, list):
+        raise ScheduleError(f"{origin}: choices must be a list")
+    out: list[Choice] = []
+    for i, c in enumerate(raw):
+        if type(c) is int and c >= 0:
+            out.append(c)
+        elif isinstance(c, list) and len(c) == 1 and type(c[0]) is int and c[0] >= 0:
+            out.append((c[0],))
+        else:
+            raise ScheduleError(f"{origin}: choice {i} is {c!r}, expected a task id or [value]")
+    return out
+
+
+def write_atomic(path: Path, text: str) -> Path:
+    """Write `text` to `path` through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path

@@ -1,0 +1,533 @@
+"""The controlled executor: drives task coroutines itself, one at a time, in the strategy's order.
+
+There is no event loop. Each task is a coroutine; the executor resumes exactly one with
+``coro.send(None)`` and gets back the request the task stopped at (see ``traps``). Between two
+requests a task runs atomically, so every interleaving the model can show is a sequence of
+choices: which enabled task runs next, plus the nondeterministic data drawn on the way. Both kinds
+of choice are recorded in one stream, which is what a schedule file replays.
+"""
+
+from __future__ import annotations
+
+import sys
+from bisect import insort
+from collections import Counter
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from operator import attrgetter
+from typing import TYPE_CHECKING, Any
+
+from . import traps
+from .failures import Failure, ToolError, Violation
+
+if TYPE_CHECKING:
+    from ..check.lockdep import Lockdep
+    from .strategies import Strategy
+    from .traps import Waitable
+
+_by_tid = attrgetter("tid")
+
+#: A choice in the stream: an int is a task id, a 1-tuple ``(value,)`` is a data draw.
+Choice = int | tuple[int]
+
+
+class Task:
+    """One controlled task: a coroutine with a stable id (spawn order) and a name."""
+
+    __slots__ = (
+        "coro",
+        "done",
+        "enabled",
+        "group",
+        "held",
+        "name",
+        "pending",
+        "send",
+        "srcu_reads",
+        "tid",
+    )
+
+    def __init__(self, tid: int, name: str, coro: Coroutine[Any, Any, Any], group: Any) -> None:
+        self.tid = tid
+        self.name = name
+        self.coro = coro
+        self.send = coro.send
+        self.enabled = True
+        #: what the task will do when next resumed: None, an object, or an (object, arg) wait.
+        self.pending: Any = None
+        self.done = False
+        self.group = group
+        #: locks held, innermost last: (lock, mode, site) — for lockdep, leaks and might_sleep.
+        self.held: list[tuple[Any, Any, Any]] = []
+        self.srcu_reads: list[tuple[Any, int, Any]] = []
+
+    def __repr__(self) -> str:
+        return f"<Task {self.tid} {self.name}>"
+
+
+@dataclass
+class ExecutionResult:
+    """What one execution did: its choice stream, its outcome and (if recorded) its trace."""
+
+    #: the stream as the executor made it (Task objects and draws); see `choices`
+    raw_choices: list[Any]
+    failure: Failure | None
+    steps: int
+    preemptions: int
+    task_names: list[str]
+    preempted_at: list[int] = field(default_factory=list)
+    trace: list[tuple[Any, ...]] | None = None
+    lockdep_edges: list[Any] = field(default_factory=list)
+    virtual_time: float = 0.0
+    data: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> bool:
+        return self.failure is not None
+
+    def events(self) -> list[dict[str, Any]]:
+        """The recorded trace as plain dicts (empty unless the execution recorded)."""
+        from ..trace.events import render
+
+        return render(self.trace or [], self.task_names)
+
+    @property
+    def choices(self) -> list[Choice]:
+        """Task ids and (value,) draws, as schedule files record them (converted on demand)."""
+        return [c.tid if type(c) is Task else c for c in self.raw_choices]
+
+
+class _Clock:
+    """The virtual clock as a waitable: a sleeper is ready once time reaches its deadline."""
+
+    __slots__ = ("_live_event", "_waiters", "name", "now")
+
+    def __init__(self) -> None:
+        self.name = "clock"
+        self._waiters: list[Task] = []
+        self.now = 0.0
+        self._live_event = None
+
+    def _ready(self, task: Task, deadline: float) -> bool:
+        return self.now >= deadline
+
+    def _holders(self) -> list[Task]:
+        return []
+
+    def describe(self, arg: Any) -> str:
+        return f"sleep until t={arg:g}"
+
+
+class Executor:
+    """Runs one execution of a program under a strategy."""
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        *,
+        max_steps: int = 200_000,
+        lockdep: Lockdep | None = None,
+        record: bool = False,
+        count_preemptions: bool = False,
+        data_probs: dict[str, float] | None = None,
+    ) -> None:
+        self.strategy = strategy
+        self.max_steps = max_steps
+        self.lockdep = lockdep
+        self.trace: list[tuple[Any, ...]] | None = [] if record else None
+        #: preemption counting is off the hot path: it is for shrinking and for failure reports.
+        self.count_preemptions = count_preemptions or record
+        self.data_probs = data_probs or {}
+        self.tasks: list[Task] = []
+        self.enabled: list[Task] = []
+        self.current: Task | None = None
+        #: the stream as it is made: Task objects for task choices, (value,) for draws.
+        self.choices: list[Any] = []
+        self.ndraws = 0
+        self.preemptions = 0
+        #: indices into `choices` where the strategy switched away from a still-enabled task.
+        self.preempted_at: list[int] = []
+        self.clock = _Clock()
+        self.failure: Failure | None = None
+        self.lockdep_edges: list[Any] = []
+        #: per-execution scratch space for oracles and model bookkeeping.
+        self.data: dict[str, Any] = {}
+        self._finalizers: list[Callable[[], None]] = []
+
+    @property
+    def step(self) -> int:
+        """Scheduling decisions made so far (the number of the step now running)."""
+        return len(self.choices) - self.ndraws
+
+    # -- tasks -----------------------------------------------------------------------------
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str | None = None, group: Any = None) -> Task:
+        """Add a task; it is enabled at once and runs when the strategy first picks it."""
+        t = Task(len(self.tasks), name or f"task{len(self.tasks)}", coro, group)
+        self.tasks.append(t)
+        self.enabled.append(t)  # the newest task has the largest id: the list stays sorted
+        if self.trace is not None:
+            self.trace.append((self.step, self.current.tid if self.current else -1, "spawn", t.name, {}))
+        return t
+
+    def at_quiescence(self, check: Callable[[], None]) -> None:
+        """Run `check` once every task has finished (oracles that look at the final state)."""
+        self._finalizers.append(check)
+
+    # -- the hooks traps call ---------------------------------------------------------------
+    def recheck(self, obj: Waitable) -> None:
+        enabled = self.enabled
+        for w in obj._waiters:
+            ready = obj._ready(w, w.pending[1])
+            if ready is not w.enabled:
+                w.enabled = ready
+                if ready:
+                    insort(enabled, w, key=_by_tid)
+                else:
+                    enabled.remove(w)
+
+    def draw(self, kind: str, n: int, p: float) -> int:
+        p = self.data_probs.get(kind, p)
+        if p <= 0.0 and n == 2:
+            return 0
+        value = self.strategy.draw(kind, n, p)
+        self.choices.append((value,))
+        self.ndraws += 1
+        if self.trace is not None:
+            self.trace.append((self.step, self.current.tid if self.current else -1, "draw", kind, {"value": value}))
+        return value
+
+    def emit(self, kind: str, obj: object | None, fields: dict[str, Any]) -> None:
+        assert self.trace is not None
+        name = getattr(obj, "name", None) if obj is not None else None
+        self.trace.append((self.step, self.current.tid if self.current else -1, kind, name, fields))
+
+    # -- running ----------------------------------------------------------------------------
+    def run(self, main: Callable[[], Coroutine[Any, Any, Any]], name: str = "main") -> ExecutionResult:
+        """Run `main()` as task 0 and everything it spawns to completion or to the first failure."""
+        if traps._exe is not None:
+            raise ToolError("a controlled execution is already running in this thread")
+        traps._exe = self
+        try:
+            self.strategy.begin(self)
+            self.spawn(main(), name)
+            self._loop()
+            if self.failure is None:
+                self._quiesce()
+        finally:
+            traps._exe = None
+            self._close_all()
+        return ExecutionResult(
+            raw_choices=self.choices,
+            failure=self.failure,
+            steps=self.step,
+            preemptions=self.preemptions,
+            task_names=[t.name for t in self.tasks],
+            preempted_at=self.preempted_at,
+            trace=self.trace,
+            lockdep_edges=self.lockdep_edges,
+            virtual_time=self.clock.now,
+            data=self.data,
+        )
+
+    def _loop(self) -> None:
+        # The hot path: one iteration per scheduling decision. Locals instead of attributes,
+        # Task objects appended to the stream (ids are taken once, at the end), nothing allocated.
+        # Leaving a wait is done by the wait trap itself, and tracing and preemption counting
+        # wrap `pick`, so none of them costs anything here.
+        enabled = self.enabled
+        record = self.choices.append
+        pick: Callable[[list[Task], Task | None], Task] = self.strategy.pick
+        # A uniform random walk needs no Python call per decision: its choice is made inline,
+        # from the strategy's own seeded source, so it replays exactly as a pick() would.
+        rand = self.strategy.uniform_source()
+        if self.count_preemptions or self.trace is not None:
+            if rand is not None:
+                pick = _uniform_pick(rand)
+                rand = None
+            if self.count_preemptions:
+                pick = self._counted(pick)
+            if self.trace is not None:
+                pick = self._traced(pick)
+        cur: Task | None = None
+        # Iterating a range is the cheapest step bound there is: running out of it is a livelock.
+        for _ in range(self.max_steps):
+            if not enabled and not self._unstick():
+                return
+            t = enabled[int(rand() * len(enabled))] if rand is not None else pick(enabled, cur)
+            if t is not cur:
+                cur = t
+                self.current = t
+            record(t)
+            try:
+                req = t.send(None)
+            except StopIteration:
+                self._finished(t)
+                if self.failure is not None:
+                    return
+                continue
+            except Violation as v:
+                self._fail(v.kind, v.signature, v.message, t, v.evidence)
+                return
+            except ToolError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any model exception is a finding
+                self._fail_exception(t, e)
+                return
+            t.pending = req
+            if req is not None and type(req) is tuple:
+                obj = req[0]
+                obj._waiters.append(t)
+                if not obj._ready(t, req[1]):
+                    t.enabled = False
+                    enabled.remove(t)
+        self._livelock()
+
+    def _counted(self, pick: Callable[[list[Task], Task | None], Task]) -> Callable[[list[Task], Task | None], Task]:
+        def counted(enabled: list[Task], cur: Task | None) -> Task:
+            t = pick(enabled, cur)
+            if t is not cur and cur is not None and cur.enabled:
+                self.preemptions += 1
+                self.preempted_at.append(len(self.choices))
+            return t
+
+        return counted
+
+    def _traced(self, pick: Callable[[list[Task], Task | None], Task]) -> Callable[[list[Task], Task | None], Task]:
+        trace = self.trace
+        assert trace is not None
+
+        def traced(enabled: list[Task], cur: Task | None) -> Task:
+            t = pick(enabled, cur)
+            trace.append((self.step + 1, t.tid, "run", t.pending, None))
+            return t
+
+        return traced
+
+    def _finished(self, t: Task) -> None:
+        t.done = True
+        t.pending = None
+        if t.enabled:
+            t.enabled = False
+            self.enabled.remove(t)
+        if t.held:
+            lock, _mode, site = t.held[-1]
+            self._fail(
+                "lock_leak",
+                f"lock_leak:{lock.lock_class}",
+                f"task {t.name} ended still holding {lock.name} (taken at {_fmt_site(site)})",
+                t,
+                {"lock": lock.name, "site": _fmt_site(site)},
+            )
+            return
+        if t.srcu_reads:
+            srcu = t.srcu_reads[-1][0]
+            self._fail(
+                "lock_leak",
+                f"lock_leak:{srcu.lock_class}",
+                f"task {t.name} ended inside a read section of {srcu.name}",
+                t,
+                {"lock": srcu.name},
+            )
+            return
+        if t.group is not None:
+            t.group._child_done(t)
+
+    def _unstick(self) -> bool:
+        """Nothing is enabled: finish, advance virtual time, or report the deadlock."""
+        if self.failure is not None:
+            return False
+        blocked = [t for t in self.tasks if not t.done]
+        if not blocked:
+            return False
+        sleepers = self.clock._waiters
+        if sleepers:
+            # Ties at the earliest deadline all become enabled together: the strategy orders them.
+            self.clock.now = min(t.pending[1] for t in sleepers)
+            self.recheck(self.clock)
+            return True
+        self._deadlock(blocked)
+        return False
+
+    def _deadlock(self, blocked: list[Task]) -> None:
+        lines = []
+        waits_for: dict[Task, list[Task]] = {}
+        for t in blocked:
+            obj, arg = t.pending
+            holders = [h for h in obj._holders() if isinstance(h, Task)]
+            waits_for[t] = holders
+            held_by = ", ".join(h.name for h in holders) or "nobody"
+            lines.append(f"{t.name} waits for {obj.describe(arg)} held by {held_by}")
+        cycle = _find_cycle(waits_for)
+        if cycle:
+            lines.append("wait-for cycle: " + " -> ".join(t.name for t in cycle + cycle[:1]))
+        what = sorted({t.pending[0].name for t in blocked})
+        self._fail(
+            "deadlock",
+            "deadlock:" + ",".join(what),
+            "; ".join(lines),
+            None,
+            {"blocked": lines, "cycle": [t.name for t in cycle]},
+        )
+
+    def _livelock(self) -> None:
+        # The spinners are the tasks still running in the last fifth of the bound.
+        span = max(10, min(1000, self.max_steps // 5))
+        window = [c.tid for c in self.choices[-span:] if type(c) is Task]
+        spinning = Counter(window).most_common()
+        names = [f"{self.tasks[tid].name} ({n} of the last {len(window)} steps)" for tid, n in spinning]
+        self._fail(
+            "livelock",
+            "livelock:" + ",".join(sorted(self.tasks[tid].name for tid, _ in spinning)),
+            f"no progress bound: {self.max_steps} steps exceeded; spinning: " + ", ".join(names),
+            None,
+            {"spinning": names},
+        )
+
+    def _quiesce(self) -> None:
+        for check in self._finalizers:
+            try:
+                check()
+            except Violation as v:
+                self._fail(v.kind, v.signature, v.message, None, v.evidence)
+                return
+
+    def _fail_exception(self, t: Task, e: BaseException) -> None:
+        site = _model_site(e)
+        self._fail(
+            "exception",
+            f"exception:{type(e).__name__}@{site}",
+            f"{type(e).__name__}: {e}",
+            t,
+            {"site": site, "type": type(e).__name__},
+        )
+
+    def _fail(self, kind: str, signature: str, message: str, t: Task | None, evidence: dict[str, Any]) -> None:
+        if self.failure is not None:
+            return
+        task = t.name if t is not None else None
+        self.failure = Failure(kind, signature, message, self.step, task, dict(evidence))
+        if self.trace is not None:
+            self.trace.append((self.step, t.tid if t else -1, "failure", kind, {"message": message, **evidence}))
+
+    def fail(self, violation: Violation) -> None:
+        """Record a violation found outside any task (e.g. by an oracle hook)."""
+        self._fail(violation.kind, violation.signature, violation.message, self.current, violation.evidence)
+
+    def _close_all(self) -> None:
+        # Unfinished coroutines are closed with the executor detached, so their cleanup code
+        # cannot schedule; whatever it raises belongs to an execution that is already over.
+        for t in self.tasks:
+            if not t.done:
+                try:
+                    t.coro.close()
+                except BaseException:  # noqa: BLE001
+                    pass
+
+
+def _uniform_pick(rand: Callable[[], float]) -> Callable[[list[Task], Task | None], Task]:
+    def pick(enabled: list[Task], cur: Task | None) -> Task:
+        return enabled[int(rand() * len(enabled))]
+
+    return pick
+
+
+def _find_cycle(graph: dict[Task, list[Task]]) -> list[Task]:
+    for start in graph:
+        path: list[Task] = []
+        seen: set[Task] = set()
+        node: Task | None = start
+        while node is not None and node not in seen:
+            seen.add(node)
+            path.append(node)
+            nxt = graph.get(node) or []
+            node = nxt[0] if nxt else None
+        if node is not None and node in path:
+            return path[path.index(node) :]
+    return []
+
+
+def _model_site(e: BaseException) -> str:
+    """The innermost frame of the failing traceback outside the runtime, as file:function."""
+    tb = e.__traceback__
+    site = "?"
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if not code.co_filename.startswith(_RUNTIME_DIR):
+            site = f"{code.co_filename.rsplit('/', 1)[-1]}:{code.co_name}"
+        tb = tb.tb_next
+    return site
+
+
+def _fmt_site(site: Any) -> str:
+    if site is None:
+        return "?"
+    code, line = site
+    return f"{code.co_filename.rsplit('/', 1)[-1]}:{line} ({code.co_name})"
+
+
+_RUNTIME_DIR = __file__.rsplit("/", 1)[0]
+
+
+def caller_site() -> tuple[Any, int] | None:
+    """(code, line) of the model code that called a primitive; cheap enough for every acquire."""
+    f = sys._getframe(2)
+    while f is not None and f.f_code.co_filename.startswith(_RUNTIME_DIR):
+        f = f.f_back  # type: ignore[assignment]
+    if f is None:
+        return None
+    return (f.f_code, f.f_lineno)
+
+
+class TaskGroup:
+    """``async with asyncvm.TaskGroup() as tg: tg.spawn(fn, *args, name=...)``; joins on exit.
+
+    Under a controlled execution the children are executor tasks with stable ids in spawn order;
+    in live mode the group is an anyio task group, so the same scenario code embeds unchanged.
+    """
+
+    def __init__(self) -> None:
+        self.name = "taskgroup"
+        self._waiters: list[Task] = []
+        self._live_event: Any = None
+        self._exe: Executor | None = None
+        self._live: Any = None
+        self.children: list[Task] = []
+
+    async def __aenter__(self) -> TaskGroup:
+        self._exe = traps.active()
+        if self._exe is None:
+            import anyio
+
+            self._live = anyio.create_task_group()
+            await self._live.__aenter__()
+        return self
+
+    def spawn(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any, name: str | None = None) -> None:
+        """Start `fn(*args)` as a new task; it first runs when the strategy picks it."""
+        label = name or getattr(fn, "__name__", "task")
+        if self._live is not None:
+            self._live.start_soon(fn, *args, name=label)
+            return
+        if self._exe is None:
+            raise RuntimeError("TaskGroup.spawn() outside 'async with'")
+        self.children.append(self._exe.spawn(fn(*args), label, self))
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> bool | None:
+        if self._live is not None:
+            return bool(await self._live.__aexit__(exc_type, exc, tb))
+        if exc_type is None:
+            self.name = "join(" + ",".join(c.name for c in self.children) + ")"
+            await traps.wait(self, None)
+        return None
+
+    def _ready(self, task: Any, arg: Any) -> bool:
+        return all(c.done for c in self.children)
+
+    def _holders(self) -> list[Task]:
+        return [c for c in self.children if not c.done]
+
+    def describe(self, arg: Any) -> str:
+        return "join of " + ", ".join(c.name for c in self.children if not c.done)
+
+    def _child_done(self, t: Task) -> None:
+        traps.notify(self)

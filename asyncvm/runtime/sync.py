@@ -1,0 +1,581 @@
+"""Modeled kernel synchronization: locks, SRCU, completions, wait queues, try-locks and atomics.
+
+Every operation here is a scheduling point, and every lock knows whether it is a sleeping lock
+(may be held across a sleep: Mutex, RWSem, SRCU read side) or a spinning one (SpinLock, RWLock,
+TryLock). The runtime's own oracles live at these call sites: lockdep sees every acquisition,
+``might_sleep`` sees every operation that can sleep, and releases check their owner.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+from . import traps
+from .executor import caller_site
+from .failures import Violation
+
+T = TypeVar("T")
+
+READ = "read"
+WRITE = "write"
+
+
+def _lockdep() -> Any:
+    exe = traps._exe
+    return exe.lockdep if exe is not None else None
+
+
+def might_sleep(what: str = "might_sleep()") -> None:
+    """Complain like CONFIG_DEBUG_ATOMIC_SLEEP if the running task holds a spinning lock."""
+    t = traps.current()
+    if t is None:
+        return
+    for lock, _mode, site in t.held:
+        if not lock.sleeping:
+            raise Violation(
+                "atomic_sleep",
+                f"BUG: sleeping function called from invalid context: {what} while holding "
+                f"{lock.name} (taken at {_site(site)})",
+                signature=f"atomic_sleep:{lock.lock_class}",
+                lock=lock.name,
+                site=_site(site),
+            )
+
+
+def _site(site: Any) -> str:
+    if site is None:
+        return "?"
+    code, line = site
+    return f"{code.co_filename.rsplit('/', 1)[-1]}:{line} ({code.co_name})"
+
+
+class _Waitable:
+    """Shared plumbing for anything a task can block on (see ``traps.wait``)."""
+
+    __slots__ = ("_live_event", "_waiters", "name")
+    sleeping = True
+    #: whether acquisitions enter the lockdep graph (try-locks never wait, so they do not)
+    lockdep_tracked = True
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._waiters: list[Any] = []
+        self._live_event: Any = None
+
+    def _ready(self, task: Any, arg: Any) -> bool:
+        raise NotImplementedError
+
+    def _holders(self) -> list[Any]:
+        return []
+
+    def describe(self, arg: Any) -> str:
+        return self.name
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}>"
+
+
+class _Lock(_Waitable):
+    """A lock lockdep knows about: `lock_class` groups instances as the kernel's lock classes do."""
+
+    __slots__ = ("lock_class",)
+
+    def __init__(self, name: str, lock_class: str | None = None) -> None:
+        super().__init__(name)
+        self.lock_class = lock_class or name
+
+    async def _acquire(self, mode: Any, what: str) -> None:
+        t = traps.current()
+        if self.sleeping:
+            might_sleep(what)
+        site = caller_site()
+        ld = _lockdep()
+        if ld is not None:
+            ld.check_acquire(t, self, site)
+        await traps.wait(self, mode)
+        self._take(t, mode)
+        t.held.append((self, mode, site))
+        traps.notify(self)
+
+    async def _release(self, mode: Any) -> None:
+        t = traps.current()
+        held = t.held
+        for i in range(len(held) - 1, -1, -1):
+            entry = held[i]
+            if entry[0] is self and entry[1] == mode:
+                del held[i]
+                break
+        else:
+            raise Violation(
+                "bad_unlock",
+                f"{t.name} releases {self.name} ({mode}) which it does not hold",
+                signature=f"bad_unlock:{self.lock_class}",
+                lock=self.name,
+            )
+        self._drop(t, mode)
+        traps.notify(self)
+        await traps.point(self)
+
+    def _take(self, t: Any, mode: Any) -> None:
+        raise NotImplementedError
+
+    def _drop(self, t: Any, mode: Any) -> None:
+        raise NotImplementedError
+
+
+class Mutex(_Lock):
+    """A sleeping mutex (``struct mutex``): kvm->lock, vcpu->mutex, slots_lock."""
+
+    __slots__ = ("owner",)
+    sleeping = True
+
+    def __init__(self, name: str, lock_class: str | None = None) -> None:
+        super().__init__(name, lock_class)
+        self.owner: Any = None
+
+    def _ready(self, task: Any, arg: Any) -> bool:
+        return self.owner is None
+
+    def _holders(self) -> list[Any]:
+        return [self.owner] if self.owner is not None else []
+
+    def describe(self, arg: Any) -> str:
+        return f"{type(self).__name__.lower()} {self.name}"
+
+    def _take(self, t: Any, mode: Any) -> None:
+        self.owner = t
+
+    def _drop(self, t: Any, mode: Any) -> None:
+        self.owner = None
+
+    def is_locked(self) -> bool:
+        return self.owner is not None
+
+    def held_by_current(self) -> bool:
+        return self.owner is traps.current()
+
+    async def lock(self) -> None:
+        """mutex_lock()"""
+        await self._acquire(None, f"mutex_lock({self.name})")
+
+    async def unlock(self) -> None:
+        """mutex_unlock(); only the owner may unlock."""
+        await self._release(None)
+
+    async def __aenter__(self) -> None:
+        await self._acquire(None, f"lock({self.name})")
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._release(None)
+
+
+class SpinLock(Mutex):
+    """A spinning lock (``spinlock_t``): nothing may sleep while it is held."""
+
+    __slots__ = ()
+    sleeping = False
+
+
+class _RW(_Lock):
+    """Shared readers, one exclusive writer; a writer that had to wait blocks new readers."""
+
+    __slots__ = ("_slow_writers", "readers", "writer")
+
+    def __init__(self, name: str, lock_class: str | None = None) -> None:
+        super().__init__(name, lock_class)
+        self.writer: Any = None
+        self.readers: dict[Any, int] = {}
+        self._slow_writers: set[Any] = set()
+
+    def _ready(self, task: Any, mode: Any) -> bool:
+        if self.writer is not None:
+            return False
+        if mode is WRITE:
+            return not self.readers
+        return not self._slow_writers
+
+    def _holders(self) -> list[Any]:
+        return [self.writer] if self.writer is not None else list(self.readers)
+
+    def describe(self, mode: Any) -> str:
+        return f"{self.name} ({mode})"
+
+    def _take(self, t: Any, mode: Any) -> None:
+        if mode is WRITE:
+            self.writer = t
+            self._slow_writers.discard(t)
+        else:
+            self.readers[t] = self.readers.get(t, 0) + 1
+        # Writers still pending now have to wait: they take the slow path and block new readers.
+        for w in self._waiters:
+            if w.pending[1] is WRITE:
+                self._slow_writers.add(w)
+
+    def _drop(self, t: Any, mode: Any) -> None:
+        if mode is WRITE:
+            self.writer = None
+        else:
+            n = self.readers[t] - 1
+            if n:
+                self.readers[t] = n
+            else:
+                del self.readers[t]
+
+    async def _acquire_rw(self, mode: str, what: str) -> None:
+        t = traps.current()
+        if mode is WRITE and not self._ready(t, WRITE):
+            self._slow_writers.add(t)
+        await self._acquire(mode, what)
+
+    def is_write_locked(self) -> bool:
+        return self.writer is not None
+
+    def held_by_current(self, mode: str | None = None) -> bool:
+        t = traps.current()
+        if mode is WRITE:
+            return self.writer is t
+        if mode is READ:
+            return t in self.readers
+        return self.writer is t or t in self.readers
+
+
+class RWLock(_RW):
+    """``rwlock_t`` as x86 ``mmu_lock`` uses it (qrwlock): spinning, a waiting writer blocks new readers."""
+
+    __slots__ = ()
+    sleeping = False
+
+    async def read_lock(self) -> None:
+        """read_lock()"""
+        await self._acquire_rw(READ, f"read_lock({self.name})")
+
+    async def read_unlock(self) -> None:
+        """read_unlock()"""
+        await self._release(READ)
+
+    async def write_lock(self) -> None:
+        """write_lock()"""
+        await self._acquire_rw(WRITE, f"write_lock({self.name})")
+
+    async def write_unlock(self) -> None:
+        """write_unlock()"""
+        await self._release(WRITE)
+
+    def read(self) -> _Guard:
+        return _Guard(self.read_lock, self.read_unlock)
+
+    def write(self) -> _Guard:
+        return _Guard(self.write_lock, self.write_unlock)
+
+
+class RWSem(_RW):
+    """``struct rw_semaphore`` (filemap invalidate_lock, mmap_lock): sleeping, writer preference."""
+
+    __slots__ = ()
+    sleeping = True
+
+    async def down_read(self) -> None:
+        """down_read()"""
+        await self._acquire_rw(READ, f"down_read({self.name})")
+
+    async def up_read(self) -> None:
+        """up_read()"""
+        await self._release(READ)
+
+    async def down_write(self) -> None:
+        """down_write()"""
+        await self._acquire_rw(WRITE, f"down_write({self.name})")
+
+    async def up_write(self) -> None:
+        """up_write()"""
+        await self._release(WRITE)
+
+    def read(self) -> _Guard:
+        return _Guard(self.down_read, self.up_read)
+
+    def write(self) -> _Guard:
+        return _Guard(self.down_write, self.up_write)
+
+
+class _Guard:
+    """``async with lock.read():`` / ``async with lock.write():``"""
+
+    __slots__ = ("_enter", "_exit")
+
+    def __init__(self, enter: Callable[[], Any], exit: Callable[[], Any]) -> None:
+        self._enter = enter
+        self._exit = exit
+
+    async def __aenter__(self) -> None:
+        await self._enter()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._exit()
+
+
+class SRCU(_Waitable):
+    """Sleepable RCU (``struct srcu_struct``, e.g. kvm->srcu).
+
+    Readers never block. ``synchronize()`` waits only for the read sections that began before it
+    was called; sections that begin later do not delay it.
+    """
+
+    __slots__ = ("_active", "_next", "lock_class")
+    sleeping = True
+
+    def __init__(self, name: str, lock_class: str | None = None) -> None:
+        super().__init__(name)
+        self.lock_class = lock_class or name
+        self._next = 0
+        self._active: dict[int, Any] = {}
+
+    def _ready(self, task: Any, target: int) -> bool:
+        return not self._active or min(self._active) >= target
+
+    def _holders(self) -> list[Any]:
+        return list(self._active.values())
+
+    def describe(self, target: Any) -> str:
+        return f"synchronize_srcu({self.name}) for readers before #{target}"
+
+    def readers(self) -> int:
+        return len(self._active)
+
+    def read_held_by_current(self) -> bool:
+        t = traps.current()
+        return any(s is self for s, _i, _site in t.srcu_reads)
+
+    async def read_lock(self) -> int:
+        """srcu_read_lock(): returns the index to pass to read_unlock."""
+        t = traps.current()
+        site = caller_site()
+        await traps.point(self)
+        idx = self._next
+        self._next = idx + 1
+        self._active[idx] = t
+        t.srcu_reads.append((self, idx, site))
+        return idx
+
+    async def read_unlock(self, idx: int) -> None:
+        """srcu_read_unlock()"""
+        t: Any = traps.current()
+        owner = self._active.get(idx)
+        if owner is not t:
+            raise Violation(
+                "bad_unlock",
+                f"{t.name} ends SRCU read section #{idx} of {self.name} it does not own",
+                signature=f"bad_unlock:{self.lock_class}",
+                lock=self.name,
+            )
+        del self._active[idx]
+        t.srcu_reads[:] = [e for e in t.srcu_reads if not (e[0] is self and e[1] == idx)]
+        traps.notify(self)
+        await traps.point(self)
+
+    async def synchronize(self) -> None:
+        """synchronize_srcu(): wait for every read section that started before this call."""
+        t = traps.current()
+        might_sleep(f"synchronize_srcu({self.name})")
+        for s, _idx, site in t.srcu_reads:
+            if s is self:
+                raise Violation(
+                    "srcu_deadlock",
+                    f"synchronize_srcu({self.name}) inside its own read section (entered at {_site(site)})",
+                    signature=f"srcu_deadlock:{self.lock_class}",
+                    lock=self.name,
+                )
+        ld = _lockdep()
+        if ld is not None:
+            ld.check_acquire(t, self, caller_site())
+        await traps.wait(self, self._next)
+
+
+class Completion(_Waitable):
+    """``struct completion``: wait_for_completion() blocks until complete() or complete_all()."""
+
+    __slots__ = ("done",)
+    ALL = 1 << 62
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.done = 0
+
+    def _ready(self, task: Any, arg: Any) -> bool:
+        return self.done > 0
+
+    def describe(self, arg: Any) -> str:
+        return f"completion {self.name}"
+
+    async def wait(self) -> None:
+        """wait_for_completion()"""
+        might_sleep(f"wait_for_completion({self.name})")
+        await traps.wait(self, None)
+        if self.done != self.ALL:
+            self.done -= 1
+        traps.notify(self)
+
+    async def wait_shared(self) -> None:
+        """Wait without consuming: for completions used as "this has happened" flags."""
+        might_sleep(f"wait_for_completion({self.name})")
+        await traps.wait(self, None)
+
+    async def complete(self) -> None:
+        """complete(): wake one waiter (or let the next wait pass)."""
+        if self.done != self.ALL:
+            self.done += 1
+        traps.notify(self)
+        await traps.point(self)
+
+    async def complete_all(self) -> None:
+        """complete_all(): every current and future waiter passes."""
+        self.done = self.ALL
+        traps.notify(self)
+        await traps.point(self)
+
+
+class WaitQueue(_Waitable):
+    """``wait_queue_head_t``: wait_event(wq, cond) sleeps until cond() holds after a wake_up()."""
+
+    __slots__ = ()
+
+    def _ready(self, task: Any, cond: Callable[[], bool]) -> bool:
+        return bool(cond())
+
+    def describe(self, arg: Any) -> str:
+        return f"wait_event on {self.name}"
+
+    async def wait_event(self, cond: Callable[[], bool]) -> None:
+        """wait_event()"""
+        might_sleep(f"wait_event({self.name})")
+        await traps.wait(self, cond)
+
+    async def wake_up(self) -> None:
+        """wake_up(): waiters re-evaluate their conditions."""
+        traps.notify(self)
+        await traps.point(self)
+
+
+class TryLock(_Waitable):
+    """A lock that never blocks: contention is reported as BUSY (the TDX module's internal locks).
+
+    With ``external=True`` the lock may also be held by an agent the model does not run (a guest
+    TDCALL, another logical CPU): each attempt on a free lock draws whether that agent holds it.
+    """
+
+    __slots__ = ("count", "external", "lock_class", "mode", "owner")
+    sleeping = False
+    lockdep_tracked = False
+
+    def __init__(self, name: str, *, external: bool = False, busy_p: float = 0.05) -> None:
+        super().__init__(name)
+        self.lock_class = name
+        self.owner: Any = None
+        self.mode: Any = None
+        self.count = 0
+        self.external = busy_p if external else 0.0
+
+    def _ready(self, task: Any, arg: Any) -> bool:
+        return True
+
+    def _holders(self) -> list[Any]:
+        return [self.owner] if self.owner is not None else []
+
+    async def try_lock(self, mode: str = WRITE) -> bool:
+        """Take the lock (shared or exclusive) or return False at once if it is contended."""
+        t = traps.current()
+        await traps.point(self)
+        if self.count and (mode is WRITE or self.mode is WRITE):
+            return False
+        if self.external and traps.draw(f"busy:{self.name}", self.external):
+            return False
+        self.count += 1
+        self.mode = mode
+        self.owner = t
+        t.held.append((self, mode, None))
+        return True
+
+    async def unlock(self) -> None:
+        t = traps.current()
+        for i in range(len(t.held) - 1, -1, -1):
+            if t.held[i][0] is self:
+                del t.held[i]
+                break
+        else:
+            raise Violation(
+                "bad_unlock",
+                f"{t.name} releases {self.name} which it does not hold",
+                signature=f"bad_unlock:{self.name}",
+                lock=self.name,
+            )
+        self.count -= 1
+        if not self.count:
+            self.owner = None
+            self.mode = None
+        await traps.point(self)
+
+
+class Atomic(_Waitable, Generic[T]):
+    """An atomic cell; each operation is one indivisible step after a scheduling point."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: T, name: str = "atomic") -> None:
+        super().__init__(name)
+        self.value = value
+
+    def _ready(self, task: Any, arg: Any) -> bool:
+        return True
+
+    async def load(self) -> T:
+        await traps.point(self)
+        return self.value
+
+    async def store(self, value: T) -> None:
+        await traps.point(self)
+        self.value = value
+
+    async def cmpxchg(self, old: T, new: T) -> T:
+        """Store `new` if the cell holds `old`; return what it held (success iff that == old)."""
+        await traps.point(self)
+        cur = self.value
+        if cur == old:
+            self.value = new
+        return cur
+
+    async def xchg(self, new: T) -> T:
+        await traps.point(self)
+        cur = self.value
+        self.value = new
+        return cur
+
+    async def fetch_add(self, delta: Any) -> T:
+        await traps.point(self)
+        cur = self.value
+        self.value = cur + delta
+        return cur
+
+
+async def cond_resched() -> None:
+    """cond_resched(): a voluntary preemption point; illegal while a spinning lock is held."""
+    might_sleep("cond_resched()")
+    await traps.yield_point()
+
+
+def need_resched() -> bool:
+    """need_resched(): drawn through the strategy, so a yield-or-not decision replays."""
+    return bool(traps.draw("need_resched", 0.25))
+
+
+def signal_pending() -> bool:
+    """signal_pending(current): a signal arriving now is a recorded, replayable choice."""
+    return bool(traps.draw("signal", 0.02))
+
+
+def fatal_signal_pending() -> bool:
+    return bool(traps.draw("fatal_signal", 0.0))
+
+
+def alloc_fails(what: str = "alloc") -> bool:
+    """Whether this allocation fails (-ENOMEM); off unless a campaign gives it a probability."""
+    return bool(traps.draw("alloc_fail", 0.0))

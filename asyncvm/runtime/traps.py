@@ -1,0 +1,126 @@
+"""The scheduling points: the only functions that ever yield back to the executor.
+
+Model code never yields by itself. It awaits a primitive, and every primitive ends in one of the
+two traps below:
+
+* ``point(obj)``: a scheduling point. The task stays enabled; the strategy may run other tasks
+  before it continues. `obj` names what the task is about to touch (a lock being released, an
+  atomic cell) so that strategies such as POS can tell which pending operations conflict; pass
+  ``None`` when the point touches nothing in particular.
+* ``wait(obj, arg)``: block until ``obj._ready(task, arg)`` is true. The executor keeps the
+  enabled set exact: the task is enabled exactly while the predicate holds, it is re-evaluated
+  whenever the primitive calls ``notify(obj)``, and when the task resumes the predicate is
+  still true, so the primitive can take the lock (or consume the event) without re-checking.
+  A blocked task that the strategy never picks is simply not enabled; "nothing enabled, some task
+  unfinished" is a deadlock.
+
+Both traps are also the places where live mode (anyio, for embedding) takes over: when no
+controlled execution is active they turn into an anyio checkpoint and an anyio wait loop, so the
+same model code runs under asyncio or trio.
+
+Waitable objects implement ``_ready(task, arg) -> bool``, keep a ``_waiters`` list the executor
+owns, and describe themselves for deadlock reports with ``_holders()`` and ``describe(arg)``.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Awaitable, Generator
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from .executor import Executor, Task
+
+
+class Waitable(Protocol):
+    """Anything a task can block on."""
+
+    name: str
+    _waiters: list[Task]
+
+    def _ready(self, task: Any, arg: Any) -> bool: ...
+    def _holders(self) -> list[Any]: ...
+    def describe(self, arg: Any) -> str: ...
+
+
+#: The controlled execution running in this thread, or None (live mode). Set only by Executor.run.
+_exe: Executor | None = None
+
+
+@types.coroutine
+def _yield(request: Any) -> Generator[Any, None, None]:
+    yield request
+
+
+def point(obj: object | None = None) -> Awaitable[None]:
+    """A scheduling point before touching `obj`; other tasks may run first."""
+    if _exe is not None:
+        return _yield(obj)
+    from . import live
+
+    return live.checkpoint()
+
+
+@types.coroutine
+def wait(obj: Waitable, arg: Any = None) -> Generator[Any, None, None]:
+    """Block until ``obj._ready(task, arg)``; on return it holds and nothing else has run since."""
+    if _exe is not None:
+        yield (obj, arg)
+        # Resumed: the task stops waiting before anything else can re-evaluate it.
+        obj._waiters.remove(_exe.current)  # type: ignore[arg-type]
+    else:
+        from . import live
+
+        yield from live.wait(obj, arg).__await__()
+
+
+@types.coroutine
+def yield_point() -> Generator[Any, None, None]:
+    """An explicit scheduling point with no object attached (the cheapest trap)."""
+    if _exe is not None:
+        yield None
+    else:
+        from . import live
+
+        yield from live.checkpoint().__await__()
+
+
+def notify(obj: Waitable) -> None:
+    """`obj` changed state: re-evaluate every task waiting on it."""
+    if _exe is not None:
+        _exe.recheck(obj)
+    else:
+        from . import live
+
+        live.notify(obj)
+
+
+def current() -> Any:
+    """The running task (a controlled Task, or the live-mode stand-in for the anyio task)."""
+    if _exe is not None:
+        return _exe.current
+    from . import live
+
+    return live.current()
+
+
+def draw(kind: str, p: float = 0.5, n: int = 2) -> int:
+    """Draw nondeterministic data (0..n-1) through the strategy; recorded like a task choice.
+
+    For a yes/no draw (n == 2), `p` is the probability of 1 under randomized strategies; bounded
+    DFS explores both values. Live mode always draws 0: nothing unusual happens.
+    """
+    if _exe is not None:
+        return _exe.draw(kind, n, p)
+    return 0
+
+
+def emit(kind: str, obj: object | None = None, **fields: Any) -> None:
+    """Record a model event (SPTE change, folio state, oracle verdict) in the execution trace."""
+    if _exe is not None and _exe.trace is not None:
+        _exe.emit(kind, obj, fields)
+
+
+def active() -> Executor | None:
+    """The controlled execution running now, if any."""
+    return _exe

@@ -1,0 +1,1 @@
+"""Event recording and rendering: event dicts, structlog logs, Chrome traces, HTML timelines."""
