@@ -360,8 +360,8 @@ class SRCU(_Waitable):
     async def read_unlock(self, idx: int) -> None:
         """srcu_read_unlock()"""
         t: Any = traps.current()
-        owner = self._active.get(idx)
-        if owner is not t:
+        reads = t.srcu_reads
+        if self._active.get(idx) is not t:
             raise Violation(
                 "bad_unlock",
                 f"{t.name} ends SRCU read section #{idx} of {self.name} it does not own",
@@ -369,7 +369,7 @@ class SRCU(_Waitable):
                 lock=self.name,
             )
         del self._active[idx]
-        t.srcu_reads[:] = [e for e in t.srcu_reads if not (e[0] is self and e[1] == idx)]
+        reads[:] = [e for e in reads if not (e[0] is self and e[1] == idx)]
         traps.notify(self)
         await traps.point(self)
 
