@@ -4,10 +4,53 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from .. import uapi
+from ..host.mm import Mm
+from ..host.pages import PageAllocator
+from ..profile import Profile, get_profile
+from ..uapi import KvmError
+from .vm import Vm
+
+SUPPORTED_VM_TYPES = (
+    uapi.KVM_X86_DEFAULT_VM,
+    uapi.KVM_X86_SW_PROTECTED_VM,
+    uapi.KVM_X86_SNP_VM,
+    uapi.KVM_X86_TDX_VM,
+)
+
 
 class Kvm:
-    """What ``open("/dev/kvm")`` gives a VMM: create VMs, with one kernel profile and bug set."""
+    """What ``open("/dev/kvm")`` gives a VMM, plus the VMM's own address space (``kvm.mm``).
 
-    def __init__(self, profile: str = "6.18", bugs: Iterable[str] = ()) -> None:
-        self.profile = profile
+    Every VM it creates follows one kernel profile (``"6.18"`` by default) and one set of
+    injected bugs (names from ``asyncvm.bugs``).
+    """
+
+    def __init__(self, profile: str | Profile = "6.18", bugs: Iterable[str] = ()) -> None:
+        self.profile = get_profile(profile)
         self.bugs = frozenset(bugs)
+        if self.bugs:
+            from ..bugs import check_bug_names
+
+            check_bug_names(self.bugs)
+        self.allocator = PageAllocator()
+        self.mm = Mm(self.allocator)
+        self.vms: list[Vm] = []
+
+    def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION on /dev/kvm."""
+        if cap == uapi.KVM_CAP_VM_TYPES:
+            return sum(1 << t for t in SUPPORTED_VM_TYPES)
+        if cap in (uapi.KVM_CAP_PRE_FAULT_MEMORY, uapi.KVM_CAP_USER_MEMORY2, uapi.KVM_CAP_GUEST_MEMFD):
+            return 1
+        if cap == uapi.KVM_CAP_MEMORY_ATTRIBUTES:
+            return uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE
+        return 0
+
+    async def create_vm(self, vm_type: int = uapi.KVM_X86_DEFAULT_VM) -> Vm:
+        """KVM_CREATE_VM: unsupported types are -EINVAL, as kvm_arch_init_vm() says."""
+        if vm_type not in SUPPORTED_VM_TYPES:
+            raise KvmError(uapi.EINVAL, f"VM type {vm_type} is not supported")
+        vm = Vm(self, vm_type, len(self.vms))
+        self.vms.append(vm)
+        return vm

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import traps
 from .failures import Failure, ToolError, Violation
+from .traps import YIELDING
 
 if TYPE_CHECKING:
     from ..check.lockdep import Lockdep
@@ -285,7 +286,7 @@ class Executor:
     def _counted(self, pick: Callable[[list[Task], Task | None], Task]) -> Callable[[list[Task], Task | None], Task]:
         def counted(enabled: list[Task], cur: Task | None) -> Task:
             t = pick(enabled, cur)
-            if t is not cur and cur is not None and cur.enabled:
+            if t is not cur and cur is not None and cur.enabled and cur.pending is not YIELDING:
                 self.preemptions += 1
                 self.preempted_at.append(len(self.choices))
             return t

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .failures import ReplayDivergence, ToolError
+from .traps import YIELDING
 
 if TYPE_CHECKING:
     from .executor import Choice, ExecutionResult, Executor, Task
@@ -118,8 +119,11 @@ class PCTStrategy(Strategy):
         low = self._changes.get(self.exe.step + 1)
         if low is not None and current is not None:
             prio[current.tid] = low
+        if current is not None and current.pending is YIELDING and len(enabled) > 1:
+            # A voluntary yield goes below everyone else (priorities stay distinct).
+            prio[current.tid] = min(prio.values(), default=0.0) - 1.0
         best = None
-        best_p = -1.0
+        best_p = float("-inf")
         for t in enabled:
             p = prio.get(t.tid)
             if p is None:
@@ -162,11 +166,12 @@ class POSStrategy(Strategy):
         prio = self._prio
         rand = self.rng.random
         best = None
-        best_p = -1.0
+        best_p = float("-inf")
         for t in enabled:
             p = prio.get(t.tid)
             if p is None:
-                p = prio[t.tid] = rand()
+                # A yielding operation draws from below every ordinary one.
+                p = prio[t.tid] = rand() - (1.0 if t.pending is YIELDING else 0.0)
             if p > best_p:
                 best, best_p = t, p
         assert best is not None
@@ -176,16 +181,15 @@ class POSStrategy(Strategy):
             for t in enabled:
                 if t is not best and _target(t.pending) is obj:
                     prio.pop(t.tid, None)
-            if self.exe is not None:
-                for t in getattr(obj, "_waiters", ()):
-                    prio.pop(t.tid, None)
+            for t in getattr(obj, "_waiters", ()):
+                prio.pop(t.tid, None)
         return best
 
 
 def _target(pending: Any) -> Any:
     if type(pending) is tuple:
         return pending[0]
-    return pending
+    return None if pending is YIELDING else pending
 
 
 class DFSStrategy(Strategy):
@@ -230,7 +234,11 @@ class DFSStrategy(Strategy):
         return int(entry[0][entry[1]])
 
     def pick(self, enabled: Sequence[Task], current: Task | None) -> Task:
-        if current is not None and current.enabled:
+        if current is not None and current.enabled and current.pending is YIELDING:
+            # Switching away from a voluntary yield is free, and the default.
+            options = [t.tid for t in enabled if t is not current] + [current.tid]
+            costly = False
+        elif current is not None and current.enabled:
             options = [current.tid] + [t.tid for t in enabled if t is not current]
             costly = len(options) > 1
         else:
@@ -308,8 +316,11 @@ class ReplayStrategy(Strategy):
             if c is None:
                 self._diverge(f"the schedule ended after {len(self.choices)} choices but tasks remain")
             self._diverge("recorded a data draw where the program asks which task runs")
-        if current is not None and current.enabled:
+        if current is not None and current.enabled and current.pending is not YIELDING:
             return current
+        for t in enabled:
+            if t is not current:
+                return t
         return enabled[0]
 
     def draw(self, kind: str, n: int, p: float) -> int:

@@ -557,9 +557,9 @@ class Atomic(_Waitable, Generic[T]):
 
 
 async def cond_resched() -> None:
-    """cond_resched(): a voluntary preemption point; illegal while a spinning lock is held."""
+    """cond_resched(): a voluntary yield; illegal while a spinning lock is held."""
     might_sleep("cond_resched()")
-    await traps.yield_point()
+    await traps.yield_now()
 
 
 def need_resched() -> bool:

@@ -47,6 +47,20 @@ class Waitable(Protocol):
 _exe: Executor | None = None
 
 
+class _Yielding:
+    """The request of a task that yields voluntarily (cond_resched() in a retry loop)."""
+
+    name = "cond_resched"
+
+    def __repr__(self) -> str:
+        return "YIELDING"
+
+
+#: Strategies treat a yielding task fairly: on real hardware the task it waits for runs on
+#: another CPU meanwhile, so a spin-retry loop must not starve it under a priority scheduler.
+YIELDING = _Yielding()
+
+
 @types.coroutine
 def _yield(request: Any) -> Generator[Any, None, None]:
     yield request
@@ -83,6 +97,15 @@ def yield_point() -> Generator[Any, None, None]:
         from . import live
 
         yield from live.checkpoint().__await__()
+
+
+def yield_now() -> Awaitable[None]:
+    """A voluntary yield: the strategy should let the other tasks run first."""
+    if _exe is not None:
+        return _yield(YIELDING)
+    from . import live
+
+    return live.checkpoint()
 
 
 def notify(obj: Waitable) -> None:

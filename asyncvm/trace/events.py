@@ -9,6 +9,8 @@ def describe_request(req: Any) -> tuple[str, str | None, dict[str, Any]]:
     """(operation, object, fields) for what a task was about to do when it was scheduled."""
     if req is None:
         return "yield", None, {}
+    if repr(req) == "YIELDING":
+        return "cond_resched", None, {}
     if type(req) is tuple:
         obj, arg = req
         fields: dict[str, Any] = {}

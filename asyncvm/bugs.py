@@ -1,0 +1,73 @@
+"""Named, injectable bugs: each turns a real code path of the model into the buggy one.
+
+A bug never fakes a failure. Enabling one changes what the model does at the named place (a check
+skipped, a lock not taken, a flag set too early), and the oracles have to notice the consequences
+on their own. Each entry names the kernel function whose protection it removes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Bug:
+    name: str
+    changes: str
+    kernel: str
+    scenario: str
+
+
+BUGS: dict[str, Bug] = {
+    b.name: b
+    for b in [
+        Bug(
+            "drop_invalidate_retry",
+            "the fault path skips mmu_invalidate_retry_gfn() in is_page_fault_stale() and the two "
+            "lockless pre-checks, so a pfn resolved before an invalidation is installed after it",
+            "arch/x86/kvm/mmu/mmu.c: is_page_fault_stale(), kvm_mmu_faultin_pfn()",
+            "prefault_vs_punch_hole",
+        ),
+        Bug(
+            "populate_without_invalidate_lock",
+            "kvm_gmem_populate() runs without filemap_invalidate_lock, so PUNCH_HOLE can truncate the "
+            "folio being added",
+            "virt/kvm/guest_memfd.c: kvm_gmem_populate()",
+            "tdx_init_mem_region_vs_punch_hole",
+        ),
+        Bug(
+            "populate_skips_uptodate_check",
+            "kvm_gmem_populate() does not return -EEXIST for an uptodate folio (double add / double measure)",
+            "virt/kvm/guest_memfd.c: kvm_gmem_populate() [6.11-6.19]",
+            "snp_launch_update_vs_fallocate",
+        ),
+        Bug(
+            "mark_uptodate_before_prepare",
+            "kvm_gmem_get_pfn() marks the folio uptodate before the arch prepare hook succeeded",
+            "virt/kvm/guest_memfd.c: kvm_gmem_prepare_folio() [6.11-6.19]",
+            "snp_launch_update_vs_fallocate",
+        ),
+        Bug(
+            "prefault_allowed_before_finalize",
+            "KVM_PRE_FAULT_MEMORY is allowed on a TD before KVM_TDX_FINALIZE_VM (pre_fault_allowed "
+            "set at INIT_VM), so pages land in the S-EPT without PAGE.ADD",
+            "arch/x86/kvm/vmx/tdx.c: tdx_td_finalize(); arch/x86/kvm/mmu/mmu.c: kvm_arch_vcpu_pre_fault_memory()",
+            "tdx_prefault_before_finalize",
+        ),
+        Bug(
+            "invalidate_range_add_no_widen",
+            "kvm_mmu_invalidate_range_add() replaces the accumulated range instead of widening it, so an "
+            "overlapping invalidation's range is forgotten while it is still in flight",
+            "virt/kvm/kvm_main.c: kvm_mmu_invalidate_range_add()",
+            "prefault_vs_munmap",
+        ),
+    ]
+}
+
+
+def check_bug_names(names: Iterable[str]) -> None:
+    """Unknown bug names are a one-line error naming the known ones."""
+    unknown = sorted(set(names) - set(BUGS))
+    if unknown:
+        raise ValueError(f"unknown bug {', '.join(unknown)}; known bugs: {', '.join(sorted(BUGS))}")

@@ -1,0 +1,112 @@
+"""KVM_SET_MEMORY_ATTRIBUTES: per-VM, per-gfn attributes (PRIVATE), changed inside an invalidation."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .. import uapi
+from ..runtime import traps
+from ..runtime.sync import alloc_fails
+from ..uapi import PAGE_SHIFT, KvmError
+from .invalidate import (
+    GfnRange,
+    Invalidation,
+    kvm_mmu_invalidate_begin,
+    kvm_mmu_invalidate_end,
+    kvm_mmu_invalidate_range_add,
+)
+
+if TYPE_CHECKING:
+    from .vm import Vm
+
+
+def kvm_supported_mem_attributes(vm: Vm) -> int:
+    """virt/kvm/kvm_main.c: kvm_supported_mem_attributes(): PRIVATE iff the VM has private memory."""
+    return uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE if vm.arch.has_private_mem(vm) else 0
+
+
+def kvm_get_memory_attributes(vm: Vm, gfn: int) -> int:
+    return vm.attributes.get(gfn, 0) or 0
+
+
+def kvm_mem_is_private(vm: Vm, gfn: int) -> bool:
+    """include/linux/kvm_host.h: kvm_mem_is_private() (6.8+)."""
+    return bool((vm.attributes.get(gfn) or 0) & uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+
+
+def kvm_range_has_memory_attributes(vm: Vm, start: int, end: int, mask: int, attrs: int) -> bool:
+    """virt/kvm/kvm_main.c: kvm_range_has_memory_attributes(): every gfn has (attr & mask) == attrs."""
+    if attrs & ~mask:
+        return False
+    covered = 0
+    for s, e, value in vm.attributes.overlaps(start, end):
+        if (value & mask) != attrs:
+            return False
+        covered += e - s
+    # gfns without an entry have attributes 0
+    return covered == end - start or attrs == 0
+
+
+async def kvm_vm_ioctl_set_mem_attributes(vm: Vm, attrs: uapi.MemoryAttributes) -> None:
+    """virt/kvm/kvm_main.c: kvm_vm_ioctl_set_mem_attributes() (6.8+): validation, then the update."""
+    if attrs.flags:
+        raise KvmError(uapi.EINVAL, "flags must be 0")
+    if attrs.attributes & ~kvm_supported_mem_attributes(vm):
+        raise KvmError(uapi.EINVAL, f"attributes {attrs.attributes:#x} not supported by this VM")
+    if attrs.size == 0 or attrs.address + attrs.size <= attrs.address or attrs.address + attrs.size > uapi.U64_MAX:
+        raise KvmError(uapi.EINVAL, "size must be non-zero and the range must not wrap")
+    if attrs.address % uapi.PAGE_SIZE or attrs.size % uapi.PAGE_SIZE:
+        raise KvmError(uapi.EINVAL, "address and size must be page aligned")
+    start = attrs.address >> PAGE_SHIFT
+    end = (attrs.address + attrs.size) >> PAGE_SHIFT
+    await kvm_vm_set_mem_attributes(vm, start, end, attrs.attributes)
+
+
+async def kvm_vm_set_mem_attributes(vm: Vm, start: int, end: int, attributes: int) -> None:
+    """virt/kvm/kvm_main.c: kvm_vm_set_mem_attributes() (6.8+): begin/zap, store, end under slots_lock."""
+    await vm.slots_lock.lock()
+    try:
+        if kvm_range_has_memory_attributes(vm, start, end, ~0, attributes):
+            return
+        if alloc_fails("xa_reserve"):
+            raise KvmError(uapi.ENOMEM, "xa_reserve failed; nothing changed")
+        inv = await _handle_gfn_range(vm, start, end, attributes, pre=True)
+        # The store happens outside mmu_lock but inside the invalidation window.
+        await traps.point(vm)
+        if attributes:
+            vm.attributes.assign(start, end, attributes)
+        else:
+            vm.attributes.clear(start, end)
+        traps.emit("set_memory_attributes", vm, start=start, end=end, attributes=attributes)
+        await _handle_gfn_range(vm, start, end, attributes, pre=False, inv=inv)
+    finally:
+        await vm.slots_lock.unlock()
+
+
+async def _handle_gfn_range(
+    vm: Vm, start: int, end: int, attributes: int, *, pre: bool, inv: Invalidation | None = None
+) -> Invalidation | None:
+    """virt/kvm/kvm_main.c: kvm_handle_gfn_range(): begin (pre) or end (post) on the first slot found."""
+    locked = False
+    flush = False
+    for memslots in vm.memslots:
+        for slot in memslots.overlapping(start, end):
+            rng = GfnRange(max(start, slot.base_gfn), min(end, slot.end_gfn), slot)
+            if not locked:
+                locked = True
+                await vm.mmu_lock.write_lock()
+                if pre:
+                    inv = kvm_mmu_invalidate_begin(vm, "set_memory_attributes")
+                else:
+                    kvm_mmu_invalidate_end(vm, inv or vm.oracles.orphan_invalidation("set_memory_attributes"))
+            if pre:
+                assert inv is not None
+                kvm_mmu_invalidate_range_add(vm, inv, rng.start, rng.end)
+                flush |= await vm.arch.pre_set_memory_attributes(vm, inv, rng, attributes)
+            else:
+                await vm.arch.post_set_memory_attributes(vm, rng, attributes)
+    if locked:
+        if flush:
+            vm.arch.flush_remote_tlbs(vm)
+        await vm.mmu_lock.write_unlock()
+    return inv

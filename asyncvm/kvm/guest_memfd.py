@@ -1,0 +1,533 @@
+"""guest_memfd: the inode that owns private memory, the per-VM file, bindings, fallocate,
+get_pfn and populate (virt/kvm/guest_memfd.c).
+
+The inode holds the folios; each file is one VM's view of it, with an interval map of its
+bindings (page offset -> memslot). Everything that changes which memslot a page offset belongs
+to, or frees a page, holds the inode's ``invalidate_lock`` for write; allocation holds it for
+read; faults (``kvm_gmem_get_pfn``) hold neither it nor ``mmu_lock`` and rely on the
+invalidation sequence instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from .. import uapi
+from ..host.pages import Folio
+from ..intervals import IntervalMap
+from ..runtime import traps
+from ..runtime.failures import Violation
+from ..runtime.sync import Mutex, RWSem, cond_resched, signal_pending
+from ..uapi import PAGE_SHIFT, KvmError
+from .invalidate import (
+    KVM_FILTER_PRIVATE,
+    GfnRange,
+    Invalidation,
+    kvm_mmu_invalidate_begin,
+    kvm_mmu_invalidate_end,
+    kvm_mmu_unmap_gfn_range,
+    lockdep_assert_held,
+)
+
+if TYPE_CHECKING:
+    from .memslots import Memslot
+    from .vm import Vm
+
+#: fs/open.c: vfs_fallocate() accepts these mode bits (FALLOC_FL_SUPPORTED_MASK)
+FALLOC_FL_SUPPORTED_MASK = (
+    uapi.FALLOC_FL_KEEP_SIZE
+    | uapi.FALLOC_FL_PUNCH_HOLE
+    | uapi.FALLOC_FL_COLLAPSE_RANGE
+    | uapi.FALLOC_FL_ZERO_RANGE
+    | uapi.FALLOC_FL_INSERT_RANGE
+    | uapi.FALLOC_FL_UNSHARE_RANGE
+    | uapi.FALLOC_FL_WRITE_ZEROES
+)
+MAX_LFS_FILESIZE = (1 << 63) - 1
+
+PostPopulate = Callable[["Vm", int, int, "int | None", int, Any], Awaitable[int]]
+
+
+class GmemInode:
+    """The guest_memfd inode: size, folios (page offset -> folio) and the invalidate lock."""
+
+    def __init__(self, size: int, flags: int) -> None:
+        self.size = size
+        self.flags = flags
+        self.folios: IntervalMap[Folio] = IntervalMap()
+        self.invalidate_lock = RWSem("mapping->invalidate_lock")
+        self.files: list[GuestMemfd] = []
+
+
+class GuestMemfd:
+    """A guest_memfd file (``struct gmem_file``): one VM's view of the inode, and the fd itself."""
+
+    def __init__(self, vm: Vm, inode: GmemInode) -> None:
+        self.vm = vm
+        self.inode = inode
+        self.bindings: IntervalMap[Memslot] = IntervalMap()
+        self.refcount = 1
+        self.released = False
+        inode.files.append(self)
+        self.name = f"guest_memfd{vm.next_fd()}"
+
+    def __repr__(self) -> str:
+        return f"<GuestMemfd {self.name} size={self.inode.size:#x}>"
+
+    # -- file lifetime --------------------------------------------------------------------
+    def get_file_active(self) -> GuestMemfd | None:
+        """get_file_active(): None once the last reference is gone, even before release() ran."""
+        if self.refcount <= 0:
+            return None
+        self.refcount += 1
+        return self
+
+    async def fput(self) -> None:
+        self.refcount -= 1
+        if self.refcount == 0:
+            await kvm_gmem_release(self)
+
+    async def close(self) -> None:
+        """close(fd): drop the VMM's reference; the last one releases the file."""
+        if self.refcount <= 0:
+            raise KvmError(uapi.EBADF, "guest_memfd already closed")
+        await self.fput()
+
+    # -- file operations a VMM might try ----------------------------------------------------
+    async def fallocate(self, mode: int, offset: int, len: int) -> None:
+        """fallocate(2) on the guest_memfd: allocate, or PUNCH_HOLE|KEEP_SIZE."""
+        await kvm_gmem_fallocate(self, mode, offset, len)
+
+    def read(self, length: int, offset: int = 0) -> bytes:
+        """read()/pread(): guest_memfd has no read method."""
+        raise KvmError(uapi.EINVAL, "guest_memfd does not support read")
+
+    def write(self, data: bytes, offset: int = 0) -> int:
+        """write()/pwrite(): guest_memfd has no write method."""
+        raise KvmError(uapi.EINVAL, "guest_memfd does not support write")
+
+    pread = read
+    pwrite = write
+
+    def mmap(self, length: int, offset: int = 0) -> int:
+        """mmap(): only files created with GUEST_MEMFD_FLAG_MMAP (not modeled) can be mapped."""
+        raise KvmError(uapi.ENODEV, "guest_memfd was not created with GUEST_MEMFD_FLAG_MMAP")
+
+    def truncate(self, size: int) -> None:
+        """ftruncate()/setattr: kvm_gmem_setattr() refuses any size change."""
+        raise KvmError(uapi.EINVAL, "guest_memfd size is fixed")
+
+    def fstat(self) -> dict[str, int]:
+        return {"st_size": self.inode.size, "st_blksize": uapi.PAGE_SIZE}
+
+    @property
+    def size(self) -> int:
+        return self.inode.size
+
+
+# -- creation and binding --------------------------------------------------------------------
+
+
+def kvm_gmem_create(vm: Vm, args: uapi.CreateGuestMemfd) -> GuestMemfd:
+    """virt/kvm/guest_memfd.c: kvm_gmem_create() (6.8+; flags per profile)."""
+    supported = vm.profile.gmem_supported_flags
+    if args.flags & ~supported:
+        raise KvmError(uapi.EINVAL, f"unsupported guest_memfd flags {args.flags:#x}")
+    if args.size <= 0 or args.size % uapi.PAGE_SIZE:
+        raise KvmError(uapi.EINVAL, "guest_memfd size must be a positive multiple of the page size")
+    return GuestMemfd(vm, GmemInode(args.size, args.flags))
+
+
+async def kvm_gmem_bind(vm: Vm, slot: Memslot, fd: object, offset: int) -> None:
+    """virt/kvm/guest_memfd.c: kvm_gmem_bind() (6.8+); overlap errno per profile."""
+    if not isinstance(fd, GuestMemfd):
+        if isinstance(fd, int) or fd is None:
+            raise KvmError(uapi.EBADF, "guest_memfd is not an open file")
+        raise KvmError(uapi.EINVAL, "not a guest_memfd file")
+    file = fd.get_file_active()
+    if file is None:
+        raise KvmError(uapi.EBADF, "guest_memfd is closed")
+    try:
+        if file.vm is not vm:
+            raise KvmError(uapi.EINVAL, "guest_memfd belongs to another VM")
+        size = slot.npages << PAGE_SHIFT
+        if offset < 0 or offset % uapi.PAGE_SIZE or offset + size > file.inode.size:
+            raise KvmError(uapi.EINVAL, "guest_memfd offset/size outside the file")
+        start = offset >> PAGE_SHIFT
+        end = start + slot.npages
+        await file.inode.invalidate_lock.down_write()
+        try:
+            if file.bindings.any_overlap(start, end):
+                raise KvmError(getattr(uapi, vm.profile.gmem_bind_overlap_errno), "guest_memfd range already bound")
+            slot.gmem_file = file
+            slot.gmem_pgoff = start
+            file.bindings.assign(start, end, slot)
+        finally:
+            await file.inode.invalidate_lock.up_write()
+    finally:
+        await file.fput()
+
+
+async def kvm_gmem_unbind(slot: Memslot) -> None:
+    """virt/kvm/guest_memfd.c: kvm_gmem_unbind() (6.8+): nothing to do once the file is released."""
+    file = slot.gmem_file
+    if file is None:
+        return
+    await file.inode.invalidate_lock.down_write()
+    try:
+        file.bindings.clear(slot.gmem_pgoff, slot.gmem_pgoff + slot.npages)
+        slot.gmem_file = None
+    finally:
+        await file.inode.invalidate_lock.up_write()
+
+
+# -- invalidation ----------------------------------------------------------------------------
+
+
+async def kvm_gmem_invalidate_begin(inode: GmemInode, start: int, end: int) -> dict[GuestMemfd, Invalidation]:
+    """virt/kvm/guest_memfd.c: kvm_gmem_invalidate_begin() (6.8+): begin per VM with bindings in range."""
+    opened: dict[GuestMemfd, Invalidation] = {}
+    for file in inode.files:
+        vm = file.vm
+        inv = None
+        flush = False
+        for s, e, slot in file.bindings.overlaps(start, end):
+            if inv is None:
+                await vm.mmu_lock.write_lock()
+                inv = kvm_mmu_invalidate_begin(vm, "guest_memfd")
+            gfn0 = slot.base_gfn + s - slot.gmem_pgoff
+            rng = GfnRange(gfn0, gfn0 + (e - s), slot, KVM_FILTER_PRIVATE, True)
+            flush |= await kvm_mmu_unmap_gfn_range(vm, inv, rng)
+        if inv is not None:
+            if flush:
+                vm.arch.flush_remote_tlbs(vm)
+            await vm.mmu_lock.write_unlock()
+            opened[file] = inv
+    return opened
+
+
+async def kvm_gmem_invalidate_end(
+    inode: GmemInode, start: int, end: int, opened: dict[GuestMemfd, Invalidation]
+) -> None:
+    """virt/kvm/guest_memfd.c: kvm_gmem_invalidate_end() (6.8+)."""
+    for file in inode.files:
+        if file.bindings.any_overlap(start, end) or file in opened:
+            vm = file.vm
+            await vm.mmu_lock.write_lock()
+            inv = opened.get(file) or vm.oracles.orphan_invalidation("guest_memfd")
+            kvm_mmu_invalidate_end(vm, inv)
+            await vm.mmu_lock.write_unlock()
+
+
+def truncate_inode_pages_range(inode: GmemInode, vm: Vm, start: int, end: int) -> int:
+    """mm/truncate.c: drop the page cache's reference on each folio in [start, end)."""
+    victims = [(s, e, f) for s, e, f in inode.folios.overlaps(start, end)]
+    inode.folios.clear(start, end)
+    for s, _e, folio in victims:
+        traps.emit("folio_truncate", None, index=s, pfn=folio.pfn)
+        vm.kvm.allocator.put(folio)
+    return len(victims)
+
+
+# -- fallocate -------------------------------------------------------------------------------
+
+
+async def kvm_gmem_fallocate(file: GuestMemfd, mode: int, offset: int, length: int) -> None:
+    """fs/open.c: vfs_fallocate() checks, then virt/kvm/guest_memfd.c: kvm_gmem_fallocate() (6.8+)."""
+    if file.refcount <= 0:
+        raise KvmError(uapi.EBADF, "guest_memfd is closed")
+    if offset < 0 or length <= 0:
+        raise KvmError(uapi.EINVAL, "fallocate offset must be >= 0 and len > 0")
+    if mode & ~FALLOC_FL_SUPPORTED_MASK:
+        raise KvmError(uapi.EOPNOTSUPP, f"fallocate mode {mode:#x} has unknown bits")
+    if (mode & uapi.FALLOC_FL_PUNCH_HOLE) and not (mode & uapi.FALLOC_FL_KEEP_SIZE):
+        raise KvmError(uapi.EOPNOTSUPP, "PUNCH_HOLE needs KEEP_SIZE")
+    if offset + length > MAX_LFS_FILESIZE:
+        raise KvmError(uapi.EFBIG, "fallocate range beyond the maximum file size")
+    if not (mode & uapi.FALLOC_FL_KEEP_SIZE):
+        raise KvmError(uapi.EOPNOTSUPP, "guest_memfd fallocate needs KEEP_SIZE")
+    if mode & ~(uapi.FALLOC_FL_KEEP_SIZE | uapi.FALLOC_FL_PUNCH_HOLE):
+        raise KvmError(uapi.EOPNOTSUPP, f"guest_memfd does not support fallocate mode {mode:#x}")
+    if offset % uapi.PAGE_SIZE or length % uapi.PAGE_SIZE:
+        raise KvmError(uapi.EINVAL, "guest_memfd fallocate offset/len must be page aligned")
+    if mode & uapi.FALLOC_FL_PUNCH_HOLE:
+        await kvm_gmem_punch_hole(file, offset, length)
+    else:
+        await kvm_gmem_allocate(file, offset, length)
+
+
+async def kvm_gmem_punch_hole(file: GuestMemfd, offset: int, length: int) -> None:
+    """virt/kvm/guest_memfd.c: kvm_gmem_punch_hole() (6.8+): invalidate, truncate, end; always 0."""
+    inode = file.inode
+    start, end = offset >> PAGE_SHIFT, (offset + length) >> PAGE_SHIFT
+    vm = file.vm
+    await inode.invalidate_lock.down_write()
+    try:
+        opened = await kvm_gmem_invalidate_begin(inode, start, end)
+        truncate_inode_pages_range(inode, vm, start, end)
+        await traps.point(inode.invalidate_lock)
+        await kvm_gmem_invalidate_end(inode, start, end, opened)
+    finally:
+        await inode.invalidate_lock.up_write()
+
+
+async def kvm_gmem_allocate(file: GuestMemfd, offset: int, length: int) -> None:
+    """virt/kvm/guest_memfd.c: kvm_gmem_allocate() (6.8+): no partial-progress return."""
+    inode = file.inode
+    if offset + length > inode.size:
+        raise KvmError(uapi.EINVAL, "fallocate beyond the guest_memfd size")
+    start, end = offset >> PAGE_SHIFT, (offset + length) >> PAGE_SHIFT
+    vm = file.vm
+    await inode.invalidate_lock.down_read()
+    try:
+        for index in range(start, end):
+            if signal_pending():
+                raise KvmError(uapi.EINTR, "signal during fallocate")
+            folio = await kvm_gmem_get_folio(vm, inode, index, prepare=vm.profile.gmem_fallocate_prepares)
+            await folio_unlock(folio)
+            vm.kvm.allocator.put(folio)
+            await cond_resched()
+    finally:
+        await inode.invalidate_lock.up_read()
+
+
+async def kvm_gmem_get_folio(vm: Vm, inode: GmemInode, index: int, *, prepare: bool = False) -> Folio:
+    """virt/kvm/guest_memfd.c: kvm_gmem_get_folio(): find or create the folio, locked and referenced.
+
+    With `prepare` (the [6.8-6.10] allocate path) a new folio is zeroed and marked uptodate, and
+    [6.10] runs the arch prepare hook for every VM that has the offset bound.
+    """
+    folio = inode.folios.get(index)
+    created = False
+    if folio is None:
+        folio = vm.kvm.allocator.alloc(1, "guest_memfd")
+        if folio is None:
+            raise KvmError(uapi.ENOMEM, "guest_memfd folio allocation failed")
+        folio.lock = Mutex(f"folio {folio.pfn:#x}", lock_class="folio_lock")
+        folio.on_free = vm.arch.gmem_free_folio_hook(vm)
+        inode.folios.assign(index, index + 1, folio)
+        created = True
+    vm.kvm.allocator.get(folio)
+    await folio.lock.lock()
+    if created and prepare:
+        folio.zero()
+        folio.uptodate = True
+        for file in inode.files:
+            slot = file.bindings.get(index)
+            if slot is not None:
+                gfn = slot.base_gfn + index - slot.gmem_pgoff
+                await file.vm.arch.gmem_prepare(file.vm, folio.pfn, gfn, 0)
+    return folio
+
+
+async def folio_unlock(folio: Folio) -> None:
+    await folio.lock.unlock()
+
+
+# -- the fault side --------------------------------------------------------------------------
+
+
+async def __kvm_gmem_get_pfn(file: GuestMemfd, slot: Memslot, index: int) -> Folio:
+    """virt/kvm/guest_memfd.c: __kvm_gmem_get_pfn(): checks the binding; returns a locked folio."""
+    if file is not slot.gmem_file:
+        raise KvmError(uapi.EFAULT, "memslot no longer points at this guest_memfd")
+    if file.bindings.get(index) is not slot:
+        raise KvmError(uapi.EIO, "guest_memfd offset is not bound to this memslot")
+    folio = await kvm_gmem_get_folio(file.vm, file.inode, index)
+    if folio.hwpoison:
+        await folio_unlock(folio)
+        file.vm.kvm.allocator.put(folio)
+        raise KvmError(uapi.EHWPOISON, "guest_memfd page is poisoned")
+    return folio
+
+
+async def kvm_gmem_get_pfn(vm: Vm, slot: Memslot, gfn: int) -> tuple[int, Folio, int]:
+    """virt/kvm/guest_memfd.c: kvm_gmem_get_pfn() (6.11-6.19 preparedness; 7.0 per profile).
+
+    Returns (pfn, folio with a reference the caller must put, max_order). Raises KvmError.
+    """
+    slot.check_live("kvm_gmem_get_pfn")
+    index = slot.gfn_to_pgoff(gfn)
+    bound = slot.gmem_file
+    file = bound.get_file_active() if bound is not None else None
+    if file is None:
+        raise KvmError(uapi.EFAULT, "guest_memfd is not bound or was released")
+    try:
+        folio = await __kvm_gmem_get_pfn(file, slot, index)
+        prof = vm.profile
+        if prof.gmem_prepare_tracking:
+            if not folio.uptodate:
+                folio.zero()
+                if "mark_uptodate_before_prepare" in vm.bugs:
+                    folio.uptodate = True
+                r = await vm.arch.gmem_prepare(vm, folio.pfn, gfn, 0)
+                if r:
+                    folio.uptodate = False
+                    await folio_unlock(folio)
+                    vm.kvm.allocator.put(folio)
+                    raise KvmError(-r if r < 0 else r, "arch prepare hook failed")
+                folio.uptodate = True
+        elif prof.gmem_fallocate_prepares:
+            # [6.8-6.10]: a folio is zeroed and prepared when it is allocated.
+            if not folio.uptodate:
+                folio.zero()
+                folio.uptodate = True
+                await vm.arch.gmem_prepare(vm, folio.pfn, gfn, 0)
+        else:
+            if not folio.uptodate:
+                folio.zero()
+                folio.uptodate = True
+            r = await vm.arch.gmem_prepare(vm, folio.pfn, gfn, 0)
+            if r:
+                await folio_unlock(folio)
+                vm.kvm.allocator.put(folio)
+                raise KvmError(-r if r < 0 else r, "arch prepare hook failed")
+        await folio_unlock(folio)
+        traps.emit("gmem_get_pfn", vm, gfn=gfn, pfn=folio.pfn)
+        return folio.pfn, folio, 0
+    finally:
+        await file.fput()
+
+
+# -- populate --------------------------------------------------------------------------------
+
+
+async def kvm_gmem_populate(
+    vm: Vm,
+    start_gfn: int,
+    src: int | None,
+    npages: int,
+    post_populate: PostPopulate,
+    opaque: Any,
+) -> int:
+    """virt/kvm/guest_memfd.c: kvm_gmem_populate() ([6.11-6.19] whole-call lock + -EEXIST; [7.0] per page).
+
+    Returns the number of pages populated if any, else the first error as -errno (or 0).
+    """
+    lockdep_assert_held(vm.slots_lock, "kvm_gmem_populate")
+    if npages < 0:
+        return -uapi.EINVAL
+    slot = vm.gfn_to_memslot(start_gfn)
+    if slot is None or not slot.has_gmem():
+        return -uapi.EINVAL
+    bound = slot.gmem_file
+    file = bound.get_file_active() if bound is not None else None
+    if file is None:
+        return -uapi.EFAULT
+    npages = min(npages, slot.end_gfn - start_gfn)
+    per_page = vm.profile.gmem_populate_per_page_lock
+    lock = file.inode.invalidate_lock
+    take_lock = "populate_without_invalidate_lock" not in vm.bugs
+    ret = 0
+    i = 0
+    try:
+        if take_lock and not per_page:
+            await lock.down_write()
+        try:
+            while i < npages:
+                if signal_pending():
+                    ret = -uapi.EINTR
+                    break
+                gfn = start_gfn + i
+                if per_page and src is not None:
+                    # [7.0] the source is pinned before the invalidate lock (no mmap_lock inside it).
+                    src_folio, _ = await vm.kvm.mm.get_user_page(src + i * uapi.PAGE_SIZE)
+                    vm.kvm.allocator.put(src_folio)
+                if take_lock and per_page:
+                    await lock.down_write()
+                try:
+                    ret = await _populate_one(vm, file, slot, gfn, src, i, post_populate, opaque)
+                finally:
+                    if take_lock and per_page:
+                        await lock.up_write()
+                if ret:
+                    break
+                i += 1
+        finally:
+            if take_lock and not per_page:
+                await lock.up_write()
+    finally:
+        await file.fput()
+    return ret if (ret and i == 0) else i
+
+
+async def _populate_one(
+    vm: Vm,
+    file: GuestMemfd,
+    slot: Memslot,
+    gfn: int,
+    src: int | None,
+    i: int,
+    post_populate: PostPopulate,
+    opaque: Any,
+) -> int:
+    index = slot.gfn_to_pgoff(gfn)
+    try:
+        folio = await __kvm_gmem_get_pfn(file, slot, index)
+    except KvmError as e:
+        return -(e.errno or uapi.EIO)
+    try:
+        if vm.profile.gmem_populate_eexist and folio.uptodate and "populate_skips_uptodate_check" not in vm.bugs:
+            await folio_unlock(folio)
+            return -uapi.EEXIST
+        await folio_unlock(folio)
+        if not vm.range_has_attributes(gfn, gfn + 1, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE):
+            return -uapi.EINVAL
+        vm.oracles.on_populate(gfn)
+        p = src + i * uapi.PAGE_SIZE if src is not None else None
+        r = await post_populate(vm, gfn, folio.pfn, p, 0, opaque)
+        if r == 0:
+            folio.uptodate = True
+            traps.emit("gmem_populated", vm, gfn=gfn, pfn=folio.pfn)
+        return r
+    finally:
+        vm.kvm.allocator.put(folio)
+
+
+# -- release ---------------------------------------------------------------------------------
+
+
+async def kvm_gmem_release(file: GuestMemfd) -> None:
+    """virt/kvm/guest_memfd.c: kvm_gmem_release() (6.8+): unbind every slot, zap, unlink."""
+    vm = file.vm
+    inode = file.inode
+    await vm.slots_lock.lock()
+    await inode.invalidate_lock.down_write()
+    try:
+        for _s, _e, slot in file.bindings.items():
+            slot.gmem_file = None
+        opened = await kvm_gmem_invalidate_begin(inode, 0, 1 << 62)
+        await kvm_gmem_invalidate_end(inode, 0, 1 << 62, opened)
+        inode.files.remove(file)
+        file.released = True
+    finally:
+        await inode.invalidate_lock.up_write()
+        await vm.slots_lock.unlock()
+    file.bindings.clear_all()
+    traps.emit("gmem_release", vm, file=file.name)
+    if not inode.files:
+        # The last file went: evict the inode, freeing its folios (the arch hooks run on free).
+        truncate_inode_pages_range(inode, vm, 0, 1 << 62)
+
+
+async def kvm_gmem_error_folio(file: GuestMemfd, index: int) -> None:
+    """virt/kvm/guest_memfd.c: kvm_gmem_error_folio() (6.8+): poison, invalidate, no truncate."""
+    inode = file.inode
+    folio = inode.folios.get(index)
+    if folio is None:
+        raise KvmError(uapi.EINVAL, "no folio at that offset")
+    await inode.invalidate_lock.down_read()
+    try:
+        folio.hwpoison = True
+        opened = await kvm_gmem_invalidate_begin(inode, index, index + 1)
+        await kvm_gmem_invalidate_end(inode, index, index + 1, opened)
+    finally:
+        await inode.invalidate_lock.up_read()
+
+
+def check_binding_live(slot: Memslot) -> None:
+    if slot.freed:
+        raise Violation(
+            "memslot_uaf", f"guest_memfd still binds freed memslot {slot.id}", signature="memslot_uaf:binding"
+        )
