@@ -2,18 +2,34 @@
 
 __version__ = "0.1.0"
 
-from . import uapi
-from .explore import FoundFailure, Report, Schedule, ScheduleError, explore, replay, shrink
+from . import runtime, uapi
+from .explore import (
+    CampaignSpec,
+    FoundFailure,
+    Report,
+    Schedule,
+    ScheduleError,
+    explore,
+    replay,
+    scenario,
+    shrink,
+)
 from .kvm.kvm import Kvm
+from .kvm.vcpu import GuestAccess
+from .profile import PROFILES, Profile
 from .runtime import TaskGroup
 from .runtime.failures import Failure, ReplayDivergence, ToolError, Violation
 from .uapi import KvmError
 
 __all__ = [
+    "PROFILES",
+    "CampaignSpec",
     "Failure",
     "FoundFailure",
+    "GuestAccess",
     "Kvm",
     "KvmError",
+    "Profile",
     "ReplayDivergence",
     "Report",
     "Schedule",
@@ -24,6 +40,8 @@ __all__ = [
     "__version__",
     "explore",
     "replay",
+    "runtime",
+    "scenario",
     "shrink",
     "uapi",
 ]

@@ -134,8 +134,12 @@ class VmOracles:
         return folio.pfn + (slot.gfn_to_hva(gfn) >> uapi.PAGE_SHIFT) - base
 
     def _check_leaf(self, root: Root, s: int, e: int, leaf: Leaf, when: str) -> None:
+        """Every folio a leaf run maps must be live and still back its gfns.
+
+        A run of shared 4K SPTEs with consecutive pfns is one Leaf but may span many host folios,
+        so the walk visits each folio the run touches (one step per folio, not per page: a 1 GiB
+        mapping of one 1 GiB folio is one check)."""
         vm = self.vm
-        step = 1 if leaf.private else max(1, e - s)
         gfn = s
         while gfn < e:
             pfn = leaf.pfn(gfn)
@@ -158,7 +162,7 @@ class VmOracles:
                     gfn=gfn,
                     pfn=pfn,
                 )
-            gfn += step
+            gfn += 1 if leaf.private else max(1, folio.pfn + folio.npages - pfn)
 
     def _check_attributes(self, root: Root, s: int, e: int, leaf: Leaf, when: str) -> None:
         vm = self.vm

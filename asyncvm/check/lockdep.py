@@ -50,13 +50,12 @@ class Edge:
 class Lockdep:
     """The dependency graph; one per campaign.
 
-    With ``report=False`` it only records edges. Replays use that mode for every schedule that
-    did not fail on lockdep: in the campaign such an execution met a graph that already knew its
-    edges, and a fresh graph must not make it fail where the original did not.
+    Each execution checks its own acquisitions against a graph of its own, so whether it fails
+    depends on it alone; a campaign merges every execution's new edges into one graph, in
+    execution order, to find the inversions whose halves lie in different executions.
     """
 
-    def __init__(self, *, report: bool = True) -> None:
-        self.report = report
+    def __init__(self) -> None:
         self.edges: dict[tuple[str, str], Edge] = {}
         self._succ: dict[str, list[str]] = {}
         #: index of the execution now running; set by the campaign so edges say where they came from.
@@ -66,8 +65,21 @@ class Lockdep:
     def declare(self, before: str, after: str, source: str) -> None:
         """Seed the graph with a documented order, so the first reverse acquisition is reported."""
         if (before, after) not in self.edges and self._path(after, before) is None:
-            self.edges[(before, after)] = Edge(before, after, source, source, "(declared)", -1)
+            edge = Edge(before, after, source, source, "(declared)", self.execution)
+            self.edges[(before, after)] = edge
             self._succ.setdefault(before, []).append(after)
+            self.new_edges.append(edge)
+
+    def merge(self, edge: Edge) -> None:
+        """Add an edge another execution recorded (a campaign merging executions in index order);
+        raises the Violation if it closes a cycle with edges from other executions."""
+        if (edge.before, edge.after) in self.edges or edge.before == edge.after:
+            return
+        path = self._path(edge.after, edge.before)
+        self.edges[(edge.before, edge.after)] = edge
+        self._succ.setdefault(edge.before, []).append(edge.after)
+        if path is not None:
+            self._report(edge, path)
 
     def check_acquire(self, task: Any, lock: Any, site: Any) -> None:
         """Record the edges from everything `task` holds to `lock`; raise on a closed cycle."""
@@ -86,22 +98,25 @@ class Lockdep:
         if before == after or (before, after) in self.edges:
             return
         edge = Edge(before, after, fmt_site(before_site), fmt_site(after_site), task, self.execution)
-        path = self._path(after, before) if self.report else None
+        path = self._path(after, before)
         self.edges[(before, after)] = edge
         self._succ.setdefault(before, []).append(after)
         self.new_edges.append(edge)
         if path is not None:
-            chain = [self.edges[pair] for pair in pairwise(path)]
-            cycle = sorted({before, after, *path})
-            lines = [f"new dependency: {edge}", "existing chain:"] + [f"  {e}" for e in chain]
-            raise Violation(
-                "lockdep",
-                "possible circular locking dependency: " + "; ".join(lines),
-                signature="lockdep:" + ",".join(cycle),
-                edge=str(edge),
-                chain=[str(e) for e in chain],
-                executions=sorted({edge.execution, *(e.execution for e in chain)}),
-            )
+            self._report(edge, path)
+
+    def _report(self, edge: Edge, path: list[str]) -> None:
+        chain = [self.edges[pair] for pair in pairwise(path)]
+        cycle = sorted({edge.before, edge.after, *path})
+        lines = [f"new dependency: {edge}", "existing chain:"] + [f"  {e}" for e in chain]
+        raise Violation(
+            "lockdep",
+            "possible circular locking dependency: " + "; ".join(lines),
+            signature="lockdep:" + ",".join(cycle),
+            edge=str(edge),
+            chain=[str(e) for e in chain],
+            executions=sorted({edge.execution, *(e.execution for e in chain)}),
+        )
 
     def _path(self, src: str, dst: str) -> list[str] | None:
         """A path src -> ... -> dst in the graph, if any (breadth-first: the shortest)."""

@@ -1,10 +1,14 @@
-"""Exploring schedules: explore(), replay(), shrink() and the schedule file format."""
+"""Exploring schedules: explore(), replay(), shrink(), campaigns and the schedule file format."""
 
-from .engine import FoundFailure, Program, Report, explore, replay
+from .campaign import CampaignSpec, FoundFailure, Report, explore
+from .engine import Program, replay
+from .scenarios import REGISTRY, scenario
 from .schedule import Schedule, ScheduleError
 from .shrink import shrink, shrunk_path
 
 __all__ = [
+    "REGISTRY",
+    "CampaignSpec",
     "FoundFailure",
     "Program",
     "Report",
@@ -12,6 +16,7 @@ __all__ = [
     "ScheduleError",
     "explore",
     "replay",
+    "scenario",
     "shrink",
     "shrunk_path",
 ]

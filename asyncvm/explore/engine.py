@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any
 from .. import __version__
 from ..check.lockdep import Lockdep
 from ..runtime.executor import ExecutionResult, Executor
-from ..runtime.failures import Failure, ToolError
+from ..runtime.failures import ToolError
 from ..runtime.strategies import RandomStrategy, ReplayStrategy, Strategy, make_strategy
 from .schedule import Schedule, ScheduleError
 
@@ -53,7 +52,7 @@ class Program:
     bugs: tuple[str, ...] = ()
     max_steps: int = DEFAULT_MAX_STEPS
     data_probs: dict[str, float] = field(default_factory=dict)
-    #: whether executions feed a lockdep graph (a campaign-wide one while hunting)
+    #: whether executions check lock order (each execution has its own graph; a campaign merges them)
     lockdep: bool = True
 
     @property
@@ -76,15 +75,19 @@ class Program:
         record: bool = False,
         count_preemptions: bool = False,
     ) -> ExecutionResult:
+        if lockdep is None and self.lockdep:
+            lockdep = Lockdep()
         exe = Executor(
             strategy,
             max_steps=self.max_steps,
             lockdep=lockdep,
             record=record,
             count_preemptions=count_preemptions,
-            data_probs=self.data_probs,
+            data_probs={**getattr(self.scenario, "scenario_data", {}), **self.data_probs},
         )
         result = exe.run(self.main())
+        if lockdep is not None:
+            result.lockdep_edges = lockdep.new_edges
         strategy.end(result)
         return result
 
@@ -107,14 +110,14 @@ class Program:
             choices=list(result.choices),
         )
 
-    def new_lockdep(self, report: bool = True) -> Lockdep | None:
-        return Lockdep(report=report) if self.lockdep else None
+    def new_lockdep(self) -> Lockdep | None:
+        return Lockdep() if self.lockdep else None
 
     def replay(
         self, schedule: Schedule, *, strict: bool = True, record: bool = False, choices: list[Any] | None = None
     ) -> ExecutionResult:
         """Run `schedule` (its preludes first, sharing one lockdep graph), counting preemptions."""
-        lockdep = self.new_lockdep(report=schedule.failure is not None and schedule.failure.kind == "lockdep")
+        lockdep = self.new_lockdep()
         for i, prelude in enumerate(schedule.prelude):
             if lockdep is not None:
                 lockdep.execution = -1 - i
@@ -130,73 +133,6 @@ def make_world(profile: str, bugs: Iterable[str]) -> Any:
     from ..kvm.kvm import Kvm
 
     return Kvm(profile=profile, bugs=tuple(bugs))
-
-
-@dataclass
-class FoundFailure:
-    """A distinct failure signature found by a campaign, with its first failing schedule."""
-
-    failure: Failure
-    schedule: Schedule
-    count: int = 1
-    first_run: int = 0
-
-    @property
-    def signature(self) -> str:
-        return self.failure.signature
-
-    @property
-    def kind(self) -> str:
-        return self.failure.kind
-
-    @property
-    def message(self) -> str:
-        return self.failure.message
-
-    @property
-    def task(self) -> str | None:
-        return self.failure.task
-
-    def __str__(self) -> str:
-        return f"{self.failure} (first in run {self.first_run}, {self.count} runs)"
-
-
-@dataclass
-class Report:
-    """What a campaign found."""
-
-    scenario: str
-    strategy: dict[str, Any]
-    runs: int = 0
-    failing_runs: int = 0
-    failures: list[FoundFailure] = field(default_factory=list)
-    exhausted: bool = False
-    elapsed: float = 0.0
-    steps: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return not self.failures
-
-    @property
-    def signatures(self) -> list[str]:
-        return [f.signature for f in self.failures]
-
-    @property
-    def runs_per_second(self) -> float:
-        return self.runs / self.elapsed if self.elapsed > 0 else 0.0
-
-    def first(self, signature_prefix: str = "") -> FoundFailure | None:
-        for f in self.failures:
-            if f.signature.startswith(signature_prefix):
-                return f
-        return None
-
-    def summary(self) -> str:
-        head = f"{self.scenario}: {self.runs} runs, {self.failing_runs} failing, {len(self.failures)} distinct"
-        if self.exhausted:
-            head += " (schedule space exhausted)"
-        return "\n".join([head] + [f"  {f}" for f in self.failures])
 
 
 def calibrate_steps(program: Program, seed: int, samples: int = 3) -> int:
@@ -225,92 +161,7 @@ def build_strategy(
     return make_strategy(strategy, seed, depth=depth, steps=steps or 1000, preemptions=preemptions)
 
 
-def explore(
-    scenario: ScenarioFn,
-    *,
-    strategy: str | Strategy = "pct",
-    runs: int = 1000,
-    seed: int = 0,
-    depth: int = 3,
-    steps: int | None = None,
-    preemptions: int = 2,
-    params: Mapping[str, Any] | None = None,
-    profile: str = "6.18",
-    bugs: Iterable[str] = (),
-    max_steps: int = DEFAULT_MAX_STEPS,
-    data_probs: Mapping[str, float] | None = None,
-    stop_on_first_failure: bool = False,
-    time_budget: float | None = None,
-    record: bool = False,
-    first_run: int = 0,
-    lockdep: bool = True,
-    progress: Callable[[Report], None] | None = None,
-) -> Report:
-    """Run `scenario` under `runs` schedules chosen by `strategy`; return the distinct failures.
-
-    Execution i depends only on (seed, i): a campaign split over processes finds the same
-    failures. A lockdep graph is shared by every execution, so a lock-order inversion shows up
-    even when the two halves of it happen in different executions.
-    """
-    program = Program(
-        scenario,
-        scenario_params(scenario, params),
-        profile,
-        tuple(bugs),
-        max_steps,
-        dict(data_probs or {}),
-        lockdep,
-    )
-    strat = build_strategy(program, strategy, seed, depth=depth, steps=steps, preemptions=preemptions)
-    report = Report(program.name, strat.describe())
-    graph = program.new_lockdep()
-    contributors: dict[int, list[Any]] = {}
-    by_sig: dict[str, FoundFailure] = {}
-    t0 = time.perf_counter()
-    deadline = t0 + time_budget if time_budget else None
-    index = first_run
-    end = first_run + runs
-    while index < end:
-        if not strat.start(index):
-            report.exhausted = True
-            break
-        if graph is not None:
-            graph.execution = index
-            graph.new_edges = []
-        result = program.run(strat, lockdep=graph, record=record)
-        report.runs += 1
-        report.steps += result.steps
-        if graph is not None and graph.new_edges:
-            contributors[index] = list(result.choices)
-        failure = result.failure
-        if failure is not None:
-            report.failing_runs += 1
-            found = by_sig.get(failure.signature)
-            if found is None:
-                schedule = program.schedule(result, strat.describe(), seed, index)
-                if failure.kind == "lockdep":
-                    schedule.prelude = [
-                        contributors[i]
-                        for i in failure.evidence.get("executions", [])
-                        if i != index and i in contributors
-                    ]
-                _confirm(program, schedule)
-                found = by_sig[failure.signature] = FoundFailure(failure, schedule, 0, index)
-                report.failures.append(found)
-            found.count += 1
-        index += 1
-        if progress is not None:
-            report.elapsed = time.perf_counter() - t0
-            progress(report)
-        if failure is not None and stop_on_first_failure:
-            break
-        if deadline is not None and time.perf_counter() > deadline:
-            break
-    report.elapsed = time.perf_counter() - t0
-    return report
-
-
-def _confirm(program: Program, schedule: Schedule) -> None:
+def _confirm(program: Program, schedule: Schedule) -> ExecutionResult:
     """Replay a new failure once: it must reproduce (else something escaped the scheduler),
     and the replay measures what hunting does not (preemptions)."""
     again = program.replay(schedule)
@@ -321,6 +172,7 @@ def _confirm(program: Program, schedule: Schedule) -> None:
             f"{schedule.signature} but its replay gave {got}"
         )
     schedule.preemptions = again.preemptions
+    return again
 
 
 def _program_for(schedule: Schedule, scenario: ScenarioFn) -> Program:

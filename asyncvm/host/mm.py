@@ -164,6 +164,16 @@ class Mm:
         if new is None:
             raise uapi.KvmError(uapi.ENOMEM, "out of memory faulting in a host page")
         new.zero()
+        # Under the PTE lock again (pte_same() in do_anonymous_page()): if another fault mapped
+        # a page meanwhile, use that one and free ours.
+        hit = self.ptes.get(page)
+        if hit is not None:
+            self.allocator.put(new)
+            folio, hbase = hit
+            return folio, folio.pfn + page - hbase
+        if self.vmas.get(page) is None:
+            self.allocator.put(new)
+            raise uapi.KvmError(uapi.EFAULT, f"mapping at {page * PAGE_SIZE:#x} went away")
         self.ptes.assign(base, base + npages, (new, base))
         return new, new.pfn + page - base
 

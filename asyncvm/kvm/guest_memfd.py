@@ -20,6 +20,7 @@ from ..runtime import traps
 from ..runtime.failures import Violation
 from ..runtime.sync import Mutex, RWSem, cond_resched, signal_pending
 from ..uapi import PAGE_SHIFT, KvmError
+from .attributes import kvm_range_has_memory_attributes
 from .invalidate import (
     KVM_FILTER_PRIVATE,
     GfnRange,
@@ -34,10 +35,9 @@ if TYPE_CHECKING:
     from .memslots import Memslot
     from .vm import Vm
 
-#: fs/open.c: vfs_fallocate() accepts these mode bits (FALLOC_FL_SUPPORTED_MASK)
-FALLOC_FL_SUPPORTED_MASK = (
-    uapi.FALLOC_FL_KEEP_SIZE
-    | uapi.FALLOC_FL_PUNCH_HOLE
+#: include/linux/falloc.h: FALLOC_FL_MODE_MASK, the mutually exclusive modes (ALLOCATE_RANGE is 0)
+FALLOC_FL_MODE_MASK = (
+    uapi.FALLOC_FL_PUNCH_HOLE
     | uapi.FALLOC_FL_COLLAPSE_RANGE
     | uapi.FALLOC_FL_ZERO_RANGE
     | uapi.FALLOC_FL_INSERT_RANGE
@@ -193,6 +193,7 @@ async def kvm_gmem_invalidate_begin(inode: GmemInode, start: int, end: int) -> d
         inv = None
         flush = False
         for s, e, slot in file.bindings.overlaps(start, end):
+            check_binding_live(slot)
             if inv is None:
                 await vm.mmu_lock.write_lock()
                 inv = kvm_mmu_invalidate_begin(vm, "guest_memfd")
@@ -233,18 +234,38 @@ def truncate_inode_pages_range(inode: GmemInode, vm: Vm, start: int, end: int) -
 # -- fallocate -------------------------------------------------------------------------------
 
 
-async def kvm_gmem_fallocate(file: GuestMemfd, mode: int, offset: int, length: int) -> None:
-    """fs/open.c: vfs_fallocate() checks, then virt/kvm/guest_memfd.c: kvm_gmem_fallocate() (6.8+)."""
+def vfs_fallocate_check(file: GuestMemfd, mode: int, offset: int, length: int) -> None:
+    """fs/open.c: vfs_fallocate() checks before the file's ->fallocate (exclusive-mode switch of
+    "fs: sort out the fallocate mode mess", ~6.12; FALLOC_FL_WRITE_ZEROES ~6.17).
+
+    The modes are exclusive: a combination of two mode bits, PUNCH_HOLE without KEEP_SIZE, or
+    COLLAPSE/INSERT/WRITE_ZEROES with KEEP_SIZE is -EOPNOTSUPP here, before the -EFBIG size check.
+    """
     if file.refcount <= 0:
         raise KvmError(uapi.EBADF, "guest_memfd is closed")
     if offset < 0 or length <= 0:
         raise KvmError(uapi.EINVAL, "fallocate offset must be >= 0 and len > 0")
-    if mode & ~FALLOC_FL_SUPPORTED_MASK:
+    if mode & ~(FALLOC_FL_MODE_MASK | uapi.FALLOC_FL_KEEP_SIZE):
         raise KvmError(uapi.EOPNOTSUPP, f"fallocate mode {mode:#x} has unknown bits")
-    if (mode & uapi.FALLOC_FL_PUNCH_HOLE) and not (mode & uapi.FALLOC_FL_KEEP_SIZE):
-        raise KvmError(uapi.EOPNOTSUPP, "PUNCH_HOLE needs KEEP_SIZE")
+    kind = mode & FALLOC_FL_MODE_MASK
+    keep_size = bool(mode & uapi.FALLOC_FL_KEEP_SIZE)
+    if kind in (uapi.FALLOC_FL_ALLOCATE_RANGE, uapi.FALLOC_FL_UNSHARE_RANGE, uapi.FALLOC_FL_ZERO_RANGE):
+        pass
+    elif kind == uapi.FALLOC_FL_PUNCH_HOLE:
+        if not keep_size:
+            raise KvmError(uapi.EOPNOTSUPP, "PUNCH_HOLE needs KEEP_SIZE")
+    elif kind in (uapi.FALLOC_FL_COLLAPSE_RANGE, uapi.FALLOC_FL_INSERT_RANGE, uapi.FALLOC_FL_WRITE_ZEROES):
+        if keep_size:
+            raise KvmError(uapi.EOPNOTSUPP, f"fallocate mode {mode:#x} cannot keep the size")
+    else:
+        raise KvmError(uapi.EOPNOTSUPP, f"fallocate modes {kind:#x} are mutually exclusive")
     if offset + length > MAX_LFS_FILESIZE:
         raise KvmError(uapi.EFBIG, "fallocate range beyond the maximum file size")
+
+
+async def kvm_gmem_fallocate(file: GuestMemfd, mode: int, offset: int, length: int) -> None:
+    """fs/open.c: vfs_fallocate() checks, then virt/kvm/guest_memfd.c: kvm_gmem_fallocate() (6.8+)."""
+    vfs_fallocate_check(file, mode, offset, length)
     if not (mode & uapi.FALLOC_FL_KEEP_SIZE):
         raise KvmError(uapi.EOPNOTSUPP, "guest_memfd fallocate needs KEEP_SIZE")
     if mode & ~(uapi.FALLOC_FL_KEEP_SIZE | uapi.FALLOC_FL_PUNCH_HOLE):
@@ -472,7 +493,8 @@ async def _populate_one(
             await folio_unlock(folio)
             return -uapi.EEXIST
         await folio_unlock(folio)
-        if not vm.range_has_attributes(gfn, gfn + 1, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE):
+        private = uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE
+        if not kvm_range_has_memory_attributes(vm, gfn, gfn + 1, private, private):
             return -uapi.EINVAL
         vm.oracles.on_populate(gfn)
         p = src + i * uapi.PAGE_SIZE if src is not None else None
@@ -496,6 +518,7 @@ async def kvm_gmem_release(file: GuestMemfd) -> None:
     await inode.invalidate_lock.down_write()
     try:
         for _s, _e, slot in file.bindings.items():
+            check_binding_live(slot)  # WRITE_ONCE(slot->gmem.file, NULL) on a freed slot: KASAN
             slot.gmem_file = None
         opened = await kvm_gmem_invalidate_begin(inode, 0, 1 << 62)
         await kvm_gmem_invalidate_end(inode, 0, 1 << 62, opened)
@@ -527,6 +550,11 @@ async def kvm_gmem_error_folio(file: GuestMemfd, index: int) -> None:
 
 
 def check_binding_live(slot: Memslot) -> None:
+    """Lifetime oracle: a binding is dereferenced (invalidate, release), so its memslot must be live.
+
+    This is the use-after-free KASAN reported in kvm_gmem_release() before 9935df5333aa ("KVM:
+    Disallow toggling KVM_MEM_GUEST_MEMFD on an existing memslot").
+    """
     if slot.freed:
         raise Violation(
             "memslot_uaf", f"guest_memfd still binds freed memslot {slot.id}", signature="memslot_uaf:binding"

@@ -110,14 +110,45 @@ class Vcpu:
         finally:
             await self.mutex.unlock()
 
+    # -- vendor vCPU sub-commands (KVM_MEMORY_ENCRYPT_OP on the vCPU fd) ---------------------
+    async def _vendor_ioctl(self, name: str, *args: Any) -> None:
+        handler = getattr(self.vm.arch, name, None)
+        if handler is None:
+            raise KvmError(uapi.ENOTTY, f"{name} is not supported by this VM type")
+        await self._ioctl_enter()
+        try:
+            await handler(self, *args)
+        finally:
+            await self.mutex.unlock()
+
+    async def tdx_init_vcpu(self, data: int = 0, *, flags: int = 0) -> None:
+        """KVM_TDX_INIT_VCPU (`data` is the initial RCX)."""
+        await self._vendor_ioctl("tdx_init_vcpu", data, flags)
+
+    async def tdx_init_mem_region(self, region: uapi.TdxInitMemRegion, flags: int = 0) -> None:
+        """KVM_TDX_INIT_MEM_REGION: `region` advances past the pages done, even on error."""
+        await self._vendor_ioctl("tdx_init_mem_region", region, flags)
+
+    async def tdx_get_cpuid(self, cpuid: uapi.Cpuid2) -> None:
+        """KVM_TDX_GET_CPUID"""
+        await self._vendor_ioctl("tdx_get_cpuid", cpuid)
+
 
 async def kvm_vcpu_pre_fault_memory(vcpu: Vcpu, r: uapi.PreFaultMemory) -> int:
-    """virt/kvm/kvm_main.c: kvm_vcpu_pre_fault_memory() (6.11+): 0 after any progress, else the error."""
+    """virt/kvm/kvm_main.c: kvm_vcpu_pre_fault_memory() (6.11+): 0 after any progress, else the error.
+
+    The fields are __u64: the kernel works on its copy_from_user() copy and copies it back
+    whatever happens, so out-of-range Python ints are taken modulo 2**64 (a negative gpa is a
+    huge one and wraps), exactly as the C struct would hold them.
+    """
+    r.gpa &= uapi.U64_MAX
+    r.size &= uapi.U64_MAX
+    r.flags &= uapi.U64_MAX
     if r.flags:
         return -uapi.EINVAL
     if r.gpa % PAGE_SIZE or r.size % PAGE_SIZE or r.gpa + r.size <= r.gpa or r.gpa + r.size > uapi.U64_MAX:
         return -uapi.EINVAL
-    from ..x86.mmu.prefault import kvm_arch_vcpu_pre_fault_memory
+    from ..x86.mmu.prefault import cond_resched_if_needed, kvm_arch_vcpu_pre_fault_memory
 
     vm = vcpu.vm
     full_size = r.size
@@ -129,8 +160,10 @@ async def kvm_vcpu_pre_fault_memory(vcpu: Vcpu, r: uapi.PreFaultMemory) -> int:
                 ret = -uapi.EINTR
                 break
             ret = await kvm_arch_vcpu_pre_fault_memory(vcpu, r.gpa, r.size)
-            if ret == 0:
-                vm.oracles.warn("kvm_vcpu_pre_fault_memory: the arch hook made no progress")
+            if ret == 0 or ret == -uapi.EIO:
+                # WARN_ON_ONCE(r == 0 || r == -EIO) [6.11+]: -EIO also comes from the VM-dead check
+                # kvm_tdp_map_page() gained later, so a killed VM trips it too (kvm-core.md 8).
+                vm.oracles.warn(f"kvm_vcpu_pre_fault_memory: the arch hook returned {ret}")
                 break
             if ret < 0:
                 break
@@ -138,7 +171,7 @@ async def kvm_vcpu_pre_fault_memory(vcpu: Vcpu, r: uapi.PreFaultMemory) -> int:
             r.gpa += ret
             if not r.size:
                 break
-            await cond_resched()
+            await cond_resched_if_needed()
     finally:
         await vm.srcu.read_unlock(idx)
     return 0 if full_size != r.size else ret
@@ -158,6 +191,9 @@ async def kvm_arch_vcpu_run(vcpu: Vcpu) -> list[bytes]:
     vm = vcpu.vm
     reads: list[bytes] = []
     vcpu.kvm_run.exit_reason = uapi.KVM_EXIT_UNKNOWN
+    r = vm.arch.vcpu_pre_run(vcpu)
+    if r:
+        raise KvmError(-r, "the vCPU cannot run in this state")
     idx = await vm.srcu.read_lock()
     try:
         while vcpu.pc < len(vcpu.program):
@@ -177,9 +213,10 @@ async def kvm_arch_vcpu_run(vcpu: Vcpu) -> list[bytes]:
             if r:
                 raise KvmError(-r, "kvm_mmu_load")
             access = vcpu.program[vcpu.pc]
-            gfn = access.gpa >> PAGE_SHIFT
+            gfn = (access.gpa >> PAGE_SHIFT) & ~vm.arch.gfn_direct_bits(vm)
             private = vm.arch.guest_access_is_private(vm, access) if access.private is None else access.private
             await traps.point(vcpu)  # the guest executes the access
+            await vm.arch.before_guest_access(vcpu, gfn, private)
             data = guest_access(vcpu, access, gfn, private)
             if data is not None:
                 if access.op == "read":

@@ -113,6 +113,11 @@ class Vm:
             out.extend(memslots.hva_overlapping(start, end))
         return out
 
+    def nr_memslot_as_ids(self) -> int:
+        """arch/x86/include/asm/kvm_host.h: kvm_arch_nr_memslot_as_ids() (6.8+): no SMM address
+        space for VMs with private memory."""
+        return 1 if self.arch.has_private_mem(self) else uapi.KVM_MAX_NR_ADDRESS_SPACES
+
     def range_has_attributes(self, start: int, end: int, attrs: int) -> bool:
         return attrs_mod.kvm_range_has_memory_attributes(self, start, end, ~0, attrs)
 
@@ -227,7 +232,7 @@ class Vm:
             mem.guest_memfd_offset % uapi.PAGE_SIZE or mem.guest_memfd_offset + size > uapi.U64_MAX
         ):
             raise KvmError(uapi.EINVAL, "guest_memfd_offset must be page aligned and not wrap")
-        if as_id >= uapi.KVM_MAX_NR_ADDRESS_SPACES or slot_id >= uapi.KVM_USER_MEM_SLOTS:
+        if as_id >= self.nr_memslot_as_ids() or slot_id >= uapi.KVM_USER_MEM_SLOTS:
             raise KvmError(uapi.EINVAL, f"slot {mem.slot:#x} out of range")
         if mem.guest_phys_addr + size > uapi.U64_MAX or size >> PAGE_SHIFT > uapi.KVM_MEM_MAX_NR_PAGES:
             raise KvmError(uapi.EINVAL, "region wraps or is too large")
@@ -245,10 +250,12 @@ class Vm:
         else:
             if mem.flags & uapi.KVM_MEM_GUEST_MEMFD:
                 raise KvmError(uapi.EINVAL, "guest_memfd memslots are immutable; delete and re-create")
+            # 9935df5333aa (6.19-rc, stable 6.18.y): clearing GUEST_MEMFD is a change too; allowing
+            # it left the file's bindings pointing at the freed old memslot.
             if (
                 mem.userspace_addr != old.userspace_addr
                 or npages != old.npages
-                or (mem.flags ^ old.flags) & uapi.KVM_MEM_READONLY
+                or (mem.flags ^ old.flags) & (uapi.KVM_MEM_READONLY | uapi.KVM_MEM_GUEST_MEMFD)
             ):
                 raise KvmError(uapi.EINVAL, "only the base address or dirty-logging flag of a slot can change")
             if base_gfn != old.base_gfn:
@@ -331,6 +338,49 @@ class Vm:
         elif change == CHANGE_FLAGS_ONLY:
             assert old is not None
             old.freed = True
+
+    # -- KVM_MEMORY_ENCRYPT_OP: vendor sub-commands ------------------------------------------
+    def _vendor(self, name: str) -> Any:
+        """The back end's handler, or -ENOTTY as vt_/svm_mem_enc_ioctl() return for other VM types."""
+        handler = getattr(self.arch, name, None)
+        if handler is None:
+            raise KvmError(uapi.ENOTTY, f"{name} is not supported by a {uapi.vm_type_name(self.type)} VM")
+        return handler
+
+    async def tdx_init_vm(self, params: uapi.TdxInitVm | None = None, *, flags: int = 0) -> None:
+        """KVM_TDX_INIT_VM"""
+        self.check_alive()
+        await self._vendor("tdx_init_vm")(params, flags)
+
+    async def tdx_finalize_vm(self, *, flags: int = 0) -> None:
+        """KVM_TDX_FINALIZE_VM"""
+        self.check_alive()
+        await self._vendor("tdx_finalize_vm")(flags)
+
+    @property
+    def tdx_hw_error(self) -> int:
+        """kvm_tdx_cmd.hw_error of the last INIT_VM/FINALIZE_VM: the raw SEAMCALL status."""
+        return int(getattr(self.arch, "hw_error", 0))
+
+    async def snp_launch_start(self, params: uapi.SevSnpLaunchStart) -> None:
+        """KVM_SEV_SNP_LAUNCH_START"""
+        self.check_alive()
+        await self._vendor("snp_launch_start")(params)
+
+    async def snp_launch_update(self, params: uapi.SevSnpLaunchUpdate) -> None:
+        """KVM_SEV_SNP_LAUNCH_UPDATE: gfn_start/uaddr/len advance only on success."""
+        self.check_alive()
+        await self._vendor("snp_launch_update")(params)
+
+    async def snp_launch_finish(self, params: uapi.SevSnpLaunchFinish | None = None) -> None:
+        """KVM_SEV_SNP_LAUNCH_FINISH"""
+        self.check_alive()
+        await self._vendor("snp_launch_finish")(params or uapi.SevSnpLaunchFinish())
+
+    @property
+    def sev_fw_error(self) -> int:
+        """kvm_sev_cmd.error of the last SNP command: the firmware status code."""
+        return int(getattr(self.arch, "fw_error", 0))
 
     # -- convenience for scenarios ----------------------------------------------------------
     def describe(self) -> dict[str, Any]:

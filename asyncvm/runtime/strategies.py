@@ -170,8 +170,8 @@ class POSStrategy(Strategy):
         for t in enabled:
             p = prio.get(t.tid)
             if p is None:
-                # A yielding operation draws from below every ordinary one.
-                p = prio[t.tid] = rand() - (1.0 if t.pending is YIELDING else 0.0)
+                # A spinning task redraws at every step, so it cannot starve the task it waits for.
+                p = prio[t.tid] = rand()
             if p > best_p:
                 best, best_p = t, p
         assert best is not None

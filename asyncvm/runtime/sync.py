@@ -97,6 +97,7 @@ class _Lock(_Waitable):
         self._take(t, mode)
         t.held.append((self, mode, site))
         traps.notify(self)
+        traps.emit("lock_acquire", self, mode=mode)
 
     async def _release(self, mode: Any) -> None:
         t = traps.current()
@@ -115,6 +116,7 @@ class _Lock(_Waitable):
             )
         self._drop(t, mode)
         traps.notify(self)
+        traps.emit("lock_release", self, mode=mode)
         await traps.point(self)
 
     def _take(self, t: Any, mode: Any) -> None:
@@ -355,6 +357,7 @@ class SRCU(_Waitable):
         self._next = idx + 1
         self._active[idx] = t
         t.srcu_reads.append((self, idx, site))
+        traps.emit("lock_acquire", self, mode="srcu_read")
         return idx
 
     async def read_unlock(self, idx: int) -> None:
@@ -371,6 +374,7 @@ class SRCU(_Waitable):
         del self._active[idx]
         reads[:] = [e for e in reads if not (e[0] is self and e[1] == idx)]
         traps.notify(self)
+        traps.emit("lock_release", self, mode="srcu_read")
         await traps.point(self)
 
     async def synchronize(self) -> None:

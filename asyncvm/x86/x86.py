@@ -74,6 +74,13 @@ class X86Arch:
     def check_guest_access(self, vm: Vm, folio: Folio, pfn: int, private: bool) -> None:
         """Vendor checks on a guest access that reached a pfn (RMP, S-EPT state)."""
 
+    async def before_guest_access(self, vcpu: Vcpu, gfn: int, private: bool) -> None:
+        """What the guest does before touching a page (a TD accepts PENDING pages)."""
+
+    def vcpu_pre_run(self, vcpu: Vcpu) -> int:
+        """0 if KVM_RUN may enter the guest, else -errno."""
+        return 0
+
     def at_quiescence(self, vm: Vm) -> None:
         """Vendor oracles that look at the final state (S-EPT coherence, RMP)."""
 

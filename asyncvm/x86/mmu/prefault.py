@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ... import uapi
-from ...runtime.sync import cond_resched, signal_pending
+from ...runtime.sync import cond_resched, might_sleep, need_resched, signal_pending
 from ...uapi import PAGE_SHIFT
 from .fault import (
     PFERR_GUEST_FINAL_MASK,
@@ -24,6 +24,20 @@ if TYPE_CHECKING:
     from ...kvm.vcpu import Vcpu
 
 
+async def cond_resched_if_needed() -> None:
+    """kernel/sched/core.c: __cond_resched() as the pre-fault loops call it: the task reschedules
+    only when need_resched() is set (a recorded draw), after the unconditional might_resched check.
+
+    The runtime's cond_resched() always yields, and a yield sends the task below every other one
+    under PCT; at the pre-fault's per-page and per-attempt cond_resched() that would let any
+    concurrent invalidation run to completion between two pages and hide every race inside one
+    page's fault window. A spinning RET_PF_RETRY loop still yields as soon as need_resched() fires.
+    """
+    might_sleep("cond_resched()")
+    if need_resched():
+        await cond_resched()
+
+
 async def kvm_tdp_map_page(vcpu: Vcpu, gpa: int, error_code: int) -> tuple[int, int]:
     """mmu.c: kvm_tdp_map_page() (6.18 loop; 6.11 form per profile): returns (0 or -errno, level)."""
     vm = vcpu.vm
@@ -37,7 +51,7 @@ async def kvm_tdp_map_page(vcpu: Vcpu, gpa: int, error_code: int) -> tuple[int, 
                 return -uapi.EINTR, 0
             if vcpu.check_request("KVM_REQ_VM_DEAD") or vm.dead:
                 return -uapi.EIO, 0
-            await cond_resched()
+            await cond_resched_if_needed()
         first = False
         r, level = await kvm_mmu_do_page_fault(vcpu, gpa, error_code, prefetch=True)
         if r != RET_PF_RETRY:

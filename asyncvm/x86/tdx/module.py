@@ -104,6 +104,8 @@ class TdxModule:
         self.added_pages: list[int] = []
         #: whether vCPUs may be in guest mode (contending the S-EPT tree and the epoch)
         self.vcpus_in_guest = False
+        #: guest TDCALLs executing right now (a kick waits for them to reach a VM exit)
+        self.guest_in_flight = 0
 
     # -- measurement ----------------------------------------------------------------------
     @property
@@ -343,4 +345,8 @@ class TdxModule:
             leaf.state = SEPT_MAPPED
             return TDX_SUCCESS
 
-        return await self._seamcall("TDG.MEM.PAGE.ACCEPT", [(self._entry(gfn), WRITE, TDX_OPERAND_ID_RCX)], body)
+        self.guest_in_flight += 1
+        try:
+            return await self._seamcall("TDG.MEM.PAGE.ACCEPT", [(self._entry(gfn), WRITE, TDX_OPERAND_ID_RCX)], body)
+        finally:
+            self.guest_in_flight -= 1

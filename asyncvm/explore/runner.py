@@ -1,0 +1,228 @@
+"""A campaign on disk: the folder, the ledger that survives a kill, failure artifacts, resume.
+
+Layout of a campaign folder::
+
+    campaign.json            what was asked (spec, chunk size, asyncvm version)
+    ledger.jsonl             one line per merged chunk and per new failure, flushed and fsynced
+    summary.json             written at the end
+    <signature>/             one folder per distinct failure signature:
+        schedule.json, schedule.shrunk.json, events.jsonl, trace.json, timeline.html
+
+A killed campaign keeps every failure it found; ``--resume`` re-merges the ledger's chunks and runs
+only the chunks it does not have.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from .campaign import CHUNK, CampaignSpec, ChunkResult, FoundFailure, Merger, Report, chunks, prepare, run_chunk
+from .engine import replay
+from .schedule import ScheduleError, write_atomic
+from .shrink import shrink
+
+
+def slug(signature: str) -> str:
+    """A folder name for a failure signature: readable, filesystem-safe, unique."""
+    base = re.sub(r"[^A-Za-z0-9_.,-]+", "_", signature).strip("_")[:60]
+    return f"{base}-{hashlib.sha1(signature.encode()).hexdigest()[:8]}"
+
+
+def write_failure_artifacts(folder: Path, found: FoundFailure, fn: Any, *, do_shrink: bool = True) -> Path:
+    """schedule(.shrunk).json, events.jsonl, trace.json and timeline.html for one failure."""
+    from ..trace.chrome import chrome_trace
+    from ..trace.log import render_jsonl
+    from ..trace.timeline import timeline_html
+
+    folder.mkdir(parents=True, exist_ok=True)
+    found.schedule.save(folder / "schedule.json")
+    shown = found.schedule
+    if do_shrink:
+        try:
+            shown = shrink(found.schedule, fn, max_attempts=400)
+            shown.save(folder / "schedule.shrunk.json")
+        except ScheduleError:
+            shown = found.schedule
+    original = replay(found.schedule, fn, force=True)
+    write_atomic(folder / "events.jsonl", render_jsonl(original.events()))
+    pictured = replay(shown, fn, force=True) if shown is not found.schedule else original
+    events = pictured.events()
+    trace = chrome_trace(events, pictured.task_names, pictured.failure)
+    write_atomic(folder / "trace.json", json.dumps(trace))
+    title = f"{found.schedule.scenario}: {found.signature}"
+    write_atomic(folder / "timeline.html", timeline_html(events, pictured.task_names, pictured.failure, title))
+    return folder
+
+
+class Ledger:
+    """Append-only JSON lines, each flushed to disk before the next chunk starts."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._f = open(path, "a", encoding="utf-8")
+
+    def append(self, obj: dict[str, Any]) -> None:
+        self._f.write(json.dumps(obj, separators=(",", ":")) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        self._f.close()
+
+    @staticmethod
+    def read(path: Path) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        if not path.exists():
+            return out
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # the line a kill cut short: everything before it is intact
+        return out
+
+
+def new_campaign_dir(out: Path, spec: CampaignSpec) -> Path:
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    base = out / spec.scenario / f"{spec.strategy}-seed{spec.seed}-{stamp}"
+    folder, n = base, 1
+    while folder.exists():
+        n += 1
+        folder = base.with_name(f"{base.name}-{n}")
+    folder.mkdir(parents=True)
+    return folder
+
+
+def load_campaign(folder: Path) -> tuple[CampaignSpec, dict[str, Any]]:
+    meta_path = folder / "campaign.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+        spec = CampaignSpec(**meta["spec"])
+    except FileNotFoundError:
+        raise ScheduleError(f"{folder}: not a campaign folder (no campaign.json)") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ScheduleError(f"{meta_path}: malformed campaign file ({e})") from None
+    return spec, meta
+
+
+def run_campaign(
+    spec: CampaignSpec,
+    *,
+    out: Path,
+    jobs: int = 1,
+    dask: str | None = None,
+    time_budget: float | None = None,
+    do_shrink: bool = True,
+    resume: Path | None = None,
+    on_progress: Callable[[Report, int], None] | None = None,
+    on_failure: Callable[[FoundFailure, Path], None] | None = None,
+) -> tuple[Report, Path]:
+    """Run (or resume) a campaign into a folder; returns the report and the folder."""
+    if resume is not None:
+        spec, meta = load_campaign(resume)
+        folder = resume
+        chunk_size = int(meta.get("chunk", CHUNK))
+        done_lines = Ledger.read(folder / "ledger.jsonl")
+    else:
+        folder = new_campaign_dir(out, spec)
+        chunk_size = max(20, min(CHUNK, spec.runs // (max(jobs, 1) * 4) or 1))
+        if spec.stop_on_first_failure:
+            chunk_size = min(chunk_size, 20)
+        done_lines = []
+    program = prepare(spec)
+    fn = program.scenario
+    if resume is None:
+        write_atomic(
+            folder / "campaign.json",
+            json.dumps({"asyncvm": __version__, "chunk": chunk_size, "jobs": jobs, "spec": spec.to_json()}, indent=1),
+        )
+    ledger = Ledger(folder / "ledger.jsonl")
+    written: set[str] = set()
+
+    def found_one(found: FoundFailure) -> None:
+        target = folder / slug(found.signature)
+        if found.signature not in written:
+            written.add(found.signature)
+            if not (target / "schedule.json").exists() or resume is None:
+                write_failure_artifacts(target, found, fn, do_shrink=do_shrink)
+                ledger.append(
+                    {
+                        "type": "failure",
+                        "signature": found.signature,
+                        "kind": found.kind,
+                        "run": found.first_run,
+                        "message": found.message,
+                        "dir": target.name,
+                    }
+                )
+            if on_failure is not None:
+                on_failure(found, target)
+
+    merger = Merger(spec, program, on_failure=found_one)
+    t0 = time.perf_counter()
+    have: set[int] = set()
+    for line in done_lines:
+        if line.get("type") == "chunk":
+            chunk = ChunkResult.from_json(line["chunk"])
+            have.add(chunk.first)
+            merger.add(chunk)
+    try:
+        for chunk in _produce(spec, chunk_size, jobs, dask, time_budget, have, fn):
+            ledger.append({"type": "chunk", "chunk": chunk.to_json()})
+            merger.add(chunk)
+            merger.report.elapsed = time.perf_counter() - t0
+            if on_progress is not None:
+                on_progress(merger.report, chunk.runs)
+            if merger.done:
+                break
+    finally:
+        ledger.close()
+    report = merger.report
+    report.elapsed = time.perf_counter() - t0
+    summary = report.to_json()
+    summary["folder"] = str(folder)
+    summary["failures"] = [dict(f, dir=slug(f["signature"])) for f in summary["failures"]]
+    write_atomic(folder / "summary.json", json.dumps(summary, indent=1))
+    return report, folder
+
+
+def _produce(
+    spec: CampaignSpec,
+    chunk_size: int,
+    jobs: int,
+    dask: str | None,
+    time_budget: float | None,
+    have: set[int],
+    fn: Any,
+) -> Iterator[ChunkResult]:
+    if spec.strategy == "dfs":
+        # DFS keeps its search stack across executions: one sequential chunk.
+        if spec.first_run not in have:
+            yield run_chunk(spec, spec.first_run, spec.runs, fn)
+        return
+    if dask:
+        from .parallel import run_dask
+
+        yield from run_dask(spec, dask, time_budget=time_budget, skip=have, chunk=chunk_size)
+        return
+    if jobs > 1:
+        from .parallel import run_local_pool
+
+        yield from run_local_pool(spec, jobs, time_budget=time_budget, skip=have, chunk=chunk_size)
+        return
+    deadline = time.perf_counter() + time_budget if time_budget else None
+    for first, n in chunks(spec.first_run, spec.runs, chunk_size):
+        if first in have:
+            continue
+        if deadline is not None and time.perf_counter() > deadline:
+            return
+        yield run_chunk(spec, first, n, fn)

@@ -1,0 +1,39 @@
+"""A running vCPU faulting pages while userspace flips them between private and shared."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncvm
+from asyncvm import uapi
+from asyncvm.kvm.vcpu import GuestAccess
+from asyncvm.uapi import PAGE_SIZE
+
+from .common import private_vm, run_guest
+
+
+@asyncvm.scenario(name="fault_vs_attribute_flip", params={"pages": 4})
+async def fault_vs_attribute_flip(kvm: Any, pages: int = 4) -> None:
+    """KVM_RUN reads every page (as the attributes say) while userspace converts half of them.
+
+    Hunts: a mapping of the old kind surviving a KVM_SET_MEMORY_ATTRIBUTES (private data seen
+    through a shared mapping, or the reverse). The VMM answers KVM_EXIT_MEMORY_FAULT by
+    converting the page, as private_mem_conversions_test does. Watched by attribute_mismatch at
+    invalidate end and quiescence, stale_install and the balance oracle.
+    """
+    vm, _gmem, _hva = await private_vm(kvm, uapi.KVM_X86_SW_PROTECTED_VM, pages)
+    vcpu = await vm.create_vcpu(0)
+
+    async def convert(fault: Any) -> None:
+        attrs = uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE if fault.flags & uapi.KVM_MEMORY_EXIT_FLAG_PRIVATE else 0
+        await vm.set_memory_attributes(uapi.MemoryAttributes(fault.gpa, PAGE_SIZE, attrs))
+
+    async def guest() -> None:
+        await run_guest(vcpu, [GuestAccess.read(i * PAGE_SIZE) for i in range(pages)], convert=convert)
+
+    async def flip() -> None:
+        await vm.set_memory_attributes(uapi.MemoryAttributes(0, pages // 2 * PAGE_SIZE, 0))
+
+    async with asyncvm.TaskGroup() as tg:
+        tg.spawn(guest, name="vcpu0")
+        tg.spawn(flip, name="attr_flip")
