@@ -40,13 +40,13 @@ BUGS: dict[str, Bug] = {
             "populate_skips_uptodate_check",
             "kvm_gmem_populate() does not return -EEXIST for an uptodate folio (double add / double measure)",
             "virt/kvm/guest_memfd.c: kvm_gmem_populate() [6.11-6.19]",
-            "snp_launch_update_vs_fallocate",
+            "tdx_init_mem_region_overlap",
         ),
         Bug(
             "mark_uptodate_before_prepare",
             "kvm_gmem_get_pfn() marks the folio uptodate before the arch prepare hook succeeded",
             "virt/kvm/guest_memfd.c: kvm_gmem_prepare_folio() [6.11-6.19]",
-            "snp_launch_update_vs_fallocate",
+            "snp_post_launch_faults",
         ),
         Bug(
             "prefault_allowed_before_finalize",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator
 from typing import Generic, Self, TypeVar
 
@@ -42,12 +43,15 @@ class IntervalMap(Generic[V]):
     everywhere; ``start == end`` is an empty range (no-op / no results).
     """
 
-    __slots__ = ("_keys", "_map")
+    __slots__ = ("_fast", "_keys", "_map")
 
     def __init__(self) -> None:
         self._map = SortedDict()
         # Live view; indexing it is O(log n), unlike list(self._map).
         self._keys = self._map.keys()
+        # A plain sorted list of the starts, rebuilt on the first lookup after a change: point
+        # lookups (the fault path's hot operation) then cost one C bisect and one dict probe.
+        self._fast: list[int] | None = None
 
     @classmethod
     def from_items(cls, items: Iterable[tuple[int, int, V]]) -> Self:
@@ -118,6 +122,7 @@ class IntervalMap(Generic[V]):
 
     def assign(self, start: int, end: int, value: V) -> None:
         """Set [start, end) to ``value``, splitting and coalescing as needed."""
+        self._fast = None
         start, end = _check_range(start, end)
         if start == end:
             return
@@ -130,6 +135,7 @@ class IntervalMap(Generic[V]):
 
     def clear(self, start: int, end: int) -> None:
         """Remove any values from [start, end), splitting ranges at the boundaries."""
+        self._fast = None
         start, end = _check_range(start, end)
         if start == end:
             return
@@ -141,9 +147,11 @@ class IntervalMap(Generic[V]):
 
     def clear_all(self) -> None:
         """Remove every range."""
+        self._fast = None
         self._map.clear()
 
     def update(self, start: int, end: int, fn: Callable[[V], V]) -> None:
+        self._fast = None
         """Replace each covered value ``v`` in [start, end) by ``fn(v)``.
 
         ``fn`` is called once per stored piece (clipped to [start, end)).
@@ -166,6 +174,7 @@ class IntervalMap(Generic[V]):
             self._coalesce_at(point)
 
     def split_at(self, point: int) -> None:
+        self._fast = None
         """Force a range boundary at ``point``.
 
         The only mutator that may leave the map non-canonical; normally not
@@ -175,6 +184,7 @@ class IntervalMap(Generic[V]):
 
     def normalize(self) -> None:
         """Coalesce all equal touching neighbours (undo :meth:`split_at`); O(n)."""
+        self._fast = None
         canonical = list(self._canonical_items())
         if len(canonical) != len(self._map):
             self._map.clear()
@@ -185,10 +195,15 @@ class IntervalMap(Generic[V]):
 
     def get(self, point: int, default: T | None = None) -> V | T | None:
         """Value at ``point`` or ``default``; O(log n)."""
-        idx = self._containing_index(operator.index(point))
-        if idx < 0:
-            return default
-        return self._at(idx)[2]
+        starts = self._fast
+        if starts is None:
+            starts = self._fast = list(self._map)
+        i = bisect_right(starts, point) - 1
+        if i >= 0:
+            end, value = dict.__getitem__(self._map, starts[i])
+            if point < end:
+                return value  # type: ignore[no-any-return]
+        return default
 
     def __contains__(self, point: object) -> bool:
         if not isinstance(point, int):

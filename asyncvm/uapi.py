@@ -141,6 +141,23 @@ def u64(x: int) -> int:
     return x & U64_MAX
 
 
+def u32(x: int) -> int:
+    """Truncate ``x`` to an unsigned 32-bit value (a ``__u32`` struct field)."""
+    return x & U32_MAX
+
+
+def s64(x: int) -> int:
+    """``x`` as a C ``s64``/``loff_t`` holds it: truncated to 64 bits, two's complement."""
+    x &= U64_MAX
+    return x - (1 << 64) if x >> 63 else x
+
+
+def s32(x: int) -> int:
+    """``x`` as a C ``int`` holds it: truncated to 32 bits, two's complement."""
+    x &= U32_MAX
+    return x - (1 << 32) if x >> 31 else x
+
+
 def gpa_to_gfn(gpa: int) -> int:
     """Guest physical address -> guest frame number (``gpa >> PAGE_SHIFT``)."""
     return gpa >> PAGE_SHIFT

@@ -7,5 +7,7 @@ from . import (  # noqa: F401
     prefault_vs_munmap,
     prefault_vs_punch_hole,
     snp,
+    snp_faults,
     tdx,
+    tdx_overlap,
 )

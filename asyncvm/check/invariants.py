@@ -8,6 +8,7 @@ retry logic: they keep their own record of which invalidation covered which gfns
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 from .. import uapi
@@ -106,8 +107,20 @@ class VmOracles:
             )
 
     def on_kvm_bug(self, reason: str) -> None:
-        """A KVM_BUG_ON fired: the VM is dead; the execution fails once it is over."""
+        """A KVM_BUG_ON fired: a kernel bug. The execution is marked failed here, at the step that
+        hit it, but goes on: the VMM sees what the kernel gives it (-EIO from a dead VM)."""
         self.kvm_bugs.append(reason)
+        exe = traps.active()
+        if exe is not None:
+            exe.fail(self._kvm_bug_violation())
+
+    def _kvm_bug_violation(self) -> Violation:
+        return Violation(
+            "kvm_bug",
+            f"KVM_BUG_ON in vm{self.vm.id}: {self.kvm_bugs[0]}",
+            signature="kvm_bug:" + re.sub(r"0x[0-9a-fA-F]+|\d+", "N", self.kvm_bugs[0]),
+            reasons=list(self.kvm_bugs),
+        )
 
     def warn(self, message: str) -> None:
         """A WARN_ON in the kernel: recorded and reported at quiescence."""
@@ -189,12 +202,7 @@ class VmOracles:
     def at_quiescence(self) -> None:
         vm = self.vm
         if self.kvm_bugs:
-            raise Violation(
-                "kvm_bug",
-                f"KVM_BUG_ON in vm{vm.id}: {self.kvm_bugs[0]}",
-                signature="kvm_bug:" + self.kvm_bugs[0].split(":")[0],
-                reasons=list(self.kvm_bugs),
-            )
+            raise self._kvm_bug_violation()
         if vm.mmu_invalidate_in_progress != 0 or self.open:
             raise Violation(
                 "invalidate_balance",

@@ -3,20 +3,47 @@
 from __future__ import annotations
 
 import itertools
+import os
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from multiprocessing import get_context
 from typing import Any
 
+from ..runtime.failures import ToolError
 from .campaign import CHUNK, CampaignSpec, ChunkResult, chunks, run_chunk
 from .scenarios import load_bundled, load_module
+
+#: seconds to wait for a Dask scheduler before giving up with a one-line error
+DASK_CONNECT_TIMEOUT = 10.0
 
 
 def _worker_init(module: str | None) -> None:
     load_bundled()
     if module:
         load_module(module)
+
+
+def _pool_worker_init(module: str | None, parent: int) -> None:
+    _worker_init(module)
+    _watch_parent(parent)
+
+
+def _watch_parent(parent: int) -> None:
+    """Exit this worker when the campaign process is gone (e.g. killed with SIGKILL).
+
+    A pool worker otherwise outlives a killed parent: it holds both ends of its call queue, so it
+    never sees end-of-file and would sit idle (or finish a chunk nobody reads) forever.
+    """
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent:
+                os._exit(0)
+
+    threading.Thread(target=watch, name="asyncvm-parent-watch", daemon=True).start()
 
 
 def _run(spec_json: dict[str, Any], first: int, count: int) -> dict[str, Any]:
@@ -46,7 +73,9 @@ def run_local_pool(
     todo = _todo(spec, chunk or _chunk_size(spec, jobs), skip)
     payload = spec.to_json()
     ctx = get_context("spawn")
-    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init, initargs=(spec.module,)) as pool:
+    with ProcessPoolExecutor(
+        jobs, mp_context=ctx, initializer=_pool_worker_init, initargs=(spec.module, os.getpid())
+    ) as pool:
         running: set[Future[dict[str, Any]]] = set()
         try:
             while True:
@@ -67,6 +96,24 @@ def run_local_pool(
                 fut.cancel()
 
 
+def connect_dask(address: Any) -> Any:
+    """A distributed Client for `address` (a scheduler address, a Client or a cluster object).
+
+    An unreachable scheduler or a missing ``distributed`` package is a one-line ToolError.
+    """
+    try:
+        from distributed import Client
+    except ImportError:
+        raise ToolError("--dask needs the dask extra: pip install 'asyncvm[dask]'") from None
+    if isinstance(address, Client):
+        return address
+    try:
+        return Client(address, timeout=DASK_CONNECT_TIMEOUT)
+    except (OSError, TimeoutError, ValueError) as e:
+        detail = " ".join(str(e).split()) or type(e).__name__
+        raise ToolError(f"cannot connect to the Dask scheduler at {address}: {detail}") from None
+
+
 def run_dask(
     spec: CampaignSpec,
     address: Any,
@@ -76,11 +123,10 @@ def run_dask(
     chunk: int | None = None,
 ) -> Iterator[ChunkResult]:
     """Yield chunk results from a Dask distributed scheduler at `address` (or a Client/cluster)."""
-    try:
-        from distributed import Client, as_completed
-    except ImportError as e:
-        raise RuntimeError("--dask needs the dask extra: pip install 'asyncvm[dask]'") from e
-    client = address if isinstance(address, Client) else Client(address)
+    from distributed import as_completed
+
+    client = connect_dask(address)
+    outstanding: set[Any] = set()
     try:
         workers = max(1, len(client.scheduler_info().get("workers", {})))
         todo = _todo(spec, chunk or _chunk_size(spec, workers), skip)
@@ -93,19 +139,22 @@ def run_dask(
             return _run(payload, first, count)
 
         window = workers * 2
-        futures = [client.submit(task, f, n, pure=False) for f, n in itertools.islice(todo, window)]
-        pending = as_completed(futures)
+        outstanding = {client.submit(task, f, n, pure=False) for f, n in itertools.islice(todo, window)}
+        pending = as_completed(list(outstanding))
         for fut in pending:
-            yield ChunkResult.from_json(fut.result())
+            outstanding.discard(fut)
+            result = fut.result()
+            fut.release()  # the cluster need not keep a chunk once it is merged here
+            yield ChunkResult.from_json(result)
             if deadline is not None and time.perf_counter() > deadline:
-                for other in futures:
-                    other.cancel()
                 return
             nxt = next(todo, None)
             if nxt is not None:
                 more = client.submit(task, nxt[0], nxt[1], pure=False)
-                futures.append(more)
+                outstanding.add(more)
                 pending.add(more)
     finally:
-        if not isinstance(address, Client):
+        for other in outstanding:
+            other.cancel()
+        if client is not address:
             client.close()

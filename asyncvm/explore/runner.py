@@ -68,6 +68,7 @@ class Ledger:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        _drop_partial_line(path)
         self._f = open(path, "a", encoding="utf-8")
 
     def append(self, obj: dict[str, Any]) -> None:
@@ -89,6 +90,20 @@ class Ledger:
             except json.JSONDecodeError:
                 break  # the line a kill cut short: everything before it is intact
         return out
+
+
+def _drop_partial_line(path: Path) -> None:
+    """Cut a last line a kill left unfinished, so appending after it cannot glue two records."""
+    try:
+        with open(path, "rb+") as f:
+            data = f.read()
+            keep = data.rfind(b"\n") + 1
+            if keep < len(data):
+                f.truncate(keep)
+                f.flush()
+                os.fsync(f.fileno())
+    except FileNotFoundError:
+        pass
 
 
 def new_campaign_dir(out: Path, spec: CampaignSpec) -> Path:
@@ -119,14 +134,53 @@ def run_campaign(
     *,
     out: Path,
     jobs: int = 1,
-    dask: str | None = None,
+    dask: Any = None,
     time_budget: float | None = None,
     do_shrink: bool = True,
     resume: Path | None = None,
     on_progress: Callable[[Report, int], None] | None = None,
     on_failure: Callable[[FoundFailure, Path], None] | None = None,
 ) -> tuple[Report, Path]:
-    """Run (or resume) a campaign into a folder; returns the report and the folder."""
+    """Run (or resume) a campaign into a folder; returns the report and the folder.
+
+    `dask` is a scheduler address, a ``distributed.Client`` or a cluster object; chunks then run
+    there. Whatever runs them, the same spec finds the same failures.
+    """
+    client = None
+    if dask is not None:
+        from .parallel import connect_dask
+
+        # Connect first: an unreachable scheduler must not leave an empty campaign folder behind.
+        client = connect_dask(dask)
+    try:
+        return _run_campaign(
+            spec,
+            out=out,
+            jobs=jobs,
+            dask=client,
+            time_budget=time_budget,
+            do_shrink=do_shrink,
+            resume=resume,
+            on_progress=on_progress,
+            on_failure=on_failure,
+        )
+    finally:
+        if client is not None and client is not dask:
+            client.close()
+
+
+def _run_campaign(
+    spec: CampaignSpec,
+    *,
+    out: Path,
+    jobs: int,
+    dask: Any,
+    time_budget: float | None,
+    do_shrink: bool,
+    resume: Path | None,
+    on_progress: Callable[[Report, int], None] | None,
+    on_failure: Callable[[FoundFailure, Path], None] | None,
+) -> tuple[Report, Path]:
     if resume is not None:
         spec, meta = load_campaign(resume)
         folder = resume
@@ -147,12 +201,17 @@ def run_campaign(
         )
     ledger = Ledger(folder / "ledger.jsonl")
     written: set[str] = set()
+    # A failure line is appended only after all of its artifacts were written, so a failure
+    # without one (the kill came while writing them) gets its artifacts written again.
+    complete = {
+        line.get("signature") for line in done_lines if isinstance(line, dict) and line.get("type") == "failure"
+    }
 
     def found_one(found: FoundFailure) -> None:
         target = folder / slug(found.signature)
         if found.signature not in written:
             written.add(found.signature)
-            if not (target / "schedule.json").exists() or resume is None:
+            if found.signature not in complete:
                 write_failure_artifacts(target, found, fn, do_shrink=do_shrink)
                 ledger.append(
                     {
@@ -170,13 +229,19 @@ def run_campaign(
     merger = Merger(spec, program, on_failure=found_one)
     t0 = time.perf_counter()
     have: set[int] = set()
-    for line in done_lines:
-        if line.get("type") == "chunk":
-            chunk = ChunkResult.from_json(line["chunk"])
-            have.add(chunk.first)
-            merger.add(chunk)
     try:
-        for chunk in _produce(spec, chunk_size, jobs, dask, time_budget, have, fn):
+        for n, line in enumerate(done_lines, 1):
+            if not isinstance(line, dict):
+                raise ScheduleError(f"{ledger.path}: line {n} is not a ledger record")
+            if line.get("type") == "chunk":
+                try:
+                    chunk = ChunkResult.from_json(line["chunk"])
+                except (KeyError, TypeError, ValueError) as e:
+                    raise ScheduleError(f"{ledger.path}: malformed chunk record on line {n} ({e!r})") from None
+                have.add(chunk.first)
+                merger.add(chunk)
+        produced = () if merger.done else _produce(spec, chunk_size, jobs, dask, time_budget, have, fn)
+        for chunk in produced:
             ledger.append({"type": "chunk", "chunk": chunk.to_json()})
             merger.add(chunk)
             merger.report.elapsed = time.perf_counter() - t0
@@ -199,7 +264,7 @@ def _produce(
     spec: CampaignSpec,
     chunk_size: int,
     jobs: int,
-    dask: str | None,
+    dask: Any,
     time_budget: float | None,
     have: set[int],
     fn: Any,
@@ -209,7 +274,7 @@ def _produce(
         if spec.first_run not in have:
             yield run_chunk(spec, spec.first_run, spec.runs, fn)
         return
-    if dask:
+    if dask is not None:
         from .parallel import run_dask
 
         yield from run_dask(spec, dask, time_budget=time_budget, skip=have, chunk=chunk_size)

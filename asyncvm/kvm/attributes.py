@@ -48,18 +48,24 @@ def kvm_range_has_memory_attributes(vm: Vm, start: int, end: int, mask: int, att
 
 
 async def kvm_vm_ioctl_set_mem_attributes(vm: Vm, attrs: uapi.MemoryAttributes) -> None:
-    """virt/kvm/kvm_main.c: kvm_vm_ioctl_set_mem_attributes() (6.8+): validation, then the update."""
-    if attrs.flags:
+    """virt/kvm/kvm_main.c: kvm_vm_ioctl_set_mem_attributes() (6.8+): validation, then the update.
+
+    The struct is input only (_IOW) and its fields are __u64: the checks run on the kernel's copy,
+    so a negative Python int is the huge value C would see (and -EINVAL, not a negative gfn).
+    """
+    address, size = uapi.u64(attrs.address), uapi.u64(attrs.size)
+    attributes, flags = uapi.u64(attrs.attributes), uapi.u64(attrs.flags)
+    if flags:
         raise KvmError(uapi.EINVAL, "flags must be 0")
-    if attrs.attributes & ~kvm_supported_mem_attributes(vm):
-        raise KvmError(uapi.EINVAL, f"attributes {attrs.attributes:#x} not supported by this VM")
-    if attrs.size == 0 or attrs.address + attrs.size <= attrs.address or attrs.address + attrs.size > uapi.U64_MAX:
+    if attributes & ~kvm_supported_mem_attributes(vm):
+        raise KvmError(uapi.EINVAL, f"attributes {attributes:#x} not supported by this VM")
+    if size == 0 or uapi.u64(address + size) < address:
         raise KvmError(uapi.EINVAL, "size must be non-zero and the range must not wrap")
-    if attrs.address % uapi.PAGE_SIZE or attrs.size % uapi.PAGE_SIZE:
+    if address % uapi.PAGE_SIZE or size % uapi.PAGE_SIZE:
         raise KvmError(uapi.EINVAL, "address and size must be page aligned")
-    start = attrs.address >> PAGE_SHIFT
-    end = (attrs.address + attrs.size) >> PAGE_SHIFT
-    await kvm_vm_set_mem_attributes(vm, start, end, attrs.attributes)
+    start = address >> PAGE_SHIFT
+    end = (address + size) >> PAGE_SHIFT
+    await kvm_vm_set_mem_attributes(vm, start, end, attributes)
 
 
 async def kvm_vm_set_mem_attributes(vm: Vm, start: int, end: int, attributes: int) -> None:

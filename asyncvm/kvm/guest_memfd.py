@@ -96,8 +96,11 @@ class GuestMemfd:
 
     # -- file operations a VMM might try ----------------------------------------------------
     async def fallocate(self, mode: int, offset: int, len: int) -> None:
-        """fallocate(2) on the guest_memfd: allocate, or PUNCH_HOLE|KEEP_SIZE."""
-        await kvm_gmem_fallocate(self, mode, offset, len)
+        """fallocate(2) on the guest_memfd: allocate, or PUNCH_HOLE|KEEP_SIZE.
+
+        The syscall takes an int mode and loff_t offset/len: Python ints are narrowed as C would.
+        """
+        await kvm_gmem_fallocate(self, uapi.s32(mode), uapi.s64(offset), uapi.s64(len))
 
     def read(self, length: int, offset: int = 0) -> bytes:
         """read()/pread(): guest_memfd has no read method."""
@@ -130,13 +133,17 @@ class GuestMemfd:
 
 
 def kvm_gmem_create(vm: Vm, args: uapi.CreateGuestMemfd) -> GuestMemfd:
-    """virt/kvm/guest_memfd.c: kvm_gmem_create() (6.8+; flags per profile)."""
+    """virt/kvm/guest_memfd.c: kvm_gmem_create() (6.8+; flags per profile).
+
+    flags is the __u64 field; size is read into a loff_t, so a size with bit 63 set is negative.
+    """
     supported = vm.profile.gmem_supported_flags
-    if args.flags & ~supported:
-        raise KvmError(uapi.EINVAL, f"unsupported guest_memfd flags {args.flags:#x}")
-    if args.size <= 0 or args.size % uapi.PAGE_SIZE:
+    flags, size = uapi.u64(args.flags), uapi.s64(args.size)
+    if flags & ~supported:
+        raise KvmError(uapi.EINVAL, f"unsupported guest_memfd flags {flags:#x}")
+    if size <= 0 or size % uapi.PAGE_SIZE:
         raise KvmError(uapi.EINVAL, "guest_memfd size must be a positive multiple of the page size")
-    return GuestMemfd(vm, GmemInode(args.size, args.flags))
+    return GuestMemfd(vm, GmemInode(size, flags))
 
 
 async def kvm_gmem_bind(vm: Vm, slot: Memslot, fd: object, offset: int) -> None:
@@ -380,11 +387,13 @@ async def kvm_gmem_get_pfn(vm: Vm, slot: Memslot, gfn: int) -> tuple[int, Folio,
         if prof.gmem_prepare_tracking:
             if not folio.uptodate:
                 folio.zero()
-                if "mark_uptodate_before_prepare" in vm.bugs:
-                    folio.uptodate = True
+                early = "mark_uptodate_before_prepare" in vm.bugs
+                if early:
+                    folio.uptodate = True  # bug: the flag says "prepared" before prepare ran
                 r = await vm.arch.gmem_prepare(vm, folio.pfn, gfn, 0)
                 if r:
-                    folio.uptodate = False
+                    if not early:
+                        folio.uptodate = False
                     await folio_unlock(folio)
                     vm.kvm.allocator.put(folio)
                     raise KvmError(-r if r < 0 else r, "arch prepare hook failed")
@@ -427,7 +436,12 @@ async def kvm_gmem_populate(
     Returns the number of pages populated if any, else the first error as -errno (or 0).
     """
     lockdep_assert_held(vm.slots_lock, "kvm_gmem_populate")
+    per_page = vm.profile.gmem_populate_per_page_lock
     if npages < 0:
+        return -uapi.EINVAL
+    if per_page and (npages == 0 or (src is not None and src % uapi.PAGE_SIZE)):
+        # [>=7.0] WARN_ON_ONCE(npages <= 0) and WARN_ON_ONCE(!PAGE_ALIGNED(src)) -> -EINVAL
+        vm.oracles.warn("kvm_gmem_populate: npages <= 0 or unaligned source")
         return -uapi.EINVAL
     slot = vm.gfn_to_memslot(start_gfn)
     if slot is None or not slot.has_gmem():
@@ -437,7 +451,6 @@ async def kvm_gmem_populate(
     if file is None:
         return -uapi.EFAULT
     npages = min(npages, slot.end_gfn - start_gfn)
-    per_page = vm.profile.gmem_populate_per_page_lock
     lock = file.inode.invalidate_lock
     take_lock = "populate_without_invalidate_lock" not in vm.bugs
     ret = 0
@@ -452,8 +465,13 @@ async def kvm_gmem_populate(
                     break
                 gfn = start_gfn + i
                 if per_page and src is not None:
-                    # [7.0] the source is pinned before the invalidate lock (no mmap_lock inside it).
-                    src_folio, _ = await vm.kvm.mm.get_user_page(src + i * uapi.PAGE_SIZE)
+                    # [7.0] the source is pinned before the invalidate lock (no mmap_lock inside it);
+                    # a get_user_pages_fast() error ends the loop like any other.
+                    try:
+                        src_folio, _ = await vm.kvm.mm.get_user_page(src + i * uapi.PAGE_SIZE)
+                    except KvmError as e:
+                        ret = -(e.errno or uapi.EFAULT)
+                        break
                     vm.kvm.allocator.put(src_folio)
                 if take_lock and per_page:
                     await lock.down_write()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from .. import uapi
@@ -200,11 +201,24 @@ class Vm:
         await self.set_user_memory_region2(region.as_region2())
 
     async def set_user_memory_region2(self, region: uapi.UserspaceMemoryRegion2) -> None:
-        """KVM_SET_USER_MEMORY_REGION2: virt/kvm/kvm_main.c: kvm_set_memory_region() (6.8+)."""
+        """KVM_SET_USER_MEMORY_REGION2: virt/kvm/kvm_main.c: kvm_set_memory_region() (6.8+).
+
+        The struct is input only (_IOW): KVM checks its own copy, whose fields are __u32/__u64, so
+        out-of-range Python ints are taken modulo 2**32 / 2**64 as the C struct would hold them.
+        """
         self.check_alive()
+        mem = dataclasses.replace(
+            region,
+            slot=uapi.u32(region.slot),
+            flags=uapi.u32(region.flags),
+            guest_phys_addr=uapi.u64(region.guest_phys_addr),
+            memory_size=uapi.u64(region.memory_size),
+            userspace_addr=uapi.u64(region.userspace_addr),
+            guest_memfd_offset=uapi.u64(region.guest_memfd_offset),
+        )
         await self.slots_lock.lock()
         try:
-            await self._set_memory_region(region)
+            await self._set_memory_region(mem)
         finally:
             await self.slots_lock.unlock()
 
@@ -224,9 +238,9 @@ class Vm:
         size = mem.memory_size
         if size % uapi.PAGE_SIZE or mem.guest_phys_addr % uapi.PAGE_SIZE:
             raise KvmError(uapi.EINVAL, "memory_size and guest_phys_addr must be page aligned")
-        if mem.userspace_addr % uapi.PAGE_SIZE or (
-            size and (mem.userspace_addr < 0 or mem.userspace_addr + size > TASK_SIZE_MAX)
-        ):
+        # access_ok(userspace_addr, memory_size) holds for a delete (size 0) too: the sanity checks
+        # come before the delete branch.
+        if mem.userspace_addr % uapi.PAGE_SIZE or mem.userspace_addr + size > TASK_SIZE_MAX:
             raise KvmError(uapi.EINVAL, "userspace_addr must be page aligned and a user address")
         if mem.flags & uapi.KVM_MEM_GUEST_MEMFD and (
             mem.guest_memfd_offset % uapi.PAGE_SIZE or mem.guest_memfd_offset + size > uapi.U64_MAX
@@ -270,7 +284,7 @@ class Vm:
                     raise KvmError(uapi.EEXIST, f"gfn range overlaps slot {other.id}")
         new = Memslot(slot_id, as_id, base_gfn, npages, mem.userspace_addr, mem.flags)
         if change == CHANGE_CREATE and mem.flags & uapi.KVM_MEM_GUEST_MEMFD:
-            await kvm_gmem_bind(self, new, mem.guest_memfd, mem.guest_memfd_offset)
+            await kvm_gmem_bind(self, new, mem.guest_memfd, uapi.s64(mem.guest_memfd_offset))
         elif old is not None and change != CHANGE_CREATE:
             new.gmem_file, new.gmem_pgoff = old.gmem_file, old.gmem_pgoff
         try:

@@ -467,16 +467,22 @@ def _fmt_site(site: Any) -> str:
 
 
 _RUNTIME_DIR = __file__.rsplit("/", 1)[0]
+_runtime_files: dict[str, bool] = {}
 
 
 def caller_site() -> tuple[Any, int] | None:
     """(code, line) of the model code that called a primitive; cheap enough for every acquire."""
-    f = sys._getframe(2)
-    while f is not None and f.f_code.co_filename.startswith(_RUNTIME_DIR):
-        f = f.f_back  # type: ignore[assignment]
-    if f is None:
-        return None
-    return (f.f_code, f.f_lineno)
+    f: Any = sys._getframe(2)
+    files = _runtime_files
+    while f is not None:
+        name = f.f_code.co_filename
+        inside = files.get(name)
+        if inside is None:
+            inside = files[name] = name.startswith(_RUNTIME_DIR)
+        if not inside:
+            return (f.f_code, f.f_lineno)
+        f = f.f_back
+    return None
 
 
 class TaskGroup:

@@ -144,6 +144,11 @@ def emit(kind: str, obj: object | None = None, **fields: Any) -> None:
         _exe.emit(kind, obj, fields)
 
 
+def tracing() -> bool:
+    """Whether events are being recorded: guard event arguments that cost something to build."""
+    return _exe is not None and _exe.trace is not None
+
+
 def active() -> Executor | None:
     """The controlled execution running now, if any."""
     return _exe

@@ -10,11 +10,11 @@ def chrome_trace(events: list[dict[str, Any]], task_names: list[str], failure: A
     """Build the trace-event document for one execution."""
     tid_of = {name: i for i, name in enumerate(task_names)}
     out: list[dict[str, Any]] = [
-        {"name": "process_name", "ph": "M", "pid": 1, "tid": 0, "args": {"name": "asyncvm execution"}}
+        {"name": "process_name", "ph": "M", "pid": 1, "tid": 0, "ts": 0, "args": {"name": "asyncvm execution"}}
     ]
     for name, tid in tid_of.items():
-        out.append({"name": "thread_name", "ph": "M", "pid": 1, "tid": tid, "args": {"name": name}})
-        out.append({"name": "thread_sort_index", "ph": "M", "pid": 1, "tid": tid, "args": {"sort_index": tid}})
+        out.append({"name": "thread_name", "ph": "M", "pid": 1, "tid": tid, "ts": 0, "args": {"name": name}})
+        out.append({"name": "thread_sort_index", "ph": "M", "pid": 1, "tid": tid, "ts": 0, "args": {"sort_index": tid}})
     open_holds: dict[tuple[int, str, str], int] = {}
     last_step = 0
     for ev in events:

@@ -102,8 +102,9 @@ def timeline_html(
             f"<td>{_esc(e.get('obj') or '')}</td><td>{_esc(' '.join(f'{k}={v}' for k, v in rest.items()))}</td></tr>"
         )
     verdict = (
-        f'<div id="failing-step" class="verdict">FAILURE at step {failure.step} in task '
-        f"{_esc(failure.task or '-')}: {_esc(failure.kind)} &mdash; {_esc(failure.message)}</div>"
+        f'<div id="failing-step" class="verdict" data-step="{failure.step}">FAILURE at failing step '
+        f"{failure.step} in task {_esc(failure.task or '-')}: {_esc(failure.kind)} &mdash; "
+        f"{_esc(failure.message)}</div>"
         if failure is not None
         else '<div class="verdict ok">no failure</div>'
     )

@@ -209,7 +209,8 @@ class TdpMmu:
             self.vm.kvm_bug("KVM_BUG_ON: atomic zap of a mirror SPTE")
         if isinstance(new, Leaf):
             self.vm.oracles.on_spte_install(root, base, PAGES[level], new)
-        traps.emit("spte", self.vm, root=root.name, level=level, gfn=base, old=_fmt(old, base), new=_fmt(new, base))
+        if traps.tracing():
+            traps.emit("spte", self.vm, root=root.name, level=level, gfn=base, old=_fmt(old, base), new=_fmt(new, base))
 
     # -- zapping ----------------------------------------------------------------------------
     async def unmap_gfn_range(self, start: int, end: int, attr_filter: int, may_block: bool) -> bool:

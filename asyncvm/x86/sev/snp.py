@@ -73,6 +73,8 @@ class SnpArch(X86Arch):
                 signature="snp_prepare_before_finish",
                 gfn=gfn,
             )
+        if traps.draw("rmpupdate_error", 0.0):
+            return -uapi.EINVAL  # RMPUPDATE failed: a hardware error a campaign may inject
         r = await self.firmware.rmpupdate_private(pfn, gfn << PAGE_SHIFT, immutable=False)
         return -uapi.EINVAL if r else 0
 

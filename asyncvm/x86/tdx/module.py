@@ -100,8 +100,12 @@ class TdxModule:
         self.vcpus_created = 0
         self._mrtd = hashlib.sha384()
         self._mrtd_final: bytes | None = None
+        #: chunks MR.EXTENDed since their page was last PAGE.ADDed (PAGE.REMOVE forgets them)
         self.extended_chunks: set[int] = set()
+        #: every PAGE.ADD, in order (the image MRTD covers)
         self.added_pages: list[int] = []
+        #: PAGE.ADDs per gfn since that gfn's last PAGE.REMOVE (the "added exactly once" oracle)
+        self.image_adds: dict[int, int] = {}
         #: whether vCPUs may be in guest mode (contending the S-EPT tree and the epoch)
         self.vcpus_in_guest = False
         #: guest TDCALLs executing right now (a kick waits for them to reach a VM exit)
@@ -154,7 +158,8 @@ class TdxModule:
             code = int(body())
         finally:
             await self._release(plan)
-        traps.emit("seamcall", self.vm, op=name, status=hex(code))
+        if traps.tracing():
+            traps.emit("seamcall", self.vm, op=name, status=hex(code))
         return code
 
     def _shared(self) -> list[tuple[TryLock, str, int]]:
@@ -245,6 +250,7 @@ class TdxModule:
             self.sept[gfn] = SeptLeaf(pfn, SEPT_MAPPED, True)
             self._mrtd.update(page_add_block(gfn * PAGE_SIZE))
             self.added_pages.append(gfn)
+            self.image_adds[gfn] = self.image_adds.get(gfn, 0) + 1
             return TDX_SUCCESS
 
         # PAGE.ADD takes the TDR exclusively (build time), per the lock table.
@@ -319,13 +325,24 @@ class TdxModule:
         return await self._seamcall("TDH.MEM.TRACK", plan, body)
 
     async def tdh_mem_page_remove(self, gfn: int) -> int:
-        """TDH.MEM.PAGE.REMOVE: only a BLOCKED leaf can go."""
+        """TDH.MEM.PAGE.REMOVE: only a BLOCKED leaf can go.
+
+        Before TDH.MR.FINALIZE the entry is FREE again afterwards, so the GPA may be PAGE.ADDed
+        (and MR.EXTENDed) once more -- e.g. a VMM that punches a hole in the image and populates
+        it again (tdx.c: tdx_sept_remove_private_spte() skips tdx_track() before RUNNABLE). The
+        measurement records of the removed page are forgotten; MRTD keeps both ADD blocks, as the
+        module's running SHA-384 does.
+        """
 
         def body() -> int:
             leaf = self.sept.get(gfn)
             if leaf is None or leaf.state != SEPT_BLOCKED:
                 return TDX_EPT_ENTRY_STATE_INCORRECT | TDX_OPERAND_ID_RCX
             del self.sept[gfn]
+            if leaf.added:
+                self.image_adds.pop(gfn, None)
+                base = gfn * PAGE_SIZE
+                self.extended_chunks.difference_update(range(base, base + PAGE_SIZE, TDX_EXTENDMR_CHUNKSIZE))
             traps.emit("sept_remove", self.vm, gfn=gfn, pfn=leaf.pfn)
             return TDX_SUCCESS
 

@@ -18,7 +18,7 @@ from ...host.pages import Folio
 from ...kvm.guest_memfd import kvm_gmem_populate
 from ...runtime import traps
 from ...runtime.failures import Violation
-from ...runtime.sync import WRITE, cond_resched, signal_pending
+from ...runtime.sync import WRITE, cond_resched, fatal_signal_pending, signal_pending
 from ...runtime.traps import yield_now
 from ...uapi import PAGE_SHIFT, PAGE_SIZE, KvmError
 from ..mmu.tdp_mmu import FROZEN, PAGES, TABLE, Leaf, Root, TdpMmu
@@ -118,30 +118,46 @@ class TdxArch(X86Arch):
         return self.vm.profile.tdx_flow == "T19"
 
     async def _lock_state(self, vcpu: Vcpu | None) -> list[Any]:
-        """[T16] kvm->lock (VM ioctls) / the caller's vcpu->mutex; [T19] "all the locks"."""
+        """[T16] kvm->lock (VM ioctls) / the caller's vcpu->mutex; [T19] "all the locks".
+
+        [T19] tdx.c: tdx_acquire_vm_state_locks(): kvm->lock, -EBUSY while a vCPU creation is in
+        flight, kvm_lock_all_vcpus() (killable: -EINTR), then kvm->slots_lock. INIT_VCPU and
+        INIT_MEM_REGION reach it from tdx_vcpu_unlocked_ioctl(), which x86.c:
+        kvm_arch_vcpu_unlocked_ioctl() calls *before* kvm_vcpu_ioctl() takes vcpu->mutex. The
+        model's generic vCPU ioctl path has already taken the caller's mutex, so it is given back
+        here and taken again, alone, by :meth:`_unlock_state` (the order lockdep sees is then the
+        kernel's: kvm->lock -> every vcpu->mutex -> slots_lock).
+        """
         vm = self.vm
         taken: list[Any] = []
         if self._t19():
-            await vm.lock.lock()
-            taken.append(vm.lock)
-            if vm.created_vcpus != vm.online_vcpus:
-                await self._unlock_state(taken)
-                raise KvmError(uapi.EBUSY, "a vCPU is being created")
-            for v in sorted(vm.vcpus.values(), key=lambda v: v.vcpu_id):
-                if v is vcpu:
-                    continue  # the ioctl path already holds it
-                await v.mutex.lock()
-                taken.append(v.mutex)
-            await vm.slots_lock.lock()
-            taken.append(vm.slots_lock)
+            if vcpu is not None:
+                await vcpu.mutex.unlock()
+            try:
+                await vm.lock.lock()
+                taken.append(vm.lock)
+                if vm.created_vcpus != vm.online_vcpus:
+                    raise KvmError(uapi.EBUSY, "a vCPU is being created")
+                for v in sorted(vm.vcpus.values(), key=lambda v: v.vcpu_id):
+                    if fatal_signal_pending():
+                        raise KvmError(uapi.EINTR, "killed in kvm_lock_all_vcpus()")
+                    await v.mutex.lock()
+                    taken.append(v.mutex)
+                await vm.slots_lock.lock()
+                taken.append(vm.slots_lock)
+            except BaseException:
+                await self._unlock_state(taken, vcpu)
+                raise
         elif vcpu is None:
             await vm.lock.lock()
             taken.append(vm.lock)
         return taken
 
-    async def _unlock_state(self, taken: list[Any]) -> None:
+    async def _unlock_state(self, taken: list[Any], vcpu: Vcpu | None = None) -> None:
         for lock in reversed(taken):
             await lock.unlock()
+        if vcpu is not None and self._t19():
+            await vcpu.mutex.lock()  # what the generic ioctl path will release
 
     # -- KVM_TDX_INIT_VM --------------------------------------------------------------------
     async def tdx_init_vm(self, params: uapi.TdxInitVm | None, flags: int) -> None:
@@ -204,7 +220,7 @@ class TdxArch(X86Arch):
                 raise KvmError(uapi.EIO, "TDH.VP.INIT failed")
             vcpu.tdx_state = VCPU_TD_STATE_INITIALIZED  # type: ignore[attr-defined]
         finally:
-            await self._unlock_state(taken)
+            await self._unlock_state(taken, vcpu)
 
     # -- KVM_TDX_INIT_MEM_REGION -------------------------------------------------------------
     async def tdx_init_mem_region(self, vcpu: Vcpu, region: uapi.TdxInitMemRegion, flags: int) -> None:
@@ -259,7 +275,7 @@ class TdxArch(X86Arch):
             if ret:
                 raise KvmError(-ret, "KVM_TDX_INIT_MEM_REGION")
         finally:
-            await self._unlock_state(taken)
+            await self._unlock_state(taken, vcpu)
 
     def _is_private_gpa(self, gpa: int) -> bool:
         return not (gpa >> self.shared_bit) & 1
@@ -574,9 +590,14 @@ class TdxArch(X86Arch):
                     f"gfn {gfn:#x}: mirror maps pfn {mirror[gfn]:#x}, S-EPT {pfn:#x}",
                     signature="sept_incoherent:pfn",
                 )
+        twice = [g for g, n in self.module.image_adds.items() if n > 1]
+        if twice:
+            raise Violation(
+                "tdx_double_add",
+                f"gfn {twice[0]:#x} was PAGE.ADDed twice without a PAGE.REMOVE in between",
+                signature="tdx_double_add",
+            )
         added = self.module.added_pages
-        if len(added) != len(set(added)):
-            raise Violation("tdx_double_add", "a page was PAGE.ADDed twice", signature="tdx_double_add")
         if self.state == TD_STATE_RUNNABLE and set(self.populated) - set(added):
             raise Violation(
                 "tdx_missing_add",
