@@ -202,7 +202,7 @@ class IntervalMap(Generic[V]):
         if i >= 0:
             end, value = dict.__getitem__(self._map, starts[i])
             if point < end:
-                return value  # type: ignore[no-any-return]
+                return value
         return default
 
     def __contains__(self, point: object) -> bool:

@@ -25,13 +25,13 @@ if TYPE_CHECKING:
 
 
 async def cond_resched_if_needed() -> None:
-    """kernel/sched/core.c: __cond_resched() as the pre-fault loops call it: the task reschedules
-    only when need_resched() is set (a recorded draw), after the unconditional might_resched check.
+    """kernel/sched/core.c: __cond_resched(): reschedule only when need_resched() is set (a
+    recorded draw), after the unconditional might_resched() check.
 
-    The runtime's cond_resched() always yields, and a yield sends the task below every other one
-    under PCT; at the pre-fault's per-page and per-attempt cond_resched() that would let any
-    concurrent invalidation run to completion between two pages and hide every race inside one
-    page's fault window. A spinning RET_PF_RETRY loop still yields as soon as need_resched() fires.
+    The runtime's cond_resched() always yields, and under PCT a yield sends the task below every
+    other one. At the pre-fault's per-step cond_resched() (and before a first attempt) that would
+    let any concurrent invalidation run to completion between two pages and hide every race that
+    lives inside one page's fault window, so the loops that make progress use this instead.
     """
     might_sleep("cond_resched()")
     if need_resched():
@@ -39,23 +39,34 @@ async def cond_resched_if_needed() -> None:
 
 
 async def kvm_tdp_map_page(vcpu: Vcpu, gpa: int, error_code: int) -> tuple[int, int]:
-    """mmu.c: kvm_tdp_map_page() (6.18 loop; 6.11 form per profile): returns (0 or -errno, level)."""
+    """mmu.c: kvm_tdp_map_page(): returns (0 or -errno, level).
+
+    [~6.18] (prefault_checks_before_each_attempt): signal_pending() -> -EINTR,
+    KVM_REQ_VM_DEAD -> -EIO and cond_resched() before every attempt. [6.11] form: the first
+    attempt runs at once; after RET_PF_RETRY only signal_pending() is checked, then
+    cond_resched() (lore: "[PATCH] KVM: x86: Implement kvm_arch_vcpu_pre_fault_memory()").
+    A task spinning on RET_PF_RETRY always yields here: it waits for another task (an
+    invalidation to end, a FROZEN SPTE to settle), and the scheduler tick would preempt it.
+    """
     vm = vcpu.vm
     if not vcpu.arch.tdp_enabled():
         return -uapi.EOPNOTSUPP, 0
     each_attempt = vm.profile.prefault_checks_before_each_attempt
-    first = True
+    retrying = False
     while True:
-        if each_attempt or not first:
+        if each_attempt or retrying:
             if signal_pending():
                 return -uapi.EINTR, 0
-            if vcpu.check_request("KVM_REQ_VM_DEAD") or vm.dead:
+            if each_attempt and (vcpu.check_request("KVM_REQ_VM_DEAD") or vm.dead):
                 return -uapi.EIO, 0
-            await cond_resched_if_needed()
-        first = False
+            if retrying:
+                await cond_resched()
+            else:
+                await cond_resched_if_needed()
         r, level = await kvm_mmu_do_page_fault(vcpu, gpa, error_code, prefetch=True)
         if r != RET_PF_RETRY:
             break
+        retrying = True
     if r < 0:
         return r, level
     if r in (RET_PF_FIXED, RET_PF_SPURIOUS, RET_PF_WRITE_PROTECTED):
