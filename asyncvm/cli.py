@@ -30,17 +30,73 @@ def _die(message: str) -> None:
     raise typer.Exit(EXIT_USAGE)
 
 
-def _parse_params(items: list[str] | None) -> dict[str, Any]:
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _coerce(key: str, raw: str, default: Any) -> Any:
+    """A --param value, read as the type of the parameter's declared default."""
+    if isinstance(default, str):
+        return raw
+    if isinstance(default, bool):
+        low = raw.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        _die(f"--param {key}={raw}: expected true or false")
+    if isinstance(default, int):
+        try:
+            return int(raw, 0)
+        except ValueError:
+            _die(f"--param {key}={raw}: expected an integer")
+    if isinstance(default, float):
+        try:
+            return float(raw)
+        except ValueError:
+            _die(f"--param {key}={raw}: expected a number")
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def _parse_params(items: list[str] | None, declared: dict[str, Any]) -> dict[str, Any]:
     params: dict[str, Any] = {}
     for item in items or []:
         key, sep, raw = item.partition("=")
+        key = key.strip()
         if not sep or not key:
             _die(f"--param wants KEY=VALUE, got {item!r}")
-        try:
-            params[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            params[key] = raw
+        params[key] = _coerce(key, raw, declared.get(key))
     return params
+
+
+def _type_mismatch(value: Any, default: Any) -> str | None:
+    """Why `value` cannot stand for a parameter whose default is `default` (None if it can)."""
+    if default is None:
+        return None
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif isinstance(default, (str, list, dict)):
+        ok = isinstance(value, type(default))
+    else:
+        ok = True
+    return None if ok else f"{value!r} is not a {type(default).__name__} like its default {default!r}"
+
+
+def _import_failure(module: str, e: BaseException) -> str:
+    where = ""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is not None and not isinstance(e, SyntaxError):
+        where = f" ({tb.tb_frame.f_code.co_filename}:{tb.tb_lineno})"
+    return _one_line(f"cannot import module {module!r}: {type(e).__name__}: {e}{where}")
 
 
 def _load_modules(modules: list[str] | None) -> None:
@@ -52,6 +108,8 @@ def _load_modules(modules: list[str] | None) -> None:
             load_module(m)
         except UnknownScenario as e:
             _die(str(e))
+        except Exception as e:  # noqa: BLE001 - a broken user module is an input error, in one line
+            _die(_import_failure(m, e))
 
 
 def _resolve(name: str, modules: list[str] | None) -> Any:
@@ -62,6 +120,20 @@ def _resolve(name: str, modules: list[str] | None) -> Any:
         return get_scenario(name)
     except UnknownScenario as e:
         _die(str(e))
+
+
+def _check_choices(strategy: str, profile: str, bugs: list[str]) -> None:
+    from .bugs import BUGS
+    from .profile import PROFILES
+    from .runtime.strategies import STRATEGIES
+
+    if strategy not in STRATEGIES:
+        _die(f"unknown strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
+    if profile not in PROFILES:
+        _die(f"unknown profile {profile!r}; choose one of: {', '.join(PROFILES)}")
+    for b in bugs:
+        if b not in BUGS:
+            _die(f"unknown bug {b!r}; known bugs: {', '.join(sorted(BUGS))}")
 
 
 @app.callback()
@@ -114,34 +186,39 @@ def stress(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Run a stress campaign: many schedules of SCENARIO, failures saved with replayable schedules."""
-    from .bugs import BUGS
-    from .explore.campaign import CampaignSpec
-    from .profile import PROFILES
-    from .runtime.strategies import STRATEGIES
+    from concurrent.futures.process import BrokenProcessPool
 
-    if strategy not in STRATEGIES:
-        _die(f"unknown strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
-    if profile not in PROFILES:
-        _die(f"unknown profile {profile!r}; choose one of: {', '.join(PROFILES)}")
-    for b in bug or []:
-        if b not in BUGS:
-            _die(f"unknown bug {b!r}; known bugs: {', '.join(sorted(BUGS))}")
+    from .explore.campaign import CampaignSpec
+    from .explore.runner import load_campaign, slug
+    from .explore.scenarios import UnknownScenario
+    from .runtime.failures import ToolError
+
     if runs is not None and runs <= 0:
         _die("--runs must be positive")
+    if time_budget is not None and time_budget <= 0:
+        _die("--time must be a positive number of seconds")
     if depth < 1:
         _die("--depth must be at least 1")
+    if preemptions < 0:
+        _die("--preemptions must not be negative")
+    if jobs < 0:
+        _die("--jobs must be positive (or 0 for all cores)")
+    if max_steps <= 0:
+        _die("--max-steps must be positive")
     if resume is None:
+        _check_choices(strategy, profile, list(bug or []))
         spec_fn = _resolve(scenario, module)
         try:
             from .explore.engine import scenario_params
 
-            params = scenario_params(spec_fn.fn, _parse_params(param))
+            params = scenario_params(spec_fn.fn, _parse_params(param, spec_fn.params))
         except ValueError as e:
             _die(str(e))
         total = runs if runs is not None else (10**12 if time_budget else 1000)
         spec = CampaignSpec(
             scenario=scenario,
-            module=module[0] if module else None,
+            # Workers import the module that registered the scenario (not just the first --module).
+            module=spec_fn.module if module else None,
             params=params,
             profile=profile,
             bugs=list(bug or []),
@@ -154,20 +231,36 @@ def stress(
             stop_on_first_failure=stop_on_first_failure,
         )
     else:
+        try:
+            spec, _meta = load_campaign(resume)
+        except ToolError as e:
+            _die(str(e))
+        if spec.scenario != scenario:
+            _die(f"{resume} is a campaign of scenario {spec.scenario!r}, not {scenario!r}")
+        _check_choices(spec.strategy, spec.profile, spec.bugs)
         _load_modules(module)
-        spec = CampaignSpec(scenario=scenario)
     jobs = jobs or os.cpu_count() or 1
-    from .explore.schedule import ScheduleError
+    folder_seen: list[Path] = []
+
+    def started(folder: Path) -> None:
+        folder_seen.append(folder)
+        typer.echo(f"asyncvm: campaign folder: {folder}", err=True)
 
     try:
-        report, folder = _run_with_progress(spec, out, jobs, dask, time_budget, shrink, resume, quiet)
-    except ScheduleError as e:
-        _die(str(e))
+        report, folder = _run_with_progress(spec, out, jobs, dask, time_budget, shrink, resume, quiet, started)
+    except (ToolError, UnknownScenario) as e:
+        _die(_one_line(str(e)))
+    except BrokenProcessPool as e:
+        _die(_one_line(f"a worker process died ({e})"))
+    except OSError as e:
+        _die(_one_line(f"cannot write the campaign: {e}"))
+    except KeyboardInterrupt:
+        where = f"; continue with: asyncvm stress {scenario} --resume {folder_seen[0]}" if folder_seen else ""
+        typer.echo(f"asyncvm: interrupted{where}", err=True)
+        raise typer.Exit(130) from None
     typer.echo(report.summary())
     typer.echo(f"campaign folder: {folder}")
     for f in report.failures:
-        from .explore.runner import slug
-
         typer.echo(f"  replay: asyncvm replay {folder / slug(f.signature) / 'schedule.json'}")
     raise typer.Exit(EXIT_FAILURES if report.failures else EXIT_CLEAN)
 
@@ -181,14 +274,23 @@ def _run_with_progress(
     do_shrink: bool,
     resume: Path | None,
     quiet: bool,
+    on_start: Any,
 ) -> Any:
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .explore.runner import run_campaign
 
     if quiet or (not sys.stderr.isatty() and os.environ.get("ASYNCVM_PROGRESS") != "1"):
         return run_campaign(
-            spec, out=out, jobs=jobs, dask=dask, time_budget=time_budget, do_shrink=do_shrink, resume=resume
+            spec,
+            out=out,
+            jobs=jobs,
+            dask=dask,
+            time_budget=time_budget,
+            do_shrink=do_shrink,
+            resume=resume,
+            on_start=on_start,
         )
     total = None if spec.runs >= 10**12 else spec.runs
     with Progress(
@@ -199,6 +301,7 @@ def _run_with_progress(
         TextColumn("failures {task.fields[failing]}"),
         TextColumn("signatures {task.fields[distinct]}"),
         TimeElapsedColumn(),
+        console=Console(stderr=True),
         transient=False,
     ) as bar:
         task = bar.add_task(spec.scenario, total=total, rate=0.0, failing=0, distinct=0)
@@ -221,6 +324,7 @@ def _run_with_progress(
             do_shrink=do_shrink,
             resume=resume,
             on_progress=tick,
+            on_start=on_start,
         )
 
 
@@ -237,6 +341,10 @@ def _load(file: Path, module: list[str] | None) -> tuple[Any, Any]:
         spec = get_scenario(schedule.scenario)
     except UnknownScenario as e:
         _die(f"{file}: {e}")
+    for key, value in schedule.params.items():
+        why = _type_mismatch(value, spec.params.get(key))
+        if why is not None:
+            _die(f"{file}: parameter {key} of scenario {schedule.scenario}: {why}")
     return schedule, spec
 
 
@@ -256,21 +364,32 @@ def replay(
     from .runtime.failures import ToolError
     from .trace.log import print_events
 
+    if log_level not in ("info", "debug"):
+        _die(f"--log-level must be info or debug, not {log_level!r}")
+    if context < 0:
+        _die("--context must not be negative")
     schedule, spec = _load(file, module)
     try:
         result = do_replay(schedule, spec.fn, force=force, record=True)
     except (ScheduleError, ToolError) as e:
-        _die(f"{file}: {e}")
+        _die(_one_line(f"{file}: {e}"))
     events = result.events()
     if log_level != "debug" and result.failure is not None:
         events = events[-(context + 1) :]
     elif log_level != "debug":
         events = events[-context:]
     print_events(events, sys.stdout)
+    recorded = schedule.failure
     if result.failure is None:
         typer.echo(f"replayed {result.steps} steps: no failure")
+        if recorded is not None:
+            typer.echo(f"note: the file records a failure that did not happen: {recorded}")
         raise typer.Exit(EXIT_CLEAN)
-    typer.echo(f"REPRODUCED {result.failure}")
+    if recorded is None or recorded.signature == result.failure.signature:
+        typer.echo(f"REPRODUCED {result.failure}")
+    else:
+        typer.echo(f"FAILED {result.failure}")
+        typer.echo(f"note: the file records a different failure: {recorded}")
     raise typer.Exit(EXIT_FAILURES)
 
 
@@ -293,9 +412,12 @@ def shrink(
     try:
         small = do_shrink(schedule, spec.fn, force=force)
     except (ScheduleError, ToolError) as e:
-        _die(f"{file}: {e}")
+        _die(_one_line(f"{file}: {e}"))
     target = output or shrunk_path(file)
-    small.save(target)
+    try:
+        small.save(target)
+    except OSError as e:
+        _die(_one_line(f"cannot write {target}: {e.strerror or e}"))
     typer.echo(
         f"{schedule.preemptions} -> {small.preemptions} preemptions, {len(schedule.choices)} -> "
         f"{len(small.choices)} choices: {target}"
@@ -324,7 +446,7 @@ def show(
     try:
         result = do_replay(schedule, spec.fn, force=force, record=True)
     except (ScheduleError, ToolError) as e:
-        _die(f"{file}: {e}")
+        _die(_one_line(f"{file}: {e}"))
     events = result.events()
     names = result.task_names
     table = Table(title=f"{schedule.scenario} ({len(schedule.choices)} choices, {result.preemptions} preemptions)")
@@ -344,12 +466,18 @@ def show(
     Console(width=max(100, 24 * (len(names) + 1))).print(table)
     if result.failure is not None:
         typer.echo(f"failure: {result.failure}")
+    title = f"{schedule.scenario}: {result.failure.signature}" if result.failure else schedule.scenario
+    outputs = []
     if html is not None:
-        write_atomic(html, timeline_html(events, names, result.failure, f"{schedule.scenario}"))
-        typer.echo(f"timeline: {html}")
+        outputs.append(("timeline", html, timeline_html(events, names, result.failure, title)))
     if trace is not None:
-        write_atomic(trace, json.dumps(chrome_trace(events, names, result.failure)))
-        typer.echo(f"trace: {trace}")
+        outputs.append(("trace", trace, json.dumps(chrome_trace(events, names, result.failure))))
+    for what, path, text in outputs:
+        try:
+            write_atomic(path, text)
+        except OSError as e:
+            _die(_one_line(f"cannot write {path}: {e.strerror or e}"))
+        typer.echo(f"{what}: {path}")
 
 
 @app.command()
@@ -369,8 +497,41 @@ def bench(
     sys.stdout.write("\n")
 
 
-def main() -> None:
-    app()
+def _click_errors() -> tuple[type[Exception], type[Exception], type[Exception] | None, tuple[type[BaseException], ...]]:
+    """(ClickException, UsageError, NoArgsIsHelpError, Abort classes) of the click that typer uses.
+
+    Newer typer releases vendor click (``typer._click``), older ones use click itself: find the
+    classes through ``typer.BadParameter`` rather than importing either by name.
+    """
+    mro = {c.__name__: c for c in typer.BadParameter.__mro__}
+    usage, base = mro["UsageError"], mro["ClickException"]
+    module = sys.modules[usage.__module__]
+    no_args = getattr(module, "NoArgsIsHelpError", None)
+    aborts = tuple({typer.Abort, getattr(module, "Abort", typer.Abort)})
+    return base, usage, no_args, aborts
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The console script: usage errors are one line on stderr and exit 2, like input errors."""
+    click_exception, usage_error, no_args_is_help, aborts = _click_errors()
+    try:
+        rc = app(args=argv, prog_name="asyncvm", standalone_mode=False)
+    except usage_error as e:
+        if no_args_is_help is not None and isinstance(e, no_args_is_help):
+            e.show()  # type: ignore[attr-defined]
+            sys.exit(EXIT_USAGE)
+        ctx = getattr(e, "ctx", None)
+        cmd = ctx.command_path if ctx is not None else "asyncvm"
+        message = e.format_message()  # type: ignore[attr-defined]
+        typer.echo(f"asyncvm: error: {_one_line(message)} (see '{cmd} --help')", err=True)
+        sys.exit(EXIT_USAGE)
+    except click_exception as e:
+        typer.echo(f"asyncvm: error: {_one_line(e.format_message())}", err=True)  # type: ignore[attr-defined]
+        sys.exit(EXIT_USAGE)
+    except aborts:
+        typer.echo("asyncvm: aborted", err=True)
+        sys.exit(130)
+    sys.exit(rc if isinstance(rc, int) else EXIT_CLEAN)
 
 
 if __name__ == "__main__":

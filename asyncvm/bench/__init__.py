@@ -1,11 +1,11 @@
-"""Benchmarks behind ``asyncvm bench``: every target is a ratio measured within one run."""
+"""Benchmarks behind ``asyncvm bench``: every target is a ratio or count measured within one run."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
-from . import scheduler
+from . import race, scheduler
 
 
 def _scheduling_decision(quick: bool) -> dict[str, Any]:
@@ -14,4 +14,8 @@ def _scheduling_decision(quick: bool) -> dict[str, Any]:
 
 BENCHMARKS: dict[str, Callable[[bool], dict[str, Any]]] = {
     "scheduling_decision": _scheduling_decision,
+    "executions_per_second": race.executions_per_second,
+    "runs_to_first_failure": race.runs_to_first_failure,
+    "scale": race.scale,
+    "false_positives": race.false_positives,
 }

@@ -46,9 +46,17 @@ def _watch_parent(parent: int) -> None:
     threading.Thread(target=watch, name="asyncvm-parent-watch", daemon=True).start()
 
 
+#: One controlled execution at a time per process: the executor is process-global (runtime.traps),
+#: so a Dask worker with several threads, or an in-process cluster (processes=False) sharing the
+#: campaign's own process, must not run two executions at once. Held around every chunk here and
+#: around the campaign's merge (which replays new failures) in runner.py.
+EXECUTION_LOCK = threading.RLock()
+
+
 def _run(spec_json: dict[str, Any], first: int, count: int) -> dict[str, Any]:
     spec = CampaignSpec(**spec_json)
-    return run_chunk(spec, first, count).to_json()
+    with EXECUTION_LOCK:
+        return run_chunk(spec, first, count).to_json()
 
 
 def _chunk_size(spec: CampaignSpec, jobs: int) -> int:

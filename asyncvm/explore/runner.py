@@ -19,14 +19,17 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
+from concurrent.futures.process import BrokenProcessPool
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..runtime.failures import ToolError
 from .campaign import CHUNK, CampaignSpec, ChunkResult, FoundFailure, Merger, Report, chunks, prepare, run_chunk
 from .engine import replay
+from .parallel import EXECUTION_LOCK
 from .schedule import ScheduleError, write_atomic
 from .shrink import shrink
 
@@ -140,6 +143,7 @@ def run_campaign(
     resume: Path | None = None,
     on_progress: Callable[[Report, int], None] | None = None,
     on_failure: Callable[[FoundFailure, Path], None] | None = None,
+    on_start: Callable[[Path], None] | None = None,
 ) -> tuple[Report, Path]:
     """Run (or resume) a campaign into a folder; returns the report and the folder.
 
@@ -163,6 +167,7 @@ def run_campaign(
             resume=resume,
             on_progress=on_progress,
             on_failure=on_failure,
+            on_start=on_start,
         )
     finally:
         if client is not None and client is not dask:
@@ -180,6 +185,7 @@ def _run_campaign(
     resume: Path | None,
     on_progress: Callable[[Report, int], None] | None,
     on_failure: Callable[[FoundFailure, Path], None] | None,
+    on_start: Callable[[Path], None] | None,
 ) -> tuple[Report, Path]:
     if resume is not None:
         spec, meta = load_campaign(resume)
@@ -200,6 +206,8 @@ def _run_campaign(
             json.dumps({"asyncvm": __version__, "chunk": chunk_size, "jobs": jobs, "spec": spec.to_json()}, indent=1),
         )
     ledger = Ledger(folder / "ledger.jsonl")
+    if on_start is not None:
+        on_start(folder)
     written: set[str] = set()
     # A failure line is appended only after all of its artifacts were written, so a failure
     # without one (the kill came while writing them) gets its artifacts written again.
@@ -229,6 +237,7 @@ def _run_campaign(
     merger = Merger(spec, program, on_failure=found_one)
     t0 = time.perf_counter()
     have: set[int] = set()
+    produced: Iterable[ChunkResult] = ()
     try:
         for n, line in enumerate(done_lines, 1):
             if not isinstance(line, dict):
@@ -240,16 +249,25 @@ def _run_campaign(
                     raise ScheduleError(f"{ledger.path}: malformed chunk record on line {n} ({e!r})") from None
                 have.add(chunk.first)
                 merger.add(chunk)
-        produced = () if merger.done else _produce(spec, chunk_size, jobs, dask, time_budget, have, fn)
+        if not merger.done:
+            produced = _produce(spec, chunk_size, jobs, dask, time_budget, have, fn)
         for chunk in produced:
             ledger.append({"type": "chunk", "chunk": chunk.to_json()})
-            merger.add(chunk)
+            with EXECUTION_LOCK:  # an in-process Dask worker may be running a chunk right now
+                merger.add(chunk)
             merger.report.elapsed = time.perf_counter() - t0
             if on_progress is not None:
                 on_progress(merger.report, chunk.runs)
             if merger.done:
                 break
+    except BrokenProcessPool as e:
+        raise ToolError(
+            f"a worker process died ({e}); the campaign so far is in {folder}: continue it with --resume {folder}"
+        ) from None
     finally:
+        # Stop the producer (its workers, its Dask futures) before the caller closes the client.
+        if isinstance(produced, Generator):
+            produced.close()
         ledger.close()
     report = merger.report
     report.elapsed = time.perf_counter() - t0

@@ -123,7 +123,10 @@ class SnpFirmware:
         """SNP_LAUNCH_UPDATE: the page must be pre-guest (assigned, immutable) and not launched.
 
         Returns (status, corrected CPUID page or None). A CPUID page with refused bits fails with
-        INVALID_PARAM and the firmware writes the corrected table back into the page.
+        INVALID_PARAM and the firmware writes the corrected table back into the page. On success
+        the page goes Pre-Guest -> Guest-Valid (SNP ABI: assigned, validated, *not* immutable),
+        so sev.c: sev_gmem_invalidate() can RMPUPDATE it back to shared when guest_memfd frees
+        it (PUNCH_HOLE before LAUNCH_FINISH, or teardown) without SNP_PAGE_RECLAIM.
         """
         await traps.point(self)
         if not self.launched or self.finished:
@@ -145,6 +148,7 @@ class SnpFirmware:
         measured = hashlib.sha384(contents).digest() if page_type in (PAGE_TYPE_NORMAL, PAGE_TYPE_VMSA) else bytes(48)
         self.launch_digest = hashlib.sha384(page_info(self.launch_digest, measured, page_type, gpa)).digest()
         entry.validated = True
+        entry.immutable = False
         self.launched_gpas.add(gpa)
         traps.emit("snp_launch_update", self.vm, gpa=gpa, type=page_type)
         return SEV_RET_SUCCESS, None

@@ -96,6 +96,8 @@ class SnpArch(X86Arch):
                         pfn=pfn,
                     )
                 del fw.rmp[pfn]
+                # The GPA's image page is gone: populating it again is a new launch of a new page.
+                fw.launched_gpas.discard(entry.gpa)
                 traps.emit("rmpupdate", vm, pfn=pfn, assigned=False, why="sev_gmem_invalidate")
 
         return on_free
