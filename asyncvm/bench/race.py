@@ -116,7 +116,7 @@ def scale(quick: bool = False) -> dict[str, Any]:
             t0 = time.perf_counter()
             from ..kvm.kvm import Kvm
 
-            result = exe.run(lambda gib=gib: _whole_guest(Kvm(), gib, 1, 2))
+            result = exe.run(partial(_whole_guest, Kvm(), gib, 1, 2))
             dt = time.perf_counter() - t0
             _cur, peak = tracemalloc.get_traced_memory()
             tracemalloc.stop()

@@ -63,6 +63,8 @@ class TdxArch(X86Arch):
         vm.tdx_module = self.module  # type: ignore[attr-defined]
         #: gfns INIT_MEM_REGION added, in order (for the "added exactly once" oracle)
         self.populated: list[int] = []
+        #: the gfn tdx_gmem_post_populate() is mapping right now (oracle bookkeeping, not KVM state)
+        self.populating: int | None = None
 
     # -- generic hooks ----------------------------------------------------------------------
     def vm_init(self, vm: Vm) -> None:
@@ -297,17 +299,23 @@ class TdxArch(X86Arch):
                     vm.kvm_bug("KVM_BUG_ON: page_add_src already set")
                     return -uapi.EIO
                 self.page_add_src = source
+                self.populating = gfn
                 try:
                     r = await self.kvm_tdp_mmu_map_private_pfn(vcpu, gfn, pfn)
                 finally:
                     self.page_add_src = None
+                    self.populating = None
                 if r:
                     return r
             else:
                 from ..mmu.fault import PFERR_GUEST_FINAL_MASK, PFERR_PRIVATE_ACCESS
                 from ..mmu.prefault import kvm_tdp_map_page
 
-                r, _level = await kvm_tdp_map_page(vcpu, gpa, PFERR_GUEST_FINAL_MASK | PFERR_PRIVATE_ACCESS)
+                self.populating = gfn
+                try:
+                    r, _level = await kvm_tdp_map_page(vcpu, gpa, PFERR_GUEST_FINAL_MASK | PFERR_PRIVATE_ACCESS)
+                finally:
+                    self.populating = None
                 if r < 0:
                     return r
                 err = await self.module.tdh_mem_page_add(gfn, pfn, source)
@@ -464,6 +472,17 @@ class TdxArch(X86Arch):
                 vm.kvm_bug(f"KVM_BUG_ON: TDH.MEM.PAGE.AUG failed {err:#x}")
                 return -uapi.EIO
             return 0
+        if self.populating != gfn:
+            # Oracle (kvm-coco.md 0.6, 5.3): before FINALIZE the only producer of private leaves
+            # is INIT_MEM_REGION; anything else (a pre-fault, a guest fault) leaves a mirror leaf
+            # that never gets PAGE.ADD. Checked ahead of the kernel's own backstops below, which
+            # would otherwise only say that *something* went wrong.
+            raise Violation(
+                "tdx_premapped",
+                f"private leaf for gfn {gfn:#x} installed before FINALIZE outside KVM_TDX_INIT_MEM_REGION",
+                signature="tdx_premapped:not_populate",
+                gfn=gfn,
+            )
         if self._pre_fault_allowed:
             vm.kvm_bug("KVM_BUG_ON: pre_fault_allowed before the TD is RUNNABLE")
             return -uapi.EIO
@@ -569,6 +588,15 @@ class TdxArch(X86Arch):
                         mirror[gfn] = leaf.pfn(gfn)
         sept = {gfn: leaf.pfn for gfn, leaf in self.module.sept.items()}
         premapped = [g for g in mirror if g not in sept]
+        if not self._t19() and len(premapped) < self.nr_premapped:
+            # Quiescent: no populate is between its map and its PAGE.ADD, so the counter must be
+            # exactly the number of mirror leaves still waiting for PAGE.ADD (a failed ADD leaves
+            # one behind and counted; a zap of one uncounts it).
+            raise Violation(
+                "tdx_premapped",
+                f"nr_premapped is {self.nr_premapped} but only {len(premapped)} mirror leaves lack an S-EPT leaf",
+                signature="tdx_premapped:drift",
+            )
         if len(premapped) > max(self.nr_premapped, 0) or (self._t19() and premapped):
             raise Violation(
                 "sept_incoherent",
