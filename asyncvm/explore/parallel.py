@@ -80,7 +80,8 @@ def run_local_pool(
     deadline = time.perf_counter() + time_budget if time_budget else None
     todo = _todo(spec, chunk or _chunk_size(spec, jobs), skip)
     payload = spec.to_json()
-    ctx = get_context("spawn")
+    # fork: workers inherit the registered scenarios and need no __main__ guard in user scripts
+    ctx = get_context("fork")
     with ProcessPoolExecutor(
         jobs, mp_context=ctx, initializer=_pool_worker_init, initargs=(spec.module, os.getpid())
     ) as pool:

@@ -83,16 +83,24 @@ class GuestMemfd:
         self.refcount += 1
         return self
 
-    async def fput(self) -> None:
+    async def fput(self, *, returning_to_user: bool = False) -> None:
+        """fput(): the last reference releases the file, but not inside a kernel path: like
+        __fput() it runs as task work when the task returns to userspace, so never under the
+        caller's locks (a fault holding kvm->srcu may drop the last reference of a file that
+        userspace just closed). close() is already on its way back to userspace."""
         self.refcount -= 1
         if self.refcount == 0:
-            await kvm_gmem_release(self)
+            exe = traps.active()
+            if exe is not None and not returning_to_user:
+                exe.spawn(kvm_gmem_release(self), f"task_work:fput({self.name})")
+            else:
+                await kvm_gmem_release(self)
 
     async def close(self) -> None:
         """close(fd): drop the VMM's reference; the last one releases the file."""
         if self.refcount <= 0:
             raise KvmError(uapi.EBADF, "guest_memfd already closed")
-        await self.fput()
+        await self.fput(returning_to_user=True)
 
     # -- file operations a VMM might try ----------------------------------------------------
     async def fallocate(self, mode: int, offset: int, len: int) -> None:

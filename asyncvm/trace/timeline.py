@@ -41,7 +41,7 @@ def timeline_html(
 ) -> str:
     """Render the page."""
     steps = max((int(e.get("step") or 0) for e in events), default=0) + 2
-    width = LEFT + steps * STEP_W + 40
+    width = LEFT + steps * STEP_W + 130  # room for the "failing step N" label past the last step
     height = LANE * (len(task_names) + 1) + 40
     lane = {name: i for i, name in enumerate(task_names)}
     colors: dict[str, str] = {}

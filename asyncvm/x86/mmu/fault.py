@@ -114,22 +114,37 @@ async def kvm_tdp_page_fault(vcpu: Vcpu, fault: KvmPageFault) -> int:
     return r
 
 
+#: kvm_ad_enabled(): EPT/NPT Accessed/Dirty bits are in use (the model has no access tracking)
+KVM_AD_ENABLED = True
+
+
+def page_fault_can_be_fast(vcpu: Vcpu, fault: KvmPageFault) -> bool:
+    """mmu.c: page_fault_can_be_fast() (6.9+): never for a private/shared mismatch of a VM with
+    private memory (the slow path builds the exit); a not-present fault only when A/D bits are
+    off (access tracking); a present fault only when it is a write (write protection). So a
+    pre-fault (PFERR_GUEST_FINAL_MASK alone: not present, read) always takes the slow path."""
+    vm = vcpu.vm
+    if vm.arch.has_private_mem(vm) and fault.is_private != vm.mem_is_private(fault.gfn):
+        return False
+    if not fault.error_code & PFERR_PRESENT_MASK:
+        return not KVM_AD_ENABLED
+    return fault.write
+
+
 def fast_page_fault(vcpu: Vcpu, fault: KvmPageFault) -> int:
     """mmu.c: fast_page_fault(): lockless; SPURIOUS if a present leaf already allows the access."""
-    vm = vcpu.vm
-    if fault.is_private != vm.mem_is_private(fault.gfn):
-        return RET_PF_INVALID  # page_fault_can_be_fast(): the slow path builds the exit
+    if not page_fault_can_be_fast(vcpu, fault):
+        return RET_PF_INVALID
     root = vcpu.arch.root_for(fault.is_private)
     if root is None or root.invalid:
         return RET_PF_INVALID
     hit = root.leaf_at(fault.gfn)
     if hit is None:
         return RET_PF_INVALID
-    level, leaf = hit
+    _level, leaf = hit
     if fault.write and not leaf.writable:
         return RET_PF_INVALID
-    fault.goal_level = level
-    return RET_PF_SPURIOUS
+    return RET_PF_SPURIOUS  # fault->goal_level is left alone, as the kernel's fast path does
 
 
 async def kvm_mmu_faultin_pfn(vcpu: Vcpu, fault: KvmPageFault) -> int:

@@ -45,6 +45,15 @@ VCPU_TD_STATE_INITIALIZED = "INITIALIZED"
 TDX_SHARED_BIT_GPAW48 = 47
 
 
+async def _cond_resched() -> None:
+    """The kernel's cond_resched() in the INIT_MEM_REGION and map-private-pfn loops: it reschedules
+    only when need_resched() is set (mmu/prefault.py: cond_resched_if_needed() explains why an
+    unconditional yield would let every concurrent PUNCH_HOLE finish between two pages)."""
+    from ..mmu.prefault import cond_resched_if_needed
+
+    await cond_resched_if_needed()
+
+
 class TdxArch(X86Arch):
     """``struct kvm_tdx`` plus the TDX entries of ``vt_x86_ops``."""
 
@@ -63,8 +72,8 @@ class TdxArch(X86Arch):
         vm.tdx_module = self.module  # type: ignore[attr-defined]
         #: gfns INIT_MEM_REGION added, in order (for the "added exactly once" oracle)
         self.populated: list[int] = []
-        #: the gfn tdx_gmem_post_populate() is mapping right now (oracle bookkeeping, not KVM state)
-        self.populating: int | None = None
+        #: (task, gfn) tdx_gmem_post_populate() is mapping right now (oracle bookkeeping, not KVM state)
+        self.populating: tuple[Any, int] | None = None
 
     # -- generic hooks ----------------------------------------------------------------------
     def vm_init(self, vm: Vm) -> None:
@@ -270,7 +279,7 @@ class TdxArch(X86Arch):
                     region.source_addr += PAGE_SIZE
                     region.gpa += PAGE_SIZE
                     region.nr_pages -= 1
-                    await cond_resched()
+                    await _cond_resched()
             finally:
                 if not self._t19():
                     await vm.slots_lock.unlock()
@@ -299,7 +308,7 @@ class TdxArch(X86Arch):
                     vm.kvm_bug("KVM_BUG_ON: page_add_src already set")
                     return -uapi.EIO
                 self.page_add_src = source
-                self.populating = gfn
+                self.populating = (traps.current(), gfn)
                 try:
                     r = await self.kvm_tdp_mmu_map_private_pfn(vcpu, gfn, pfn)
                 finally:
@@ -311,7 +320,7 @@ class TdxArch(X86Arch):
                 from ..mmu.fault import PFERR_GUEST_FINAL_MASK, PFERR_PRIVATE_ACCESS
                 from ..mmu.prefault import kvm_tdp_map_page
 
-                self.populating = gfn
+                self.populating = (traps.current(), gfn)
                 try:
                     r, _level = await kvm_tdp_map_page(vcpu, gpa, PFERR_GUEST_FINAL_MASK | PFERR_PRIVATE_ACCESS)
                 finally:
@@ -356,7 +365,7 @@ class TdxArch(X86Arch):
                 return -uapi.EINTR
             if vm.dead:
                 return -uapi.EIO
-            await cond_resched()
+            await _cond_resched()
             fault = KvmPageFault(
                 addr=gfn << PAGE_SHIFT,
                 error_code=PFERR_GUEST_FINAL_MASK | PFERR_PRIVATE_ACCESS,
@@ -472,7 +481,7 @@ class TdxArch(X86Arch):
                 vm.kvm_bug(f"KVM_BUG_ON: TDH.MEM.PAGE.AUG failed {err:#x}")
                 return -uapi.EIO
             return 0
-        if self.populating != gfn:
+        if self.populating != (traps.current(), gfn):
             # Oracle (kvm-coco.md 0.6, 5.3): before FINALIZE the only producer of private leaves
             # is INIT_MEM_REGION; anything else (a pre-fault, a guest fault) leaves a mirror leaf
             # that never gets PAGE.ADD. Checked ahead of the kernel's own backstops below, which
