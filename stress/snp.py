@@ -6,9 +6,11 @@ from typing import Any
 
 import asyncvm
 from asyncvm import uapi
+from asyncvm.kvm.vcpu import GuestAccess
+from asyncvm.runtime.failures import Violation
 from asyncvm.uapi import PAGE_SIZE, KvmError
 
-from .common import private_vm
+from .common import pre_fault, private_vm, run_guest
 
 POLICY = 1 << 17  # the reserved-must-be-one bit
 
@@ -49,3 +51,114 @@ async def snp_launch_update_vs_fallocate(kvm: Any, pages: int = 4) -> None:
         except KvmError as e:
             if e.errno != uapi.EINTR:
                 raise
+
+
+async def _launched_vm(kvm: Any, pages: int) -> tuple[Any, Any, int]:
+    """An SNP VM after LAUNCH_START with a private guest_memfd slot and a source image in kvm.mm."""
+    vm, gmem, _hva = await private_vm(kvm, uapi.KVM_X86_SNP_VM, pages)
+    await vm.snp_launch_start(uapi.SevSnpLaunchStart(policy=POLICY))
+    src = await kvm.mm.mmap(pages * PAGE_SIZE)
+    await kvm.mm.write(src, b"".join(bytes([0x40 + i]) * PAGE_SIZE for i in range(pages)))
+    return vm, gmem, src
+
+
+async def _launch_update(vm: Any, src: int, gfn: int, pages: int) -> None:
+    """KVM_SEV_SNP_LAUNCH_UPDATE until len == 0 (success may be partial progress)."""
+    update = uapi.SevSnpLaunchUpdate(gfn, src + gfn * PAGE_SIZE, pages * PAGE_SIZE, uapi.KVM_SEV_SNP_PAGE_TYPE_NORMAL)
+    while update.len:
+        await vm.snp_launch_update(update)
+
+
+@asyncvm.scenario(name="snp_launch_update_vs_punch_hole", params={"pages": 4}, data={"signal": 0.0})
+async def snp_launch_update_vs_punch_hole(kvm: Any, pages: int = 4) -> None:
+    """PUNCH_HOLE over part of the image while KVM_SEV_SNP_LAUNCH_UPDATE launches it; then FINISH and
+    a guest that reads every page.
+
+    Hunts: a folio truncated between the RMP check, the copy, rmp_make_private() and
+    SNP_LAUNCH_UPDATE (kvm_gmem_populate() holds the invalidate lock, sev.c: snp_launch_update());
+    a launched page freed while still assigned (sev_gmem_invalidate() must return it to shared).
+    The guest must read each page's launched contents, or zeros where the hole was punched after
+    the launch. Watched by rmp_host_write, rmp_freed_private, snp_double_launch, rmp_guest_shared
+    and the memory-model oracles.
+    """
+    vm, gmem, src = await _launched_vm(kvm, pages)
+
+    async def punch() -> None:
+        await gmem.fallocate(uapi.FALLOC_FL_KEEP_SIZE | uapi.FALLOC_FL_PUNCH_HOLE, PAGE_SIZE, 2 * PAGE_SIZE)
+
+    async with asyncvm.TaskGroup() as tg:
+        tg.spawn(_launch_update, vm, src, 0, pages, name="launch_update")
+        tg.spawn(punch, name="punch_hole")
+    await vm.snp_launch_finish()
+    vcpu = await vm.create_vcpu(0)
+    reads = await run_guest(vcpu, [GuestAccess.read(i * PAGE_SIZE, 8) for i in range(pages)])
+    for i, got in enumerate(reads):
+        if got not in (bytes([0x40 + i]) * 8, bytes(8)):
+            raise Violation(
+                "guest_data",
+                f"the guest read {got.hex()} from gfn {i:#x}: neither its launched contents nor zeros",
+                signature="guest_data:snp_launch",
+                gfn=i,
+            )
+
+
+@asyncvm.scenario(name="snp_launch_update_vs_prefault", params={"pages": 4}, data={"signal": 0.0})
+async def snp_launch_update_vs_prefault(kvm: Any, pages: int = 4) -> None:
+    """KVM_PRE_FAULT_MEMORY on a vCPU while LAUNCH_UPDATE builds the image; then FINISH and pre-fault
+    again.
+
+    Hunts the reason pre-fault is refused before LAUNCH_FINISH ("KVM: x86: disallow pre-fault for
+    SNP VMs before initialization"): a fault would RMP-assign a page (sev_gmem_prepare()) and make
+    its LAUNCH_UPDATE fail. Before FINISH the pre-fault must fail with -EOPNOTSUPP (errno oracle);
+    after it, it maps everything. Watched by snp_prepare_before_finish and the RMP oracles.
+    """
+    vm, _gmem, src = await _launched_vm(kvm, pages)
+    vcpu = await vm.create_vcpu(0)
+
+    async def prefault() -> None:
+        got = await pre_fault(vcpu, 0, pages * PAGE_SIZE, tolerate=(uapi.EOPNOTSUPP,))
+        if got != uapi.EOPNOTSUPP:
+            # mmu.c: kvm_arch_vcpu_pre_fault_memory(): !pre_fault_allowed -> -EOPNOTSUPP
+            raise Violation(
+                "errno",
+                "KVM_PRE_FAULT_MEMORY succeeded on an SNP VM before LAUNCH_FINISH; the kernel returns EOPNOTSUPP",
+                signature="errno:KVM_PRE_FAULT_MEMORY:success",
+            )
+
+    async with asyncvm.TaskGroup() as tg:
+        tg.spawn(_launch_update, vm, src, 0, pages, name="launch_update")
+        tg.spawn(prefault, name="vcpu0")
+    await vm.snp_launch_finish()
+    await pre_fault(vcpu, 0, pages * PAGE_SIZE)
+
+
+# The launch in the set-up would turn a signal into -EIO (KVM_SEV_SNP_LAUNCH_UPDATE collapses -EINTR).
+@asyncvm.scenario(name="snp_post_launch_faults_vs_conversion", params={"pages": 4}, data={"signal": 0.0})
+async def snp_post_launch_faults_vs_conversion(kvm: Any, pages: int = 4) -> None:
+    """After LAUNCH_FINISH a vCPU faults every page in (as its attributes say) while userspace converts
+    half of them, launched page included, to shared.
+
+    Hunts: a private NPT mapping surviving the conversion, a private fault that maps a page the RMP
+    does not assign to the guest (sev_gmem_prepare() on every private fault), a shared mapping of
+    guest-owned memory. The VMM answers KVM_EXIT_MEMORY_FAULT by converting the page back, as
+    private_mem_conversions_test does. Watched by attribute_mismatch, rmp_guest_shared,
+    stale_install and the balance oracle.
+    """
+    vm, _gmem, src = await _launched_vm(kvm, pages)
+    await _launch_update(vm, src, 0, 1)
+    await vm.snp_launch_finish()
+    vcpu = await vm.create_vcpu(0)
+
+    async def convert(fault: Any) -> None:
+        attrs = uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE if fault.flags & uapi.KVM_MEMORY_EXIT_FLAG_PRIVATE else 0
+        await vm.set_memory_attributes(uapi.MemoryAttributes(fault.gpa, PAGE_SIZE, attrs))
+
+    async def guest() -> None:
+        await run_guest(vcpu, [GuestAccess.read(i * PAGE_SIZE) for i in range(pages)], convert=convert)
+
+    async def flip() -> None:
+        await vm.set_memory_attributes(uapi.MemoryAttributes(0, pages // 2 * PAGE_SIZE, 0))
+
+    async with asyncvm.TaskGroup() as tg:
+        tg.spawn(guest, name="vcpu0")
+        tg.spawn(flip, name="attr_flip")

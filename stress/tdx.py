@@ -7,6 +7,7 @@ from typing import Any
 import asyncvm
 from asyncvm import uapi
 from asyncvm.kvm.vcpu import GuestAccess
+from asyncvm.runtime.failures import Violation
 from asyncvm.uapi import PAGE_SIZE, KvmError
 
 from .common import pre_fault, private_vm, run_guest
@@ -99,13 +100,21 @@ async def tdx_prefault_before_finalize(kvm: Any, pages: int = 4) -> None:
 
     Hunts the mailing-list scenario: a pre-fault before finalization leaving a mirror mapping
     that never gets PAGE.ADD (FINALIZE then fails, or the S-EPT and the mirror disagree).
-    pre_fault_allowed must stay false until RUNNABLE (-EOPNOTSUPP). Watched by nr_premapped,
-    mirror/S-EPT coherence and kvm_bug.
+    pre_fault_allowed must stay false until RUNNABLE: the pre-fault must fail with -EOPNOTSUPP
+    (errno oracle). Watched by tdx_premapped (a leaf installed before FINALIZE by anything but
+    INIT_MEM_REGION; nr_premapped drift), mirror/S-EPT coherence and kvm_bug.
     """
     vm, _gmem, cpus, src = await build_td(kvm, pages, 2)
 
     async def prefault() -> None:
-        await pre_fault(cpus[1], 0, pages * PAGE_SIZE, tolerate=(uapi.EOPNOTSUPP,))
+        got = await pre_fault(cpus[1], 0, pages * PAGE_SIZE, tolerate=(uapi.EOPNOTSUPP,))
+        if got != uapi.EOPNOTSUPP:
+            # mmu.c: kvm_arch_vcpu_pre_fault_memory(): !pre_fault_allowed -> -EOPNOTSUPP
+            raise Violation(
+                "errno",
+                "KVM_PRE_FAULT_MEMORY succeeded on a TD before KVM_TDX_FINALIZE_VM; the kernel returns EOPNOTSUPP",
+                signature="errno:KVM_PRE_FAULT_MEMORY:success",
+            )
 
     async with asyncvm.TaskGroup() as tg:
         tg.spawn(init_mem_region, cpus[0], src, 0, pages // 2, name="vcpu0")

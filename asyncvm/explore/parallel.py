@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -16,7 +17,15 @@ from .campaign import CHUNK, CampaignSpec, ChunkResult, chunks, run_chunk
 from .scenarios import load_bundled, load_module
 
 #: seconds to wait for a Dask scheduler before giving up with a one-line error
+#: (ASYNCVM_DASK_CONNECT_TIMEOUT overrides it)
 DASK_CONNECT_TIMEOUT = 10.0
+
+
+def _connect_timeout() -> float:
+    try:
+        return float(os.environ.get("ASYNCVM_DASK_CONNECT_TIMEOUT", DASK_CONNECT_TIMEOUT))
+    except ValueError:
+        return DASK_CONNECT_TIMEOUT
 
 
 def _worker_init(module: str | None) -> None:
@@ -26,6 +35,8 @@ def _worker_init(module: str | None) -> None:
 
 
 def _pool_worker_init(module: str | None, parent: int) -> None:
+    # Ctrl-C is the campaign process's to handle: it stops the workers itself (see run_local_pool).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker_init(module)
     _watch_parent(parent)
 
@@ -82,27 +93,45 @@ def run_local_pool(
     payload = spec.to_json()
     # fork: workers inherit the registered scenarios and need no __main__ guard in user scripts
     ctx = get_context("fork")
-    with ProcessPoolExecutor(
-        jobs, mp_context=ctx, initializer=_pool_worker_init, initargs=(spec.module, os.getpid())
-    ) as pool:
-        running: set[Future[dict[str, Any]]] = set()
-        try:
-            while True:
-                while len(running) < jobs * 2:
-                    if deadline is not None and time.perf_counter() > deadline:
-                        break
-                    nxt = next(todo, None)
-                    if nxt is None:
-                        break
-                    running.add(pool.submit(_run, payload, nxt[0], nxt[1]))
-                if not running:
-                    return
-                done, running = wait(running, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    yield ChunkResult.from_json(fut.result())
-        finally:
-            for fut in running:
-                fut.cancel()
+    pool = ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_pool_worker_init, initargs=(spec.module, os.getpid()))
+    running: set[Future[dict[str, Any]]] = set()
+    finished = False
+    try:
+        while True:
+            while len(running) < jobs * 2:
+                if deadline is not None and time.perf_counter() > deadline:
+                    break
+                nxt = next(todo, None)
+                if nxt is None:
+                    break
+                running.add(pool.submit(_run, payload, nxt[0], nxt[1]))
+            if not running:
+                finished = True
+                return
+            done, running = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done:
+                yield ChunkResult.from_json(fut.result())
+    finally:
+        if finished:
+            pool.shutdown(wait=True)
+        else:
+            _abandon(pool, running)
+
+
+def _abandon(pool: ProcessPoolExecutor, running: set[Future[dict[str, Any]]]) -> None:
+    """Stop at once (Ctrl-C, a stopped campaign, an error): chunks in flight are thrown away.
+
+    Nothing is lost: a chunk counts only once it is in the ledger, and --resume reruns the rest.
+    """
+    for fut in running:
+        fut.cancel()
+    workers = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in workers:
+        if proc.is_alive():
+            proc.terminate()
+    for proc in workers:
+        proc.join(timeout=5)
 
 
 def connect_dask(address: Any) -> Any:
@@ -117,7 +146,7 @@ def connect_dask(address: Any) -> Any:
     if isinstance(address, Client):
         return address
     try:
-        return Client(address, timeout=DASK_CONNECT_TIMEOUT)
+        return Client(address, timeout=_connect_timeout())
     except (OSError, TimeoutError, ValueError) as e:
         detail = " ".join(str(e).split()) or type(e).__name__
         raise ToolError(f"cannot connect to the Dask scheduler at {address}: {detail}") from None

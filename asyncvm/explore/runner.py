@@ -53,7 +53,7 @@ def write_failure_artifacts(folder: Path, found: FoundFailure, fn: Any, *, do_sh
         try:
             shown = shrink(found.schedule, fn, max_attempts=400)
             shown.save(folder / "schedule.shrunk.json")
-        except ScheduleError:
+        except ToolError:  # shrinking is best effort: the found schedule still stands
             shown = found.schedule
     original = replay(found.schedule, fn, force=True)
     write_atomic(folder / "events.jsonl", render_jsonl(original.events()))
@@ -127,6 +127,8 @@ def load_campaign(folder: Path) -> tuple[CampaignSpec, dict[str, Any]]:
         spec = CampaignSpec(**meta["spec"])
     except FileNotFoundError:
         raise ScheduleError(f"{folder}: not a campaign folder (no campaign.json)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ScheduleError(f"{meta_path}: cannot read ({type(e).__name__})") from None
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ScheduleError(f"{meta_path}: malformed campaign file ({e})") from None
     return spec, meta
@@ -191,7 +193,14 @@ def _run_campaign(
         spec, meta = load_campaign(resume)
         folder = resume
         chunk_size = int(meta.get("chunk", CHUNK))
+        # Finish the campaign the way it was started: shrinking or not, within its time budget.
+        do_shrink = bool(meta.get("shrink", do_shrink))
+        if time_budget is None and isinstance(meta.get("time"), (int, float)):
+            time_budget = float(meta["time"])
         done_lines = Ledger.read(folder / "ledger.jsonl")
+        # Temporary files of artifacts a kill interrupted (write_atomic names them .NAME.*.tmp).
+        for tmp in folder.glob("*/.*.tmp"):
+            tmp.unlink(missing_ok=True)
     else:
         folder = new_campaign_dir(out, spec)
         chunk_size = max(20, min(CHUNK, spec.runs // (max(jobs, 1) * 4) or 1))
@@ -203,7 +212,17 @@ def _run_campaign(
     if resume is None:
         write_atomic(
             folder / "campaign.json",
-            json.dumps({"asyncvm": __version__, "chunk": chunk_size, "jobs": jobs, "spec": spec.to_json()}, indent=1),
+            json.dumps(
+                {
+                    "asyncvm": __version__,
+                    "chunk": chunk_size,
+                    "jobs": jobs,
+                    "shrink": do_shrink,
+                    "time": time_budget,
+                    "spec": spec.to_json(),
+                },
+                indent=1,
+            ),
         )
     ledger = Ledger(folder / "ledger.jsonl")
     if on_start is not None:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from .. import uapi
 from ..runtime import traps
 from ..runtime.failures import Violation
-from ..runtime.sync import Mutex, cond_resched, fatal_signal_pending, signal_pending
+from ..runtime.sync import Mutex, cond_resched, fatal_signal_pending, signal_pending, spin_yield
 from ..uapi import PAGE_SHIFT, PAGE_SIZE, KvmError
 
 if TYPE_CHECKING:
@@ -112,9 +112,18 @@ class Vcpu:
 
     # -- vendor vCPU sub-commands (KVM_MEMORY_ENCRYPT_OP on the vCPU fd) ---------------------
     async def _vendor_ioctl(self, name: str, *args: Any) -> None:
+        """KVM_MEMORY_ENCRYPT_OP on the vCPU fd: x86.c dispatches the sub-commands the vendor
+        lists in kvm_arch_vcpu_unlocked_ioctl() before vcpu->mutex is taken, the rest after."""
         handler = getattr(self.vm.arch, name, None)
         if handler is None:
-            raise KvmError(uapi.ENOTTY, f"{name} is not supported by this VM type")
+            # An SNP (AMD) host has no vcpu_mem_enc_ioctl: -ENOTTY; on an Intel host
+            # vt_vcpu_mem_enc_ioctl() rejects a vCPU that is not a TD's with -EINVAL.
+            errno = uapi.ENOTTY if self.vm.type == uapi.KVM_X86_SNP_VM else uapi.EINVAL
+            raise KvmError(errno, f"{name} on a {uapi.vm_type_name(self.vm.type)} vCPU")
+        if name in self.vm.arch.vcpu_unlocked_ioctls():
+            self.vm.check_alive()
+            await handler(self, *args)
+            return
         await self._ioctl_enter()
         try:
             await handler(self, *args)
@@ -148,7 +157,7 @@ async def kvm_vcpu_pre_fault_memory(vcpu: Vcpu, r: uapi.PreFaultMemory) -> int:
         return -uapi.EINVAL
     if r.gpa % PAGE_SIZE or r.size % PAGE_SIZE or r.gpa + r.size <= r.gpa or r.gpa + r.size > uapi.U64_MAX:
         return -uapi.EINVAL
-    from ..x86.mmu.prefault import cond_resched_if_needed, kvm_arch_vcpu_pre_fault_memory
+    from ..x86.mmu.prefault import kvm_arch_vcpu_pre_fault_memory
 
     vm = vcpu.vm
     full_size = r.size
@@ -171,7 +180,7 @@ async def kvm_vcpu_pre_fault_memory(vcpu: Vcpu, r: uapi.PreFaultMemory) -> int:
             r.gpa += ret
             if not r.size:
                 break
-            await cond_resched_if_needed()
+            await cond_resched()
     finally:
         await vm.srcu.read_unlock(idx)
     return 0 if full_size != r.size else ret
@@ -241,7 +250,7 @@ async def kvm_arch_vcpu_run(vcpu: Vcpu) -> list[bytes]:
                 vcpu.pc += 1
                 return reads
             if r == RET_PF_RETRY:
-                await cond_resched()
+                await spin_yield()  # the guest re-faults at once; the invalidation must get to run
         vcpu.kvm_run.exit_reason = uapi.KVM_EXIT_HLT
         return reads
     finally:

@@ -33,6 +33,7 @@ from .sync import (
     might_sleep,
     need_resched,
     signal_pending,
+    spin_yield,
 )
 from .traps import current, draw, emit, point, yield_point
 
@@ -78,5 +79,6 @@ __all__ = [
     "point",
     "signal_pending",
     "sleep",
+    "spin_yield",
     "yield_point",
 ]

@@ -561,8 +561,20 @@ class Atomic(_Waitable, Generic[T]):
 
 
 async def cond_resched() -> None:
-    """cond_resched(): a voluntary yield; illegal while a spinning lock is held."""
+    """cond_resched() (kernel/sched/core.c: __cond_resched()): reschedule only when need_resched()
+    is set, which is a recorded draw; illegal while a spinning lock is held either way."""
     might_sleep("cond_resched()")
+    if need_resched():
+        await traps.yield_now()
+
+
+async def spin_yield() -> None:
+    """Let the others run before a task spins again on something another task must change (an
+    invalidation to end, a FROZEN SPTE to settle, a kicked vCPU to leave the guest).
+
+    On hardware the other task runs on another CPU meanwhile; under a controlled scheduler the
+    spinner has to yield for it, or a priority-based strategy would starve it forever.
+    """
     await traps.yield_now()
 
 

@@ -77,6 +77,10 @@ class X86Arch:
     async def before_guest_access(self, vcpu: Vcpu, gfn: int, private: bool) -> None:
         """What the guest does before touching a page (a TD accepts PENDING pages)."""
 
+    def vcpu_unlocked_ioctls(self) -> frozenset[str]:
+        """Vendor vCPU sub-commands run before vcpu->mutex (kvm_arch_vcpu_unlocked_ioctl())."""
+        return frozenset()
+
     def vcpu_pre_run(self, vcpu: Vcpu) -> int:
         """0 if KVM_RUN may enter the guest, else -errno."""
         return 0

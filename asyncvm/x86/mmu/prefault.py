@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ... import uapi
-from ...runtime.sync import cond_resched, might_sleep, need_resched, signal_pending
+from ...runtime.sync import cond_resched, signal_pending, spin_yield
 from ...uapi import PAGE_SHIFT
 from .fault import (
     PFERR_GUEST_FINAL_MASK,
@@ -22,20 +22,6 @@ from .tdp_mmu import PAGES
 
 if TYPE_CHECKING:
     from ...kvm.vcpu import Vcpu
-
-
-async def cond_resched_if_needed() -> None:
-    """kernel/sched/core.c: __cond_resched(): reschedule only when need_resched() is set (a
-    recorded draw), after the unconditional might_resched() check.
-
-    The runtime's cond_resched() always yields, and under PCT a yield sends the task below every
-    other one. At the pre-fault's per-step cond_resched() (and before a first attempt) that would
-    let any concurrent invalidation run to completion between two pages and hide every race that
-    lives inside one page's fault window, so the loops that make progress use this instead.
-    """
-    might_sleep("cond_resched()")
-    if need_resched():
-        await cond_resched()
 
 
 async def kvm_tdp_map_page(vcpu: Vcpu, gpa: int, error_code: int) -> tuple[int, int]:
@@ -60,9 +46,9 @@ async def kvm_tdp_map_page(vcpu: Vcpu, gpa: int, error_code: int) -> tuple[int, 
             if each_attempt and (vcpu.check_request("KVM_REQ_VM_DEAD") or vm.dead):
                 return -uapi.EIO, 0
             if retrying:
-                await cond_resched()
+                await spin_yield()
             else:
-                await cond_resched_if_needed()
+                await cond_resched()
         r, level = await kvm_mmu_do_page_fault(vcpu, gpa, error_code, prefetch=True)
         if r != RET_PF_RETRY:
             break

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ...intervals import IntervalMap
 from ...runtime import traps
 from ...runtime.failures import Violation
-from ...runtime.sync import READ, WRITE, cond_resched, need_resched
+from ...runtime.sync import READ, WRITE, need_resched, spin_yield
 
 if TYPE_CHECKING:
     from ...kvm.vm import Vm
@@ -253,13 +253,14 @@ class TdpMmu:
     async def _cond_resched(self, shared: bool) -> None:
         """cond_resched_rwlock_read/write(): drop mmu_lock, reschedule, take it again."""
         lock = self.vm.mmu_lock
+        # need_resched() was already drawn by the caller: this reschedule is decided.
         if shared:
             await lock.read_unlock()
-            await cond_resched()
+            await spin_yield()
             await lock.read_lock()
         else:
             await lock.write_unlock()
-            await cond_resched()
+            await spin_yield()
             await lock.write_lock()
 
     def mapped_leaves(self, start: int, end: int) -> list[tuple[Root, int, int, Leaf]]:

@@ -104,8 +104,8 @@ class TdxModule:
         self.extended_chunks: set[int] = set()
         #: every PAGE.ADD, in order (the image MRTD covers)
         self.added_pages: list[int] = []
-        #: PAGE.ADDs per gfn since that gfn's last PAGE.REMOVE (the "added exactly once" oracle)
-        self.image_adds: dict[int, int] = {}
+        #: gfns in the image: PAGE.ADDed and not PAGE.REMOVEd since (the "added once" oracle)
+        self.in_image: set[int] = set()
         #: whether vCPUs may be in guest mode (contending the S-EPT tree and the epoch)
         self.vcpus_in_guest = False
         #: guest TDCALLs executing right now (a kick waits for them to reach a VM exit)
@@ -183,13 +183,19 @@ class TdxModule:
         return await self._seamcall("TDH.MNG.INIT", [(self.tdr, WRITE, TDX_OPERAND_ID_TDR)], body)
 
     async def tdh_vp_create(self) -> int:
+        """TDH.VP.CREATE: the TDR shared (TDX module tdh_vp_create.c: TDX_LOCK_SHARED; the new TDVPR
+        page exclusively). Only VP.INIT takes the TDR exclusively (kvm-coco.md 2.6), which is why
+        [T19] wraps just tdh_vp_init() in mmu_lock (tdx.c: tdx_td_vcpu_init())."""
+
         def body() -> int:
             self.vcpus_created += 1
             return TDX_SUCCESS
 
-        return await self._seamcall("TDH.VP.CREATE", [(self.tdr, WRITE, TDX_OPERAND_ID_TDR)], body)
+        return await self._seamcall("TDH.VP.CREATE", [(self.tdr, "read", TDX_OPERAND_ID_TDR)], body)
 
     async def tdh_vp_init(self) -> int:
+        """TDH.VP.INIT, leaf version 1 as KVM calls it (with the x2APIC ID): the TDR exclusively."""
+
         def body() -> int:
             return TDX_SUCCESS if self.initialized and not self.finalized else TDX_OP_STATE_INCORRECT
 
@@ -233,6 +239,15 @@ class TdxModule:
         """TDH.MEM.PAGE.ADD: add a page to the initial image, copying `source` into it; extends MRTD."""
 
         def body() -> int:
+            if gfn in self.in_image:
+                # Oracle: KVM must never ask for a GPA already in the image (gmem's -EEXIST, [T19]
+                # RET_PF_SPURIOUS stop it first); the module would refuse, but the attempt is the bug.
+                raise Violation(
+                    "tdx_double_add",
+                    f"TDH.MEM.PAGE.ADD of gfn {gfn:#x}, which is already in the TD image",
+                    signature="tdx_double_add",
+                    gfn=gfn,
+                )
             if self.finalized:
                 return TDX_OP_STATE_INCORRECT
             if not self._walk_ok(gfn):
@@ -250,7 +265,7 @@ class TdxModule:
             self.sept[gfn] = SeptLeaf(pfn, SEPT_MAPPED, True)
             self._mrtd.update(page_add_block(gfn * PAGE_SIZE))
             self.added_pages.append(gfn)
-            self.image_adds[gfn] = self.image_adds.get(gfn, 0) + 1
+            self.in_image.add(gfn)
             return TDX_SUCCESS
 
         # PAGE.ADD takes the TDR exclusively (build time), per the lock table.
@@ -340,7 +355,7 @@ class TdxModule:
                 return TDX_EPT_ENTRY_STATE_INCORRECT | TDX_OPERAND_ID_RCX
             del self.sept[gfn]
             if leaf.added:
-                self.image_adds.pop(gfn, None)
+                self.in_image.discard(gfn)
                 base = gfn * PAGE_SIZE
                 self.extended_chunks.difference_update(range(base, base + PAGE_SIZE, TDX_EXTENDMR_CHUNKSIZE))
             traps.emit("sept_remove", self.vm, gfn=gfn, pfn=leaf.pfn)

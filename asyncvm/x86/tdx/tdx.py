@@ -18,8 +18,7 @@ from ...host.pages import Folio
 from ...kvm.guest_memfd import kvm_gmem_populate
 from ...runtime import traps
 from ...runtime.failures import Violation
-from ...runtime.sync import WRITE, cond_resched, fatal_signal_pending, signal_pending
-from ...runtime.traps import yield_now
+from ...runtime.sync import WRITE, cond_resched, fatal_signal_pending, signal_pending, spin_yield
 from ...uapi import PAGE_SHIFT, PAGE_SIZE, KvmError
 from ..mmu.tdp_mmu import FROZEN, PAGES, TABLE, Leaf, Root, TdpMmu
 from ..x86 import X86Arch
@@ -43,15 +42,6 @@ VCPU_TD_STATE_INITIALIZED = "INITIALIZED"
 
 #: GPAW 48: the shared bit is GPA bit 47
 TDX_SHARED_BIT_GPAW48 = 47
-
-
-async def _cond_resched() -> None:
-    """The kernel's cond_resched() in the INIT_MEM_REGION and map-private-pfn loops: it reschedules
-    only when need_resched() is set (mmu/prefault.py: cond_resched_if_needed() explains why an
-    unconditional yield would let every concurrent PUNCH_HOLE finish between two pages)."""
-    from ..mmu.prefault import cond_resched_if_needed
-
-    await cond_resched_if_needed()
 
 
 class TdxArch(X86Arch):
@@ -128,22 +118,18 @@ class TdxArch(X86Arch):
     def _t19(self) -> bool:
         return self.vm.profile.tdx_flow == "T19"
 
-    async def _lock_state(self, vcpu: Vcpu | None) -> list[Any]:
-        """[T16] kvm->lock (VM ioctls) / the caller's vcpu->mutex; [T19] "all the locks".
+    def vcpu_unlocked_ioctls(self) -> frozenset[str]:
+        """[T19] tdx_vcpu_unlocked_ioctl(): INIT_VCPU and INIT_MEM_REGION take "all the locks"
+        themselves, so they run before kvm_vcpu_ioctl() would take the caller's vcpu->mutex."""
+        return frozenset({"tdx_init_vcpu", "tdx_init_mem_region"}) if self._t19() else frozenset()
 
-        [T19] tdx.c: tdx_acquire_vm_state_locks(): kvm->lock, -EBUSY while a vCPU creation is in
-        flight, kvm_lock_all_vcpus() (killable: -EINTR), then kvm->slots_lock. INIT_VCPU and
-        INIT_MEM_REGION reach it from tdx_vcpu_unlocked_ioctl(), which x86.c:
-        kvm_arch_vcpu_unlocked_ioctl() calls *before* kvm_vcpu_ioctl() takes vcpu->mutex. The
-        model's generic vCPU ioctl path has already taken the caller's mutex, so it is given back
-        here and taken again, alone, by :meth:`_unlock_state` (the order lockdep sees is then the
-        kernel's: kvm->lock -> every vcpu->mutex -> slots_lock).
-        """
+    async def _lock_state(self, vcpu: Vcpu | None) -> list[Any]:
+        """[T16] kvm->lock (VM ioctls; vCPU commands hold only their vcpu->mutex); [T19]
+        tdx.c: tdx_acquire_vm_state_locks(): kvm->lock, -EBUSY while a vCPU creation is in flight,
+        kvm_lock_all_vcpus() (killable: -EINTR), then kvm->slots_lock."""
         vm = self.vm
         taken: list[Any] = []
         if self._t19():
-            if vcpu is not None:
-                await vcpu.mutex.unlock()
             try:
                 await vm.lock.lock()
                 taken.append(vm.lock)
@@ -157,7 +143,7 @@ class TdxArch(X86Arch):
                 await vm.slots_lock.lock()
                 taken.append(vm.slots_lock)
             except BaseException:
-                await self._unlock_state(taken, vcpu)
+                await self._unlock_state(taken)
                 raise
         elif vcpu is None:
             await vm.lock.lock()
@@ -167,8 +153,6 @@ class TdxArch(X86Arch):
     async def _unlock_state(self, taken: list[Any], vcpu: Vcpu | None = None) -> None:
         for lock in reversed(taken):
             await lock.unlock()
-        if vcpu is not None and self._t19():
-            await vcpu.mutex.lock()  # what the generic ioctl path will release
 
     # -- KVM_TDX_INIT_VM --------------------------------------------------------------------
     async def tdx_init_vm(self, params: uapi.TdxInitVm | None, flags: int) -> None:
@@ -279,7 +263,7 @@ class TdxArch(X86Arch):
                     region.source_addr += PAGE_SIZE
                     region.gpa += PAGE_SIZE
                     region.nr_pages -= 1
-                    await _cond_resched()
+                    await cond_resched()
             finally:
                 if not self._t19():
                     await vm.slots_lock.unlock()
@@ -365,7 +349,7 @@ class TdxArch(X86Arch):
                 return -uapi.EINTR
             if vm.dead:
                 return -uapi.EIO
-            await _cond_resched()
+            await cond_resched()
             fault = KvmPageFault(
                 addr=gfn << PAGE_SHIFT,
                 error_code=PFERR_GUEST_FINAL_MASK | PFERR_PRIVATE_ACCESS,
@@ -572,7 +556,7 @@ class TdxArch(X86Arch):
             self.module.vcpus_in_guest = False
             traps.emit("tdx_kick_vcpus", self.vm)
             while self.module.guest_in_flight:
-                await yield_now()
+                await spin_yield()
             try:
                 err = await seamcall()
             finally:
@@ -582,7 +566,8 @@ class TdxArch(X86Arch):
 
     # -- oracles ------------------------------------------------------------------------------
     def at_quiescence(self, vm: Vm) -> None:
-        """Mirror/S-EPT coherence, nr_premapped, and the initial image added exactly once."""
+        """Mirror/S-EPT coherence, nr_premapped, and every page INIT_MEM_REGION reported in the image
+        (a GPA added twice is caught at the PAGE.ADD, module.py: tdh_mem_page_add())."""
         if self.nr_premapped < 0:
             raise Violation("tdx_premapped", f"nr_premapped is {self.nr_premapped}", signature="tdx_premapped:negative")
         if self.state == TD_STATE_RUNNABLE and not self._t19() and self.nr_premapped:
@@ -627,13 +612,6 @@ class TdxArch(X86Arch):
                     f"gfn {gfn:#x}: mirror maps pfn {mirror[gfn]:#x}, S-EPT {pfn:#x}",
                     signature="sept_incoherent:pfn",
                 )
-        twice = [g for g, n in self.module.image_adds.items() if n > 1]
-        if twice:
-            raise Violation(
-                "tdx_double_add",
-                f"gfn {twice[0]:#x} was PAGE.ADDed twice without a PAGE.REMOVE in between",
-                signature="tdx_double_add",
-            )
         added = self.module.added_pages
         if self.state == TD_STATE_RUNNABLE and set(self.populated) - set(added):
             raise Violation(

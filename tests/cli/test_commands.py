@@ -1,0 +1,167 @@
+"""`--help` of every command, `asyncvm scenarios`, and scenarios registered from a user module."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from .conftest import assert_one_line_error, cli_env, explain, folder_of, run_cli
+
+COMMANDS = ["stress", "replay", "shrink", "show", "scenarios", "bench"]
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_help(command: str | None, tmp_path: Path) -> None:
+    args = ["--help"] if command is None else [command, "--help"]
+    proc = run_cli(*args, cwd=tmp_path)
+    assert proc.returncode == 0, explain(proc)
+    assert "Usage" in proc.stdout and "Traceback" not in proc.stderr
+    if command is None:
+        for c in COMMANDS:
+            assert c in proc.stdout
+    if command == "stress":
+        for option in (
+            "--runs",
+            "--time",
+            "--strategy",
+            "--seed",
+            "--jobs",
+            "--dask",
+            "--profile",
+            "--bug",
+            "--stop-on-first-failure",
+            "--out",
+            "--no-shrink",
+            "--resume",
+            "--module",
+        ):
+            assert option in proc.stdout, option
+
+
+def test_console_script(tmp_path: Path) -> None:
+    script = Path(sys.executable).with_name("asyncvm")
+    if not script.exists():
+        found = shutil.which("asyncvm")
+        if found is None:
+            pytest.skip("the asyncvm console script is not installed")
+        script = Path(found)
+    proc = subprocess.run([str(script), "scenarios"], cwd=tmp_path, env=cli_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "prefault_vs_punch_hole" in proc.stdout
+    bad = subprocess.run(
+        [str(script), "stress", "no_such"], cwd=tmp_path, env=cli_env(), capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+def test_scenarios_lists_bundled_with_descriptions_and_params(tmp_path: Path) -> None:
+    from asyncvm.explore.scenarios import REGISTRY, load_bundled
+
+    load_bundled()
+    bundled = {name: spec for name, spec in REGISTRY.items() if spec.module.startswith("stress")}
+    assert "prefault_vs_punch_hole" in bundled
+    proc = run_cli("scenarios", cwd=tmp_path)
+    assert proc.returncode == 0, explain(proc)
+    lines = proc.stdout.splitlines()
+    for name, spec in bundled.items():
+        row = [i for i, line in enumerate(lines) if line.split() and line.split()[0] == name]
+        assert row, f"{name} not listed\n{proc.stdout}"
+        assert spec.description and spec.description in lines[row[0]], lines[row[0]]
+        if spec.params:
+            params = lines[row[0] + 1].strip()
+            assert params.startswith("params: ")
+            for key, value in spec.params.items():
+                assert f"{key}={value!r}" in params, params
+    punch = next(line for line in lines if line.startswith("prefault_vs_punch_hole"))
+    assert "punch" in punch.lower()
+
+
+USER_MODULE = '''
+"""A user's own scenarios, registered from any importable module (asyncvm --module my_races)."""
+
+import asyncvm
+from asyncvm.runtime import point
+
+
+@asyncvm.scenario(name="user_lost_update", params={"tasks": 2})
+async def user_lost_update(kvm, tasks=2):
+    """Tasks increment a shared counter without a lock: a lost update."""
+    box = {"n": 0}
+
+    async def inc():
+        seen = box["n"]
+        await point(None)
+        box["n"] = seen + 1
+
+    async with asyncvm.TaskGroup() as tg:
+        for i in range(tasks):
+            tg.spawn(inc, name=f"inc{i}")
+    assert box["n"] == tasks, f"lost update: counter is {box['n']}, expected {tasks}"
+'''
+
+
+@pytest.fixture
+def user_module(tmp_path: Path) -> Path:
+    pkg = tmp_path / "userpath"
+    pkg.mkdir()
+    (pkg / "my_races.py").write_text(textwrap.dedent(USER_MODULE))
+    return pkg
+
+
+def test_module_registers_user_scenario(tmp_path: Path, user_module: Path) -> None:
+    env = cli_env(user_module)
+    listed = run_cli("scenarios", "--module", "my_races", cwd=tmp_path, env=env)
+    assert listed.returncode == 0, explain(listed)
+    row = next(line for line in listed.stdout.splitlines() if line.startswith("user_lost_update"))
+    assert "Tasks increment a shared counter without a lock" in row
+    assert "tasks=2" in listed.stdout
+    # Without --module the name is unknown.
+    assert "user_lost_update" not in run_cli("scenarios", cwd=tmp_path, env=env).stdout
+
+    # A campaign on two worker processes: the workers import the user module too.
+    proc = run_cli(
+        "stress",
+        "user_lost_update",
+        "--module",
+        "my_races",
+        "--runs",
+        "200",
+        "--jobs",
+        "2",
+        "--seed",
+        "3",
+        "--param",
+        "tasks=2",
+        "--out",
+        "logs",
+        cwd=tmp_path,
+        env=env,
+    )
+    assert proc.returncode == 1, explain(proc)
+    folder = folder_of(proc, tmp_path)
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["runs"] == 200 and summary["failures"], summary
+    schedule = folder / summary["failures"][0]["dir"] / "schedule.json"
+    data = json.loads(schedule.read_text())
+    assert data["scenario"] == {"name": "user_lost_update", "params": {"tasks": 2}}
+    assert "my_races" not in json.dumps({k: v for k, v in data.items() if k != "failure"})
+
+    replayed = run_cli("replay", schedule, "--module", "my_races", cwd=tmp_path, env=env)
+    assert replayed.returncode == 1, explain(replayed)
+    assert "REPRODUCED" in replayed.stdout and "lost update" in replayed.stdout
+    # The file names the scenario, never where its code lives: without --module, replay refuses.
+    assert_one_line_error(run_cli("replay", schedule, cwd=tmp_path, env=env), "unknown scenario 'user_lost_update'")
+
+
+def test_module_that_fails_to_import_is_one_line(tmp_path: Path) -> None:
+    pkg = tmp_path / "p"
+    pkg.mkdir()
+    (pkg / "broken_mod.py").write_text("raise RuntimeError('broken on purpose')\n")
+    proc = run_cli("scenarios", "--module", "broken_mod", cwd=tmp_path, env=cli_env(pkg))
+    assert_one_line_error(proc, "broken_mod", "broken on purpose")

@@ -1,0 +1,115 @@
+"""`asyncvm replay | shrink | show` on the schedules a campaign wrote."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import SCENARIO, Campaign, assert_one_line_error, explain, run_cli
+from .test_trace import check_chrome_trace
+
+
+@pytest.fixture(scope="session")
+def clean_schedule(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A schedule of one execution that does not fail (recorded through the Python API)."""
+    from asyncvm.explore.engine import Program, scenario_params
+    from asyncvm.explore.scenarios import get_scenario
+    from asyncvm.runtime.strategies import make_strategy
+
+    fn = get_scenario(SCENARIO).fn
+    program = Program(fn, scenario_params(fn, {"pages": 8}))
+    for seed in range(50):
+        strategy = make_strategy("random", seed)
+        strategy.start(0)
+        result = program.run(strategy)
+        if result.failure is None:
+            break
+    else:
+        raise AssertionError("no clean execution in 50 random schedules of a correct model")
+    path = tmp_path_factory.mktemp("clean") / "clean.json"
+    program.schedule(result, strategy.describe(), seed, 0).save(path)
+    return path
+
+
+def test_replay_reproduces_the_failure(campaign: Campaign, first_failure: dict[str, Any], tmp_path: Path) -> None:
+    schedule = campaign.schedule(first_failure)
+    events = (campaign.dir(first_failure) / "events.jsonl").read_text().splitlines()
+    proc = run_cli("replay", campaign.dir(first_failure) / "schedule.json", "--context", "5", cwd=tmp_path)
+    assert proc.returncode == 1, explain(proc)
+    lines = proc.stdout.splitlines()
+    assert lines[-1].startswith("REPRODUCED ") and first_failure["message"] in lines[-1]
+    # The failure with the events just before it: --context events, then the failure event.
+    assert len(lines) == 5 + 1 + 1, proc.stdout
+    assert "failure" in lines[-2] and str(schedule["failure"]["step"]) in lines[-2]
+    # --log-level debug prints every event of the execution (the same ones events.jsonl holds).
+    full = run_cli("replay", campaign.dir(first_failure) / "schedule.json", "--log-level", "debug", cwd=tmp_path)
+    assert full.returncode == 1, explain(full)
+    assert len(full.stdout.splitlines()) == len(events) + 1
+
+
+def test_replay_of_every_failure_and_its_shrunk_schedule(campaign: Campaign, tmp_path: Path) -> None:
+    for failure in campaign.failures:
+        for name in ("schedule.json", "schedule.shrunk.json"):
+            proc = run_cli("replay", campaign.dir(failure) / name, cwd=tmp_path)
+            assert proc.returncode == 1, explain(proc)
+            assert "REPRODUCED" in proc.stdout and failure["message"].split(" (")[0][:20] in proc.stdout
+
+
+def test_replay_of_a_clean_schedule_exits_0(clean_schedule: Path, tmp_path: Path) -> None:
+    proc = run_cli("replay", clean_schedule, cwd=tmp_path)
+    assert proc.returncode == 0, explain(proc)
+    assert "no failure" in proc.stdout
+
+
+def test_shrink_writes_the_shrunk_schedule(campaign: Campaign, first_failure: dict[str, Any], tmp_path: Path) -> None:
+    original = campaign.schedule(first_failure)
+    copy = tmp_path / "found.json"
+    shutil.copy(campaign.dir(first_failure) / "schedule.json", copy)
+    proc = run_cli("shrink", copy, cwd=tmp_path)
+    assert proc.returncode == 0, explain(proc)
+    shrunk_path = tmp_path / "found.shrunk.json"
+    assert str(shrunk_path.name) in proc.stdout and "preemptions" in proc.stdout
+    shrunk = json.loads(shrunk_path.read_text())
+    assert shrunk["failure"]["signature"] == original["failure"]["signature"]
+    assert (shrunk["preemptions"], len(shrunk["choices"])) <= (original["preemptions"], len(original["choices"]))
+    # The campaign's own shrunk schedule is the same one.
+    assert shrunk["choices"] == campaign.schedule(first_failure, "schedule.shrunk.json")["choices"]
+    out = tmp_path / "elsewhere" / "small.json"
+    proc = run_cli("shrink", copy, "-o", out, cwd=tmp_path)
+    assert proc.returncode == 0, explain(proc)
+    assert json.loads(out.read_text())["choices"] == shrunk["choices"]
+    replayed = run_cli("replay", out, cwd=tmp_path)
+    assert replayed.returncode == 1 and "REPRODUCED" in replayed.stdout, explain(replayed)
+
+
+def test_shrink_of_a_clean_schedule_is_an_input_error(clean_schedule: Path, tmp_path: Path) -> None:
+    assert_one_line_error(run_cli("shrink", clean_schedule, cwd=tmp_path), "no failure")
+
+
+def test_show_prints_timeline_and_writes_html_and_trace(
+    campaign: Campaign, first_failure: dict[str, Any], tmp_path: Path
+) -> None:
+    schedule = campaign.schedule(first_failure)
+    html, trace = tmp_path / "out" / "timeline.html", tmp_path / "out" / "trace.json"
+    proc = run_cli(
+        "show", campaign.dir(first_failure) / "schedule.json", "--html", html, "--trace", trace, cwd=tmp_path
+    )
+    assert proc.returncode == 0, explain(proc)
+    for task in schedule["tasks"]:
+        assert task in proc.stdout
+    assert "FAILURE" in proc.stdout and f"failure: {first_failure['kind']}" in proc.stdout
+    page = html.read_text()
+    assert 'id="failing-step"' in page and f"failing step {schedule['failure']['step']}" in page
+    assert "<script src" not in page and "http://" not in page.replace("http://www.w3.org/2000/svg", "")
+    doc = json.loads(trace.read_text())
+    check_chrome_trace(doc, schedule["tasks"], schedule["failure"]["step"])
+
+
+def test_show_of_a_clean_schedule(clean_schedule: Path, tmp_path: Path) -> None:
+    proc = run_cli("show", clean_schedule, "--html", tmp_path / "t.html", cwd=tmp_path)
+    assert proc.returncode == 0, explain(proc)
+    assert "no failure" in (tmp_path / "t.html").read_text()

@@ -1,0 +1,156 @@
+"""A campaign killed with SIGKILL midway keeps its ledger and failures; --resume finishes it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import ARTIFACTS, BUGGY, SCENARIO, Campaign, cli_cmd, cli_env, comparable, explain, run_cli
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_sigkill_midway_then_resume(campaign: Campaign, tmp_path: Path) -> None:
+    out = tmp_path / "logs"
+    log = (tmp_path / "stdout.txt").open("w"), (tmp_path / "stderr.txt").open("w")
+    proc = subprocess.Popen(
+        cli_cmd("stress", SCENARIO, *BUGGY, "--jobs", "2", "--out", out),
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=log[0],
+        stderr=log[1],
+        stdin=subprocess.DEVNULL,
+    )
+    workers: list[int] = []
+    try:
+        # Wait until the first failure is on disk, then kill the campaign process without warning.
+        deadline = time.monotonic() + 180
+        folder = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            ledgers = list(out.glob(f"{SCENARIO}/*/ledger.jsonl"))
+            if ledgers and '"type":"failure"' in ledgers[0].read_text():
+                folder = ledgers[0].parent
+                break
+            time.sleep(0.02)
+        assert folder is not None, f"no failure before the campaign ended (exit {proc.poll()})"
+        workers = _children(proc.pid)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log[0].close()
+        log[1].close()
+
+    # The worker processes notice and go away too.
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(_alive(w) for w in workers):
+        time.sleep(0.1)
+    stray = [w for w in workers if _alive(w)]
+    for w in stray:
+        os.kill(w, signal.SIGKILL)
+    assert not stray, "worker processes outlived the killed campaign"
+
+    # Killed midway: no summary yet, but every failure the ledger names is complete on disk.
+    assert not (folder / "summary.json").exists(), "the campaign finished before the kill"
+    text = (folder / "ledger.jsonl").read_text()
+    lines = [json.loads(line) for line in text.splitlines()]
+    recorded = [line for line in lines if line["type"] == "failure"]
+    assert recorded
+    for line in recorded:
+        for name in ARTIFACTS:
+            assert (folder / line["dir"] / name).is_file(), (line["dir"], name)
+    assert sum(line["chunk"]["runs"] for line in lines if line["type"] == "chunk") < campaign.summary["runs"]
+    # A kill can also cut the ledger's last line short: resume must cope with that too.
+    with (folder / "ledger.jsonl").open("a") as f:
+        f.write('{"type":"chunk","chunk":{"first":')
+
+    resumed = run_cli("stress", SCENARIO, "--resume", folder, "--jobs", "1", cwd=tmp_path)
+    assert resumed.returncode == 1, explain(resumed)
+    summary = json.loads((folder / "summary.json").read_text())
+    assert comparable(summary) == comparable(campaign.summary)
+    lines = [json.loads(line) for line in (folder / "ledger.jsonl").read_text().splitlines()]
+    signatures = [line["signature"] for line in lines if line["type"] == "failure"]
+    assert sorted(signatures) == sorted(f["signature"] for f in campaign.failures), "one failure line each"
+    for failure in campaign.failures:
+        for name in ARTIFACTS:
+            assert (folder / failure["dir"] / name).is_file(), (failure["dir"], name)
+        for name in ("schedule.json", "schedule.shrunk.json"):
+            assert (folder / failure["dir"] / name).read_text() == (campaign.dir(failure) / name).read_text()
+
+    # Resuming a finished campaign changes nothing.
+    before = (folder / "ledger.jsonl").read_text()
+    again = run_cli("stress", SCENARIO, "--resume", folder, "--jobs", "2", cwd=tmp_path)
+    assert again.returncode == 1, explain(again)
+    assert (folder / "ledger.jsonl").read_text() == before
+    assert comparable(json.loads((folder / "summary.json").read_text())) == comparable(campaign.summary)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_ctrl_c_stops_at_once_and_names_the_folder_to_resume(tmp_path: Path) -> None:
+    out = tmp_path / "logs"
+    proc = subprocess.Popen(
+        cli_cmd("stress", SCENARIO, "--param", "pages=8", "--runs", "100000", "--jobs", "2", "--out", out),
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's Ctrl-C would reach it
+    )
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            ledgers = list(out.glob(f"{SCENARIO}/*/ledger.jsonl"))
+            if ledgers and ledgers[0].read_text().count("\n") >= 1:
+                break
+            time.sleep(0.05)
+        workers = _children(proc.pid)
+        t0 = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert took < 20, f"Ctrl-C took {took:.1f}s"
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[-1].startswith("asyncvm: interrupted") and "--resume" in lines[-1], err
+    time.sleep(0.5)
+    stray = [w for w in workers if _alive(w)]
+    for w in stray:
+        os.kill(w, signal.SIGKILL)
+    assert not stray, "worker processes outlived an interrupted campaign"

@@ -1,0 +1,249 @@
+"""Every oracle of asyncvm/check/invariants.py (and the memslot lifetime oracle) can fire: each test
+injects the bug the oracle exists to catch -- a named bug from asyncvm.bugs, or a model function
+monkeypatched into its buggy form -- shows the oracle firing, and runs the same scenario clean.
+The race scenarios' clean campaigns (1,000 PCT runs each) are in test_races.py."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+import asyncvm
+from asyncvm import uapi
+from asyncvm.host.mm import Mm
+from asyncvm.kvm import guest_memfd, invalidate
+from asyncvm.kvm.invalidate import GfnRange, Invalidation, kvm_mmu_invalidate_range_add
+from asyncvm.kvm.vm import Vm
+from asyncvm.runtime import traps
+from asyncvm.runtime.sync import SRCU
+from asyncvm.x86.mmu.tdp_mmu import TdpMmu
+from asyncvm.x86.x86 import X86Arch
+
+from . import scenarios
+from .helpers import PAGE, fill_source, pre_fault, private_vm, run_failing, run_once, shared_vm
+from .test_gmem_populate import SOURCE, populate
+
+PUNCH = uapi.FALLOC_FL_PUNCH_HOLE | uapi.FALLOC_FL_KEEP_SIZE
+
+
+async def range_add_without_zap(vm: Vm, inv: Invalidation, rng: GfnRange) -> bool:
+    """kvm_mmu_unmap_gfn_range() that records the range but forgets kvm_unmap_gfn_range()."""
+    kvm_mmu_invalidate_range_add(vm, inv, rng.start, rng.end)
+    return False
+
+
+# -- stale_install: the sequence rule --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "scenario", [scenarios.punch_hole_vs_pre_fault, scenarios.punch_hole_vs_guest_run], ids=["pre_fault", "run"]
+)
+def test_stale_install_fires_when_the_fault_skips_the_invalidation_retry(scenario: Any) -> None:
+    """bugs.py: drop_invalidate_retry (arch/x86/kvm/mmu/mmu.c: is_page_fault_stale(),
+    kvm_mmu_faultin_pfn()): a pfn resolved before PUNCH_HOLE is installed after it."""
+    report = asyncvm.explore(
+        scenario, strategy="pct", runs=1000, seed=7, bugs=["drop_invalidate_retry"], stop_on_first_failure=True
+    )
+    found = report.first("stale_install")
+    assert found is not None, report.summary()
+    again = asyncvm.replay(found.schedule, scenario)
+    assert again.failure is not None and again.failure.signature == found.signature
+
+
+def test_the_pre_fault_scenario_is_clean_without_the_bug() -> None:
+    """The same campaign without drop_invalidate_retry (the 1,000-run version is in test_races.py)."""
+    assert asyncvm.explore(scenarios.punch_hole_vs_pre_fault, strategy="pct", runs=200, seed=7).ok
+
+
+# -- mapped_freed_pfn / stale_spte: a mapping that outlives its memory -------------------------------
+
+
+async def pre_fault_then_punch(kvm: asyncvm.Kvm) -> None:
+    p = await private_vm(kvm, 4)
+    vcpu = await p.vm.create_vcpu(0)
+    assert await pre_fault(vcpu, 0, 4 * PAGE) is None
+    await p.gmem.fallocate(PUNCH, PAGE, PAGE)
+
+
+def test_mapped_freed_pfn_fires_when_punch_hole_does_not_zap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """guest_memfd.c: __kvm_gmem_invalidate_begin() must unmap before truncate frees the folio."""
+    run_once(pre_fault_then_punch)
+    monkeypatch.setattr(guest_memfd, "kvm_mmu_unmap_gfn_range", range_add_without_zap)
+    failure = run_failing(pre_fault_then_punch)
+    assert failure.kind == "mapped_freed_pfn", failure
+
+
+async def pin_then_munmap(kvm: asyncvm.Kvm) -> None:
+    vm, hva = await shared_vm(kvm, 4)
+    vcpu = await vm.create_vcpu(0)
+    assert await pre_fault(vcpu, 0, 4 * PAGE) is None
+    # Someone else (e.g. an O_DIRECT read) holds a reference: the page outlives the munmap.
+    await kvm.mm.get_user_page(hva)
+    await kvm.mm.munmap(hva, 4 * PAGE)
+
+
+def test_stale_spte_fires_when_the_mmu_notifier_does_not_zap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """kvm_main.c: kvm_mmu_notifier_invalidate_range_start() -> kvm_mmu_unmap_gfn_range(): without
+    the zap the SPTE keeps mapping a page the host no longer maps there."""
+    run_once(pin_then_munmap)
+    monkeypatch.setattr(invalidate, "kvm_mmu_unmap_gfn_range", range_add_without_zap)
+    failure = run_failing(pin_then_munmap)
+    assert failure.kind == "stale_spte", failure
+
+
+async def pre_fault_then_munmap_one_page(kvm: asyncvm.Kvm) -> None:
+    vm, hva = await shared_vm(kvm, 4)
+    vcpu = await vm.create_vcpu(0)
+    assert await pre_fault(vcpu, 0, 4 * PAGE) is None
+    await kvm.mm.munmap(hva + 2 * PAGE, PAGE)
+
+
+def test_mapped_freed_pfn_fires_at_quiescence_inside_a_run_of_shared_sptes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """kvm_main.c: kvm_init_mmu_notifier(): without an MMU notifier the host frees a page KVM maps.
+    No invalidation runs, so only the quiescence check can see it, and the freed page is the third
+    of a run of four consecutive-pfn SPTEs (the check must visit every folio of the run)."""
+    run_once(pre_fault_then_munmap_one_page)
+    monkeypatch.setattr(Mm, "register_notifier", lambda self, notifier: None)
+    failure = run_failing(pre_fault_then_munmap_one_page)
+    assert failure.kind == "mapped_freed_pfn" and failure.evidence["gfn"] == 2, failure
+
+
+# -- invalidate_balance: begin/end pairs -----------------------------------------------------------
+
+
+def test_invalidate_balance_fires_when_punch_hole_skips_the_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    """guest_memfd.c: kvm_gmem_punch_hole(): every kvm_gmem_invalidate_begin() needs its end."""
+
+    async def skipped_end(*args: Any) -> None:
+        await traps.point(None)
+
+    run_once(pre_fault_then_punch)
+    monkeypatch.setattr(guest_memfd, "kvm_gmem_invalidate_end", skipped_end)
+    failure = run_failing(pre_fault_then_punch)
+    assert failure.kind == "invalidate_balance" and failure.signature == "invalidate_balance:quiescence", failure
+
+
+def test_invalidate_balance_fires_on_an_end_without_a_begin(monkeypatch: pytest.MonkeyPatch) -> None:
+    """kvm_main.c: kvm_mmu_invalidate_end(): KVM_BUG_ON(in_progress < 0)."""
+
+    async def skipped_begin(*args: Any) -> dict[Any, Invalidation]:
+        await traps.point(None)
+        return {}
+
+    monkeypatch.setattr(guest_memfd, "kvm_gmem_invalidate_begin", skipped_begin)
+    failure = run_failing(pre_fault_then_punch)
+    assert failure.signature == "invalidate_balance:end", failure
+
+
+# -- attribute_mismatch ----------------------------------------------------------------------------
+
+
+async def pre_fault_then_convert(kvm: asyncvm.Kvm) -> None:
+    p = await private_vm(kvm, 4)
+    vcpu = await p.vm.create_vcpu(0)
+    assert await pre_fault(vcpu, 0, 4 * PAGE) is None
+    await p.vm.set_memory_attributes(uapi.MemoryAttributes(PAGE, PAGE, 0))
+
+
+def test_attribute_mismatch_fires_when_a_conversion_does_not_zap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """arch/x86/kvm/mmu/mmu.c: kvm_arch_pre_set_memory_attributes() must unmap the old kind: a
+    private SPTE left on a gfn that is now shared disagrees with the attributes."""
+
+    async def no_zap(self: X86Arch, vm: Vm, inv: Invalidation, rng: GfnRange, attributes: int) -> bool:
+        await traps.point(None)
+        return False
+
+    run_once(pre_fault_then_convert)
+    monkeypatch.setattr(X86Arch, "pre_set_memory_attributes", no_zap)
+    failure = run_failing(pre_fault_then_convert)
+    assert failure.kind == "attribute_mismatch", failure
+
+
+# -- populate_shared -------------------------------------------------------------------------------
+
+
+async def populate_a_shared_gfn(kvm: asyncvm.Kvm) -> None:
+    p = await private_vm(kvm, 4)
+    await p.vm.set_memory_attributes(uapi.MemoryAttributes(PAGE, PAGE, 0))
+    src = await fill_source(kvm, SOURCE)
+    assert await populate(p.vm, 1, src, 1) == -uapi.EINVAL
+
+
+def test_populate_shared_fires_when_populate_skips_the_attribute_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """guest_memfd.c: kvm_gmem_populate() must refuse gfns that are not PRIVATE (6.11+)."""
+    run_once(populate_a_shared_gfn)
+    monkeypatch.setattr(guest_memfd, "kvm_range_has_memory_attributes", lambda *args: True)
+    failure = run_failing(populate_a_shared_gfn)
+    assert failure.kind == "populate_shared", failure
+
+
+# -- memslot_uaf -----------------------------------------------------------------------------------
+
+
+def test_memslot_uaf_fires_when_a_memslot_update_does_not_wait_for_srcu_readers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """kvm_main.c: kvm_swap_active_memslots() -> synchronize_srcu(): without it a pre-fault that
+    looked the slot up keeps using it after kvm_free_memslot()."""
+
+    async def no_wait(self: SRCU) -> None:
+        await traps.point(self)
+
+    scenario = scenarios.memslot_delete_vs_private_pre_fault
+    monkeypatch.setattr(SRCU, "synchronize", no_wait)
+    # POS reorders the racing operations on the memslot array directly; PCT needs far more runs.
+    report = asyncvm.explore(scenario, strategy="pos", runs=300, seed=7)
+    found = report.first("memslot_uaf")
+    assert found is not None, report.summary()
+    again = asyncvm.replay(found.schedule, scenario)
+    assert again.failure is not None and again.failure.signature == found.signature
+
+
+# -- invalidate_balance (mn_active_invalidate_count) and kvm_bug -------------------------------------
+
+
+async def pre_fault_then_munmap(kvm: asyncvm.Kvm) -> None:
+    vm, hva = await shared_vm(kvm, 4)
+    vcpu = await vm.create_vcpu(0)
+    assert await pre_fault(vcpu, 0, 4 * PAGE) is None
+    await kvm.mm.munmap(hva, 4 * PAGE)
+
+
+def test_mn_active_balance_fires_when_range_end_forgets_the_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """kvm_main.c: kvm_mmu_notifier_invalidate_range_end() must drop mn_active_invalidate_count,
+    or every later memslot update waits forever in kvm_swap_active_memslots()."""
+    original = invalidate.KvmMmuNotifier.invalidate_range_end
+
+    async def forgets_the_decrement(self: invalidate.KvmMmuNotifier, start: int, end: int) -> None:
+        await original(self, start, end)
+        self.vm.mn_active_invalidate_count += 1
+
+    run_once(pre_fault_then_munmap)
+    monkeypatch.setattr(invalidate.KvmMmuNotifier, "invalidate_range_end", forgets_the_decrement)
+    failure = run_failing(pre_fault_then_munmap)
+    assert failure.signature == "invalidate_balance:mn_active", failure
+
+
+async def delete_the_slot_twice(kvm: asyncvm.Kvm) -> None:
+    vm, hva = await shared_vm(kvm, 4)
+    vcpu = await vm.create_vcpu(0)
+    assert await pre_fault(vcpu, 0, 4 * PAGE) is None
+    for _ in range(2):
+        await vm.set_user_memory_region2(uapi.UserspaceMemoryRegion2(0, 0, 0, 0, hva))
+        await vm.set_user_memory_region2(uapi.UserspaceMemoryRegion2(0, 0, 0, 4 * PAGE, hva))
+
+
+def test_kvm_bug_fires_when_a_valid_root_loses_its_last_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """arch/x86/kvm/mmu/tdp_mmu.c: kvm_tdp_mmu_invalidate_roots() must mark a root invalid before it
+    hands the MMU's reference to the zapper; kvm_tdp_mmu_put_root() KVM_BUG_ONs a valid root at 0."""
+
+    def schedule_without_invalidating(self: TdpMmu, mirror: bool = False) -> None:
+        for root in self.roots:
+            if not root.invalid and root.is_mirror == mirror:
+                root.scheduled_to_zap = True
+
+    run_once(delete_the_slot_twice)
+    monkeypatch.setattr(TdpMmu, "invalidate_roots", schedule_without_invalidating)
+    failure = run_failing(delete_the_slot_twice)
+    assert failure.kind == "kvm_bug", failure
