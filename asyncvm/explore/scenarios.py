@@ -78,8 +78,8 @@ def load_module(module: str) -> None:
     """Import a user module that registers scenarios (``--module``); a bad name is a one-line error."""
     try:
         importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        raise UnknownScenario(f"cannot import module {module!r}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - whatever the user's module raises is one line
+        raise UnknownScenario(f"cannot import module {module!r}: {type(e).__name__}: {e}") from None
 
 
 def get_scenario(name: str, module: str | None = None) -> ScenarioSpec:

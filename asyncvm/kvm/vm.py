@@ -355,10 +355,14 @@ class Vm:
 
     # -- KVM_MEMORY_ENCRYPT_OP: vendor sub-commands ------------------------------------------
     def _vendor(self, name: str) -> Any:
-        """The back end's handler, or -ENOTTY as vt_/svm_mem_enc_ioctl() return for other VM types."""
+        """The back end's KVM_MEMORY_ENCRYPT_OP handler, or the errno a VM of another type gets:
+        -ENOTTY (vt_mem_enc_ioctl() for a non-TD; snp_launch_start()/finish() for a non-SNP VM),
+        except SNP_LAUNCH_UPDATE, whose "not SNP or no context" check is -EINVAL (kvm-coco.md 4.1).
+        """
         handler = getattr(self.arch, name, None)
         if handler is None:
-            raise KvmError(uapi.ENOTTY, f"{name} is not supported by a {uapi.vm_type_name(self.type)} VM")
+            errno = uapi.EINVAL if name == "snp_launch_update" else uapi.ENOTTY
+            raise KvmError(errno, f"{name} on a {uapi.vm_type_name(self.type)} VM")
         return handler
 
     async def tdx_init_vm(self, params: uapi.TdxInitVm | None = None, *, flags: int = 0) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import asyncvm
 from asyncvm import KvmError, uapi
 from asyncvm.explore.engine import Program
-from asyncvm.kvm.guest_memfd import GuestMemfd
+from asyncvm.kvm.guest_memfd import GuestMemfd, kvm_gmem_populate
 from asyncvm.kvm.vcpu import GuestAccess, Vcpu
 from asyncvm.kvm.vm import Vm
 from asyncvm.runtime.executor import ExecutionResult
@@ -18,6 +18,8 @@ from asyncvm.runtime.failures import Failure
 from asyncvm.runtime.strategies import RandomStrategy
 
 PAGE = uapi.PAGE_SIZE
+#: a recognisable page of populate source data
+SOURCE = bytes(range(256)) * 16
 
 #: data draws switched off for conformance tests: no signal ever arrives, so every errno is the
 #: one the input deserves (the race tests keep the default probabilities).
@@ -159,6 +161,16 @@ async def copy_from_source(vm: Vm, gfn: int, pfn: int, src: int | None, order: i
     assert folio is not None and not folio.freed
     folio.fill_page(pfn - folio.pfn, data)
     return 0
+
+
+async def populate(vm: Vm, gfn: int, src: int | None, npages: int, callback: Any = copy_from_source) -> int:
+    """What KVM_TDX_INIT_MEM_REGION / KVM_SEV_SNP_LAUNCH_UPDATE do around kvm_gmem_populate():
+    take slots_lock, populate, drop it; returns kvm_gmem_populate()'s pages-or-errno."""
+    await vm.slots_lock.lock()
+    try:
+        return await kvm_gmem_populate(vm, gfn, src, npages, callback, None)
+    finally:
+        await vm.slots_lock.unlock()
 
 
 def run_failing(

@@ -16,8 +16,7 @@ from asyncvm import KvmError, uapi
 from asyncvm.kvm.vcpu import GuestAccess
 from asyncvm.runtime import cond_resched, draw
 
-from .helpers import PAGE, fill_source, pre_fault, private_vm, run_guest, shared_vm
-from .test_gmem_populate import SOURCE, populate
+from .helpers import PAGE, SOURCE, fill_source, populate, pre_fault, private_vm, run_guest, shared_vm
 
 PUNCH = uapi.FALLOC_FL_PUNCH_HOLE | uapi.FALLOC_FL_KEEP_SIZE
 PRIVATE = uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE

@@ -14,20 +14,10 @@ from asyncvm.kvm.vcpu import GuestAccess
 from asyncvm.kvm.vm import Vm
 from asyncvm.runtime.failures import Violation
 
-from .helpers import PAGE, PrivateVm, copy_from_source, fill_source, private_vm, run_guest, run_once
+from .helpers import PAGE, SOURCE, PrivateVm, copy_from_source, fill_source, populate, private_vm, run_guest, run_once
 
 BOTH = ["6.18", "7.0"]
 PRIVATE = uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE
-SOURCE = bytes(range(256)) * 16
-
-
-async def populate(vm: Vm, gfn: int, src: int | None, npages: int, callback: Any = copy_from_source) -> int:
-    """What KVM_TDX_INIT_MEM_REGION / KVM_SEV_SNP_LAUNCH_UPDATE do around kvm_gmem_populate()."""
-    await vm.slots_lock.lock()
-    try:
-        return await kvm_gmem_populate(vm, gfn, src, npages, callback, None)
-    finally:
-        await vm.slots_lock.unlock()
 
 
 async def fault_in(p: PrivateVm, *gfns: int) -> None:

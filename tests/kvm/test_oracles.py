@@ -21,8 +21,7 @@ from asyncvm.x86.mmu.tdp_mmu import TdpMmu
 from asyncvm.x86.x86 import X86Arch
 
 from . import scenarios
-from .helpers import PAGE, fill_source, pre_fault, private_vm, run_failing, run_once, shared_vm
-from .test_gmem_populate import SOURCE, populate
+from .helpers import PAGE, SOURCE, fill_source, populate, pre_fault, private_vm, run_failing, run_once, shared_vm
 
 PUNCH = uapi.FALLOC_FL_PUNCH_HOLE | uapi.FALLOC_FL_KEEP_SIZE
 
