@@ -203,6 +203,14 @@ class VmOracles:
         vm = self.vm
         if self.kvm_bugs:
             raise self._kvm_bug_violation()
+        if self.warnings:
+            # A WARN_ON is a kernel bug report too (syzkaller treats it as a crash).
+            raise Violation(
+                "kernel_warn",
+                f"WARN in vm{vm.id}: {self.warnings[0]}",
+                signature="kernel_warn:" + re.sub(r"0x[0-9a-fA-F]+|\d+", "N", self.warnings[0]),
+                warnings=list(self.warnings),
+            )
         if vm.mmu_invalidate_in_progress != 0 or self.open:
             raise Violation(
                 "invalidate_balance",

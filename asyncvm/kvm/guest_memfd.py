@@ -236,12 +236,16 @@ async def kvm_gmem_invalidate_end(
             await vm.mmu_lock.write_unlock()
 
 
-def truncate_inode_pages_range(inode: GmemInode, vm: Vm, start: int, end: int) -> int:
-    """mm/truncate.c: drop the page cache's reference on each folio in [start, end)."""
+async def truncate_inode_pages_range(inode: GmemInode, vm: Vm, start: int, end: int) -> int:
+    """mm/truncate.c: truncate_inode_pages_range(): each folio leaves the page cache under its
+    folio lock (so never while kvm_gmem_get_pfn() is preparing it), then loses the cache's ref."""
     victims = [(s, e, f) for s, e, f in inode.folios.overlaps(start, end)]
-    inode.folios.clear(start, end)
-    for s, _e, folio in victims:
-        traps.emit("folio_truncate", None, index=s, pfn=folio.pfn)
+    for s, e, folio in victims:
+        await folio.lock.lock()
+        if inode.folios.get(s) is folio:
+            inode.folios.clear(s, e)
+            traps.emit("folio_truncate", None, index=s, pfn=folio.pfn)
+        await folio.lock.unlock()
         vm.kvm.allocator.put(folio)
     return len(victims)
 
@@ -301,7 +305,7 @@ async def kvm_gmem_punch_hole(file: GuestMemfd, offset: int, length: int) -> Non
     await inode.invalidate_lock.down_write()
     try:
         opened = await kvm_gmem_invalidate_begin(inode, start, end)
-        truncate_inode_pages_range(inode, vm, start, end)
+        await truncate_inode_pages_range(inode, vm, start, end)
         await traps.point(inode.invalidate_lock)
         await kvm_gmem_invalidate_end(inode, start, end, opened)
     finally:
@@ -334,18 +338,24 @@ async def kvm_gmem_get_folio(vm: Vm, inode: GmemInode, index: int, *, prepare: b
     With `prepare` (the [6.8-6.10] allocate path) a new folio is zeroed and marked uptodate, and
     [6.10] runs the arch prepare hook for every VM that has the offset bound.
     """
-    folio = inode.folios.get(index)
-    created = False
-    if folio is None:
-        folio = vm.kvm.allocator.alloc(1, "guest_memfd")
+    while True:
+        folio = inode.folios.get(index)
+        created = False
         if folio is None:
-            raise KvmError(uapi.ENOMEM, "guest_memfd folio allocation failed")
-        folio.lock = Mutex(f"folio {folio.pfn:#x}", lock_class="folio_lock")
-        folio.on_free = vm.arch.gmem_free_folio_hook(vm)
-        inode.folios.assign(index, index + 1, folio)
-        created = True
-    vm.kvm.allocator.get(folio)
-    await folio.lock.lock()
+            folio = vm.kvm.allocator.alloc(1, "guest_memfd")
+            if folio is None:
+                raise KvmError(uapi.ENOMEM, "guest_memfd folio allocation failed")
+            folio.lock = Mutex(f"folio {folio.pfn:#x}", lock_class="folio_lock")
+            folio.on_free = vm.arch.gmem_free_folio_hook(vm)
+            inode.folios.assign(index, index + 1, folio)
+            created = True
+        vm.kvm.allocator.get(folio)
+        await folio.lock.lock()
+        if inode.folios.get(index) is folio:
+            break
+        # Truncated while we waited for the lock (filemap_lock_folio() rechecks folio->mapping).
+        await folio.lock.unlock()
+        vm.kvm.allocator.put(folio)
     if created and prepare:
         folio.zero()
         folio.uptodate = True
@@ -557,7 +567,7 @@ async def kvm_gmem_release(file: GuestMemfd) -> None:
     traps.emit("gmem_release", vm, file=file.name)
     if not inode.files:
         # The last file went: evict the inode, freeing its folios (the arch hooks run on free).
-        truncate_inode_pages_range(inode, vm, 0, 1 << 62)
+        await truncate_inode_pages_range(inode, vm, 0, 1 << 62)
 
 
 async def kvm_gmem_error_folio(file: GuestMemfd, index: int) -> None:

@@ -210,6 +210,7 @@ async def _faultin_shared(vcpu: Vcpu, fault: KvmPageFault, slot: Memslot) -> int
     """mmu.c: __kvm_faultin_pfn() for shared memory: GUP the host page (may sleep)."""
     vm = vcpu.vm
     mm = vm.kvm.mm
+    slot.check_live("__kvm_faultin_pfn")
     hva = slot.gfn_to_hva(fault.gfn)
     if signal_pending():
         return -uapi.EINTR  # KVM_PFN_ERR_SIGPENDING from the interruptible GUP
@@ -245,6 +246,8 @@ def is_page_fault_stale(vcpu: Vcpu, fault: KvmPageFault) -> bool:
         return vcpu.has_request("KVM_REQ_MMU_FREE_OBSOLETE_ROOTS")
     if root.invalid:
         return True
+    if fault.slot is not None:
+        fault.slot.check_live("is_page_fault_stale")
     if "drop_invalidate_retry" in vcpu.vm.bugs:
         return False
     return fault.slot is not None and mmu_invalidate_retry_gfn(vcpu.vm, fault.mmu_seq, fault.gfn)
