@@ -6,6 +6,8 @@ from typing import Any
 
 import asyncvm
 from asyncvm import uapi
+from asyncvm.check.errno import expect_errno
+from asyncvm.kvm.vcpu import GuestAccess
 from asyncvm.uapi import PAGE_SIZE, KvmError
 
 
@@ -52,8 +54,14 @@ async def pre_fault(vcpu: Any, gpa: int, size: int, tolerate: tuple[int, ...] = 
     return 0
 
 
-async def run_guest(vcpu: Any, program: list[Any], *, convert: Any = None) -> list[bytes]:
-    """KVM_RUN until the program ends; memory-fault exits go to `convert` (the VMM's handler)."""
+async def run_guest(
+    vcpu: Any, program: list[Any], *, convert: Any = None, fault_errnos: tuple[int, ...] = (uapi.EFAULT,)
+) -> list[bytes]:
+    """KVM_RUN until the program ends; memory-fault exits go to `convert` (the VMM's handler).
+
+    A KVM_EXIT_MEMORY_FAULT accompanies EFAULT (or, for a guest_memfd error, that errno); any
+    other errno with it is checked against `fault_errnos` by the errno oracle.
+    """
     vcpu.load_program(program)
     reads: list[bytes] = []
     while True:
@@ -63,10 +71,42 @@ async def run_guest(vcpu: Any, program: list[Any], *, convert: Any = None) -> li
         except KvmError as e:
             if e.errno == uapi.EINTR:
                 continue
-            if e.errno == uapi.EFAULT and vcpu.kvm_run.exit_reason == uapi.KVM_EXIT_MEMORY_FAULT and convert:
-                await convert(vcpu.kvm_run.memory_fault)
-                continue
-            raise
+            if convert is None or vcpu.kvm_run.exit_reason != uapi.KVM_EXIT_MEMORY_FAULT:
+                raise
+            expect_errno(e, fault_errnos, "KVM_RUN with a memory fault exit")
+            await convert(vcpu.kvm_run.memory_fault)
+
+
+def convert_on_fault(vm: Any) -> Any:
+    """The VMM's answer to KVM_EXIT_MEMORY_FAULT: make the page what the guest accessed it as
+    (private_mem_conversions_test's handler); nothing to do if it already is."""
+
+    async def convert(fault: Any) -> None:
+        private = bool(fault.flags & uapi.KVM_MEMORY_EXIT_FLAG_PRIVATE)
+        if vm.mem_is_private(fault.gpa // PAGE_SIZE) == private:
+            return
+        attrs = uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE if private else 0
+        await vm.set_memory_attributes(uapi.MemoryAttributes(fault.gpa, PAGE_SIZE, attrs))
+
+    return convert
+
+
+async def guest_reads_during_conversion(
+    vm: Any, vcpu: Any, pages: int, *, rounds: int = 1, fault_errnos: tuple[int, ...] = (uapi.EFAULT,)
+) -> None:
+    """The guest reads every page (as the attributes say) while userspace makes the first half
+    shared; memory-fault exits are answered by converting the page back."""
+    program = [GuestAccess.read(i * PAGE_SIZE) for i in range(pages)] * rounds
+
+    async def guest() -> None:
+        await run_guest(vcpu, program, convert=convert_on_fault(vm), fault_errnos=fault_errnos)
+
+    async def flip() -> None:
+        await vm.set_memory_attributes(uapi.MemoryAttributes(0, pages // 2 * PAGE_SIZE, 0))
+
+    async with asyncvm.TaskGroup() as tg:
+        tg.spawn(guest, name="vcpu0")
+        tg.spawn(flip, name="attr_flip")
 
 
 def spawn_vcpus(tg: asyncvm.TaskGroup, fn: Any, vcpus: list[Any], *args: Any) -> None:

@@ -6,10 +6,8 @@ from typing import Any
 
 import asyncvm
 from asyncvm import uapi
-from asyncvm.kvm.vcpu import GuestAccess
-from asyncvm.uapi import PAGE_SIZE
 
-from .common import private_vm, run_guest
+from .common import guest_reads_during_conversion, private_vm
 
 
 @asyncvm.scenario(name="fault_vs_attribute_flip", params={"pages": 4})
@@ -23,17 +21,4 @@ async def fault_vs_attribute_flip(kvm: Any, pages: int = 4) -> None:
     """
     vm, _gmem, _hva = await private_vm(kvm, uapi.KVM_X86_SW_PROTECTED_VM, pages)
     vcpu = await vm.create_vcpu(0)
-
-    async def convert(fault: Any) -> None:
-        attrs = uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE if fault.flags & uapi.KVM_MEMORY_EXIT_FLAG_PRIVATE else 0
-        await vm.set_memory_attributes(uapi.MemoryAttributes(fault.gpa, PAGE_SIZE, attrs))
-
-    async def guest() -> None:
-        await run_guest(vcpu, [GuestAccess.read(i * PAGE_SIZE) for i in range(pages)], convert=convert)
-
-    async def flip() -> None:
-        await vm.set_memory_attributes(uapi.MemoryAttributes(0, pages // 2 * PAGE_SIZE, 0))
-
-    async with asyncvm.TaskGroup() as tg:
-        tg.spawn(guest, name="vcpu0")
-        tg.spawn(flip, name="attr_flip")
+    await guest_reads_during_conversion(vm, vcpu, pages)

@@ -10,7 +10,7 @@ from asyncvm.kvm.vcpu import GuestAccess
 from asyncvm.runtime.failures import Violation
 from asyncvm.uapi import PAGE_SIZE, KvmError
 
-from .common import pre_fault, private_vm, run_guest
+from .common import guest_reads_during_conversion, pre_fault, private_vm, run_guest
 
 POLICY = 1 << 17  # the reserved-must-be-one bit
 
@@ -148,17 +148,4 @@ async def snp_post_launch_faults_vs_conversion(kvm: Any, pages: int = 4) -> None
     await _launch_update(vm, src, 0, 1)
     await vm.snp_launch_finish()
     vcpu = await vm.create_vcpu(0)
-
-    async def convert(fault: Any) -> None:
-        attrs = uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE if fault.flags & uapi.KVM_MEMORY_EXIT_FLAG_PRIVATE else 0
-        await vm.set_memory_attributes(uapi.MemoryAttributes(fault.gpa, PAGE_SIZE, attrs))
-
-    async def guest() -> None:
-        await run_guest(vcpu, [GuestAccess.read(i * PAGE_SIZE) for i in range(pages)], convert=convert)
-
-    async def flip() -> None:
-        await vm.set_memory_attributes(uapi.MemoryAttributes(0, pages // 2 * PAGE_SIZE, 0))
-
-    async with asyncvm.TaskGroup() as tg:
-        tg.spawn(guest, name="vcpu0")
-        tg.spawn(flip, name="attr_flip")
+    await guest_reads_during_conversion(vm, vcpu, pages)

@@ -6,11 +6,8 @@ from typing import Any
 
 import asyncvm
 from asyncvm import uapi
-from asyncvm.check.errno import expect_errno
-from asyncvm.kvm.vcpu import GuestAccess
-from asyncvm.uapi import PAGE_SIZE, KvmError
 
-from .common import private_vm
+from .common import guest_reads_during_conversion, private_vm
 from .snp import POLICY
 
 
@@ -33,32 +30,6 @@ async def snp_post_launch_faults(kvm: Any, pages: int = 4) -> None:
     await vm.snp_launch_start(uapi.SevSnpLaunchStart(policy=POLICY))
     await vm.snp_launch_finish()
     vcpu = await vm.create_vcpu(0)
-
-    async def convert(fault: Any) -> None:
-        attrs = uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE if fault.flags & uapi.KVM_MEMORY_EXIT_FLAG_PRIVATE else 0
-        if vm.mem_is_private(fault.gpa // PAGE_SIZE) == bool(attrs):
-            return  # the attribute is right: the fault failed for another reason; retry
-        await vm.set_memory_attributes(uapi.MemoryAttributes(fault.gpa, PAGE_SIZE, attrs))
-
-    async def guest() -> None:
-        vcpu.load_program([GuestAccess.read(i * PAGE_SIZE) for i in range(pages)] * 2)
-        while True:
-            try:
-                await vcpu.run()
-                return
-            except KvmError as e:
-                if e.errno == uapi.EINTR:
-                    continue
-                # A private fault whose prepare failed exits with the guest_memfd errno; the VMM
-                # retries the access, converting first if the attribute is what faulted.
-                if vcpu.kvm_run.exit_reason != uapi.KVM_EXIT_MEMORY_FAULT:
-                    raise
-                expect_errno(e, {uapi.EFAULT, uapi.EINVAL}, "KVM_RUN memory fault exit")
-                await convert(vcpu.kvm_run.memory_fault)
-
-    async def flip() -> None:
-        await vm.set_memory_attributes(uapi.MemoryAttributes(0, pages // 2 * PAGE_SIZE, 0))
-
-    async with asyncvm.TaskGroup() as tg:
-        tg.spawn(guest, name="vcpu0")
-        tg.spawn(flip, name="attr_flip")
+    # A private fault whose prepare failed exits with the guest_memfd errno (-EINVAL); the VMM
+    # retries the access.
+    await guest_reads_during_conversion(vm, vcpu, pages, rounds=2, fault_errnos=(uapi.EFAULT, uapi.EINVAL))

@@ -7,19 +7,16 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import asyncvm
 from asyncvm import KvmError, uapi
-from asyncvm.explore.engine import Program
 from asyncvm.kvm.guest_memfd import GuestMemfd
-from asyncvm.kvm.vcpu import GuestAccess, Vcpu
+from asyncvm.kvm.vcpu import Vcpu
 from asyncvm.kvm.vm import Vm
-from asyncvm.runtime.executor import ExecutionResult
-from asyncvm.runtime.failures import Failure
-from asyncvm.runtime.strategies import RandomStrategy
+from tests.support import QUIET, Body, run_failing, run_guest, run_once  # noqa: F401
 
 PAGE = uapi.PAGE_SIZE
 PUNCH = uapi.FALLOC_FL_PUNCH_HOLE | uapi.FALLOC_FL_KEEP_SIZE
@@ -30,50 +27,6 @@ TDX_SHARED_BIT = 1 << 47
 SNP_POLICY = 1 << 17
 
 #: no signals, no forced rescheduling: every errno is the one the input deserves
-QUIET = {"signal": 0.0, "need_resched": 0.0}
-
-Body = Callable[[asyncvm.Kvm], Awaitable[Any]]
-
-
-def run_once(
-    body: Body,
-    *,
-    profile: str = "6.18",
-    bugs: Iterable[str] = (),
-    seed: int = 0,
-    data_probs: dict[str, float] | None = None,
-) -> ExecutionResult:
-    """Run `body(kvm)` as one controlled execution; fail the test on any error or oracle report.
-
-    An exception raised by the body (a failed ``assert``) is re-raised with its traceback.
-    """
-    box: dict[str, BaseException] = {}
-
-    async def scenario(kvm: asyncvm.Kvm) -> None:
-        try:
-            await body(kvm)
-        except BaseException as e:
-            box["exc"] = e
-            raise
-
-    program = Program(scenario, {}, profile, tuple(bugs), data_probs={**QUIET, **(data_probs or {})})
-    strategy = RandomStrategy(seed)
-    strategy.start(0)
-    result = program.run(strategy)
-    if "exc" in box and (result.failure is None or result.failure.kind == "exception"):
-        raise box["exc"]
-    assert result.failure is None, str(result.failure)
-    return result
-
-
-def run_failing(body: Body, *, profile: str = "6.18", bugs: Iterable[str] = (), seed: int = 0) -> Failure:
-    """Run `body(kvm)` as one controlled execution that must fail; return what it reported."""
-    program = Program(body, {}, profile, tuple(bugs), data_probs=dict(QUIET))
-    strategy = RandomStrategy(seed)
-    strategy.start(0)
-    result = program.run(strategy)
-    assert result.failure is not None, "the injected bug went unnoticed"
-    return result.failure
 
 
 async def errno_of(aw: Awaitable[Any]) -> int:
@@ -148,21 +101,6 @@ async def build_td(kvm: asyncvm.Kvm, *, slot_pages: int = 16, image_pages: int =
         await v.tdx_init_vcpu()
     data = image(image_pages)
     return Td(vm, gmem, cpus, await source(kvm, data), data)
-
-
-async def run_guest(vcpu: Vcpu, program: Sequence[GuestAccess]) -> list[bytes]:
-    """KVM_RUN the program to its end (re-entering after EINTR); returns what the guest read."""
-    vcpu.load_program(program)
-    reads: list[bytes] = []
-    while True:
-        try:
-            reads += await vcpu.run()
-        except KvmError as e:
-            if e.errno == uapi.EINTR:
-                continue
-            raise
-        if vcpu.kvm_run.exit_reason == uapi.KVM_EXIT_HLT:
-            return reads
 
 
 # -- the expected measurements, computed independently -----------------------------------------

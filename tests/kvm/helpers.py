@@ -3,19 +3,15 @@ retry loops a VMM wraps around ioctls that the ABI lets fail with EINTR/EAGAIN."
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import asyncvm
 from asyncvm import KvmError, uapi
-from asyncvm.explore.engine import Program
 from asyncvm.kvm.guest_memfd import GuestMemfd, kvm_gmem_populate
-from asyncvm.kvm.vcpu import GuestAccess, Vcpu
+from asyncvm.kvm.vcpu import Vcpu
 from asyncvm.kvm.vm import Vm
-from asyncvm.runtime.executor import ExecutionResult
-from asyncvm.runtime.failures import Failure
-from asyncvm.runtime.strategies import RandomStrategy
+from tests.support import QUIET, run_failing, run_guest, run_once  # noqa: F401
 
 PAGE = uapi.PAGE_SIZE
 #: a recognisable page of populate source data
@@ -23,46 +19,6 @@ SOURCE = bytes(range(256)) * 16
 
 #: data draws switched off for conformance tests: no signal ever arrives, so every errno is the
 #: one the input deserves (the race tests keep the default probabilities).
-QUIET = {"signal": 0.0, "need_resched": 0.0}
-
-
-def run_once(
-    body: Callable[[asyncvm.Kvm], Awaitable[Any]],
-    *,
-    profile: str = "6.18",
-    bugs: Iterable[str] = (),
-    seed: int = 0,
-    data_probs: dict[str, float] | None = None,
-    expect: str | None = None,
-) -> ExecutionResult:
-    """Run `body(kvm)` as one controlled execution and fail the test on any error.
-
-    An exception raised by the body (a failed ``assert`` or ``pytest.raises``) is re-raised here
-    with its traceback; anything else the runtime or an oracle reports fails the test with the
-    failure's one-line description, unless `expect` names the signature prefix the run must end
-    with (a kernel WARN the body provokes on purpose). `data_probs` overrides the draw
-    probabilities of :data:`QUIET`.
-    """
-    box: dict[str, BaseException] = {}
-
-    async def scenario(kvm: asyncvm.Kvm) -> None:
-        try:
-            await body(kvm)
-        except BaseException as e:
-            box["exc"] = e
-            raise
-
-    program = Program(scenario, {}, profile, tuple(bugs), data_probs={**QUIET, **(data_probs or {})})
-    strategy = RandomStrategy(seed)
-    strategy.start(0)
-    result = program.run(strategy)
-    if "exc" in box:
-        raise box["exc"]
-    if expect is None:
-        assert result.failure is None, str(result.failure)
-    else:
-        assert result.failure is not None and result.failure.signature.startswith(expect), str(result.failure)
-    return result
 
 
 @dataclass
@@ -134,21 +90,6 @@ async def pre_fault(vcpu: Vcpu, gpa: int, size: int, *, tolerate: tuple[int, ...
     return None
 
 
-async def run_guest(vcpu: Vcpu, program: list[GuestAccess]) -> list[bytes]:
-    """Load `program` and KVM_RUN it to the end, re-entering after EINTR exits; returns the reads."""
-    vcpu.load_program(program)
-    first = len(vcpu.guest_reads)
-    while True:
-        try:
-            await vcpu.run()
-        except KvmError as e:
-            if e.errno == uapi.EINTR:
-                continue
-            raise
-        if vcpu.kvm_run.exit_reason == uapi.KVM_EXIT_HLT:
-            return vcpu.guest_reads[first:]
-
-
 async def fill_source(kvm: asyncvm.Kvm, data: bytes) -> int:
     """A page-aligned buffer in the VMM's address space holding `data` (the populate source)."""
     addr = kvm.mm.mmap(max(len(data), PAGE))
@@ -177,19 +118,3 @@ async def populate(vm: Vm, gfn: int, src: int | None, npages: int, callback: Any
         return await kvm_gmem_populate(vm, gfn, src, npages, callback, None)
     finally:
         await vm.slots_lock.unlock()
-
-
-def run_failing(
-    body: Callable[[asyncvm.Kvm], Coroutine[Any, Any, Any]],
-    *,
-    profile: str = "6.18",
-    bugs: Iterable[str] = (),
-    max_steps: int = 200_000,
-) -> Failure:
-    """Run `body(kvm)` as one controlled execution that must fail; return the failure it reports."""
-    program = Program(body, {}, profile, tuple(bugs), max_steps=max_steps, data_probs=dict(QUIET))
-    strategy = RandomStrategy(0)
-    strategy.start(0)
-    result = program.run(strategy)
-    assert result.failure is not None, "the injected bug went unnoticed"
-    return result.failure

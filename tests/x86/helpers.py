@@ -10,10 +10,11 @@ from asyncvm import KvmError, uapi
 from asyncvm.explore.engine import Program
 from asyncvm.kvm.guest_memfd import GuestMemfd
 from asyncvm.kvm.kvm import Kvm
-from asyncvm.kvm.vcpu import GuestAccess, Vcpu
+from asyncvm.kvm.vcpu import Vcpu
 from asyncvm.kvm.vm import Vm
 from asyncvm.runtime.executor import ExecutionResult
 from asyncvm.runtime.strategies import RandomStrategy
+from tests.support import run_guest  # noqa: F401
 
 PAGE = uapi.PAGE_SIZE
 SZ_2M = 2 << 20
@@ -73,21 +74,6 @@ async def pre_fault_retrying(vcpu: Vcpu, gpa: int, size: int) -> tuple[uapi.PreF
             continue
         if err or not r.size:
             return r, err
-
-
-async def run_guest(vcpu: Vcpu, program: list[GuestAccess]) -> list[bytes]:
-    """KVM_RUN until the guest program halts, re-entering on EINTR as the selftests' vcpu_run() does."""
-    vcpu.load_program(program)
-    first = len(vcpu.guest_reads)  # reads done before an EINTR exit are not returned by that run()
-    while True:
-        try:
-            await vcpu.run()
-        except KvmError as e:
-            if e.errno == uapi.EINTR:
-                continue
-            raise
-        if vcpu.kvm_run.exit_reason == uapi.KVM_EXIT_HLT:
-            return vcpu.guest_reads[first:]
 
 
 async def add_slot(
