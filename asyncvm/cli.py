@@ -281,7 +281,7 @@ def _run_with_progress(
 
     from .explore.runner import run_campaign
 
-    if quiet or (not sys.stderr.isatty() and os.environ.get("ASYNCVM_PROGRESS") != "1"):
+    def run(**extra: Any) -> Any:
         return run_campaign(
             spec,
             out=out,
@@ -291,7 +291,11 @@ def _run_with_progress(
             do_shrink=do_shrink,
             resume=resume,
             on_start=on_start,
+            **extra,
         )
+
+    if quiet or (not sys.stderr.isatty() and os.environ.get("ASYNCVM_PROGRESS") != "1"):
+        return run()
     total = None if spec.runs >= 10**12 else spec.runs
     with Progress(
         TextColumn("[bold]{task.description}"),
@@ -315,17 +319,7 @@ def _run_with_progress(
                 distinct=len(report.failures),
             )
 
-        return run_campaign(
-            spec,
-            out=out,
-            jobs=jobs,
-            dask=dask,
-            time_budget=time_budget,
-            do_shrink=do_shrink,
-            resume=resume,
-            on_progress=tick,
-            on_start=on_start,
-        )
+        return run(on_progress=tick)
 
 
 def _load(file: Path, module: list[str] | None) -> tuple[Any, Any]:

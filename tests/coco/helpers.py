@@ -152,3 +152,16 @@ async def snp_vm(kvm: asyncvm.Kvm, npages: int = 8, *, start: bool = True) -> tu
     if start:
         await vm.snp_launch_start(uapi.SevSnpLaunchStart(policy=SNP_POLICY))
     return vm, gmem, hva
+
+
+#: runs per profile: the full 1,000 in the default profile, a shorter look at the T19 flow
+RUNS = {"6.18": 1000, "7.0": 250}
+
+
+def clean_campaign(name: str, profile: str, *, seed: int = 11) -> asyncvm.Report:
+    """A PCT campaign of a registered scenario that must run in full and find nothing."""
+    runs = RUNS[profile]
+    report = asyncvm.explore(name, strategy="pct", runs=runs, seed=seed, profile=profile)
+    assert report.runs == runs
+    assert report.ok, report.summary()
+    return report

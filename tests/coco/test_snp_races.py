@@ -15,16 +15,9 @@ import asyncvm
 from asyncvm.x86.sev.firmware import SnpFirmware
 from asyncvm.x86.sev.snp import SnpArch
 
-RUNS = {"6.18": 1000, "7.0": 250}
+from .helpers import RUNS, clean_campaign
+
 PROFILES = pytest.mark.parametrize("profile", sorted(RUNS))
-
-
-def campaign(name: str, profile: str, *, seed: int = 11) -> asyncvm.Report:
-    runs = RUNS[profile]
-    report = asyncvm.explore(name, strategy="pct", runs=runs, seed=seed, profile=profile)
-    assert report.runs == runs
-    assert report.ok, report.summary()
-    return report
 
 
 def count_launches(monkeypatch: pytest.MonkeyPatch, seen: Counter[str]) -> None:
@@ -61,7 +54,7 @@ def test_launch_update_vs_punch_hole_is_clean(profile: str, monkeypatch: pytest.
     on free_folio (Guest-Valid pages need no reclaim) and the guest later reads zeros there."""
     seen: Counter[str] = Counter()
     count_launches(monkeypatch, seen)
-    campaign("snp_launch_update_vs_punch_hole", profile)
+    clean_campaign("snp_launch_update_vs_punch_hole", profile)
     assert seen["launched_page_freed"], "some schedules must punch pages already launched"
     assert not seen["refused"]
 
@@ -73,7 +66,7 @@ def test_launch_update_vs_pre_fault_before_finish_is_clean(profile: str, monkeyp
     fault RMP-assigns a page the launch still needs; after FINISH the pre-fault maps everything."""
     seen: Counter[str] = Counter()
     count_launches(monkeypatch, seen)
-    campaign("snp_launch_update_vs_prefault", profile)
+    clean_campaign("snp_launch_update_vs_prefault", profile)
     assert seen["launched"] >= 4 * RUNS[profile] and not seen["refused"]
 
 
@@ -91,14 +84,14 @@ def test_post_launch_faults_vs_attribute_conversion_is_clean(profile: str, monke
         check(self, vm, folio, pfn, private)
 
     monkeypatch.setattr(SnpArch, "check_guest_access", counted)
-    campaign("snp_post_launch_faults_vs_conversion", profile)
+    clean_campaign("snp_post_launch_faults_vs_conversion", profile)
     assert accesses[True] and accesses[False], "the guest must read pages both private and shared"
 
 
 def test_the_seed_race_fallocate_vs_launch_update_is_clean_in_6_18() -> None:
     """The seed scenario (stress/snp.py: snp_launch_update_vs_fallocate): from 6.11 fallocate() only
     allocates, so LAUNCH_UPDATE succeeds whichever runs first (kvm-coco.md 4.6)."""
-    campaign("snp_launch_update_vs_fallocate", "6.18")
+    clean_campaign("snp_launch_update_vs_fallocate", "6.18")
 
 
 def test_the_seed_race_fallocate_vs_launch_update_fails_in_6_10() -> None:

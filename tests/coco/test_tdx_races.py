@@ -18,19 +18,9 @@ from asyncvm.x86.tdx import tdx as tdx_mod
 from asyncvm.x86.tdx.module import is_busy
 from asyncvm.x86.tdx.tdx import TD_STATE_RUNNABLE, TdxArch
 
-from .helpers import MEASURE, PAGE, PUNCH, build_td
+from .helpers import MEASURE, PAGE, PUNCH, RUNS, build_td, clean_campaign
 
-#: runs per profile: the full 1,000 in the default profile, a shorter look at the T19 flow
-RUNS = {"6.18": 1000, "7.0": 250}
 PROFILES = pytest.mark.parametrize("profile", sorted(RUNS))
-
-
-def campaign(name: str, profile: str, *, seed: int = 11) -> asyncvm.Report:
-    runs = RUNS[profile]
-    report = asyncvm.explore(name, strategy="pct", runs=runs, seed=seed, profile=profile)
-    assert report.runs == runs
-    assert report.ok, report.summary()
-    return report
 
 
 def count_removals(monkeypatch: pytest.MonkeyPatch, seen: Counter[str]) -> None:
@@ -75,7 +65,7 @@ def test_init_mem_region_on_several_vcpus_in_parallel_is_clean(profile: str, mon
         return r
 
     monkeypatch.setattr(TdxArch, "tdx_gmem_post_populate", counted)
-    campaign("tdx_init_mem_region_parallel", profile)
+    clean_campaign("tdx_init_mem_region_parallel", profile)
     assert max(adds) == 6, "every run adds the whole 6-page image"
 
 
@@ -87,7 +77,7 @@ def test_init_mem_region_vs_punch_hole_is_clean(profile: str, monkeypatch: pytes
     before FINALIZE is BLOCK -> REMOVE -> WBINVD without TRACK (tdx_sept_remove_private_spte())."""
     seen: Counter[str] = Counter()
     count_removals(monkeypatch, seen)
-    campaign("tdx_init_mem_region_vs_punch_hole", profile)
+    clean_campaign("tdx_init_mem_region_vs_punch_hole", profile)
     assert seen["removal_building"], "some schedules must punch pages already PAGE.ADDed"
     assert not seen["removal_runnable"]
 
@@ -106,7 +96,7 @@ def test_init_mem_region_vs_pre_fault_before_finalize_is_clean(profile: str, mon
         finals[self.nr_premapped] += 1
 
     monkeypatch.setattr(TdxArch, "tdx_finalize_vm", counted)
-    campaign("tdx_prefault_before_finalize", profile)
+    clean_campaign("tdx_prefault_before_finalize", profile)
     assert set(finals) == {0} and sum(finals.values()) >= RUNS[profile]
 
 
@@ -119,7 +109,7 @@ def test_post_finalize_faults_vs_punch_hole_is_clean(profile: str, monkeypatch: 
     left in the S-EPT."""
     seen: Counter[str] = Counter()
     count_removals(monkeypatch, seen)
-    campaign("tdx_post_finalize_faults_vs_punch_hole", profile)
+    clean_campaign("tdx_post_finalize_faults_vs_punch_hole", profile)
     assert seen["removal_runnable"], "some schedules must remove AUGed pages"
     assert seen["busy_retried"], "some schedules must hit TDX_OPERAND_BUSY and retry after the kick"
 
