@@ -9,7 +9,6 @@ each execution reports the lockdep edges it added, and the campaign graph takes 
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -447,6 +446,3 @@ def _tick(merger: Merger, t0: float, progress: Callable[[Report], None] | None) 
         merger.report.elapsed = time.perf_counter() - t0
         progress(merger.report)
 
-
-def dumps_line(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"))

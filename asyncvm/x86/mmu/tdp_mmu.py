@@ -59,10 +59,6 @@ class Leaf:
         return gfn + self.delta
 
 
-def is_shadow_present(v: Any) -> bool:
-    return v is TABLE or isinstance(v, Leaf)
-
-
 @dataclass(eq=False)
 class Root:
     """A TDP root (``struct kvm_mmu_page`` with ``role.level == 4``)."""
@@ -288,5 +284,4 @@ __all__ = [
     "Root",
     "TdpMmu",
     "align",
-    "is_shadow_present",
 ]
