@@ -85,22 +85,28 @@ class _Lock(_Waitable):
         super().__init__(name)
         self.lock_class = lock_class or name
 
-    async def _acquire(self, mode: Any, what: str) -> None:
-        t = traps.current()
-        if self.sleeping:
-            might_sleep(what)
+    async def _acquire(self, mode: Any, op: str) -> None:
+        # Every lock operation of the model passes here: the checks that cost something run
+        # only when they can matter (something is held, someone waits, events are recorded).
+        exe = traps._exe
+        t: Any = exe.current if exe is not None else traps.current()
+        if self.sleeping and t.held:
+            might_sleep(f"{op}({self.name})")
         site = caller_site()
-        ld = _lockdep()
+        ld = exe.lockdep if exe is not None else None
         if ld is not None:
             ld.check_acquire(t, self, site)
         await traps.wait(self, mode)
         self._take(t, mode)
         t.held.append((self, mode, site))
-        traps.notify(self)
-        traps.emit("lock_acquire", self, mode=mode)
+        if exe is None or self._waiters:  # live mode keeps no waiter list: always wake
+            traps.notify(self)
+        if exe is not None and exe.trace is not None:
+            exe.emit("lock_acquire", self, {"mode": mode})
 
     async def _release(self, mode: Any) -> None:
-        t = traps.current()
+        exe = traps._exe
+        t: Any = exe.current if exe is not None else traps.current()
         held = t.held
         for i in range(len(held) - 1, -1, -1):
             entry = held[i]
@@ -115,8 +121,10 @@ class _Lock(_Waitable):
                 lock=self.name,
             )
         self._drop(t, mode)
-        traps.notify(self)
-        traps.emit("lock_release", self, mode=mode)
+        if exe is None or self._waiters:  # live mode keeps no waiter list: always wake
+            traps.notify(self)
+        if exe is not None and exe.trace is not None:
+            exe.emit("lock_release", self, {"mode": mode})
         await traps.point(self)
 
     def _take(self, t: Any, mode: Any) -> None:
@@ -159,14 +167,14 @@ class Mutex(_Lock):
 
     async def lock(self) -> None:
         """mutex_lock()"""
-        await self._acquire(None, f"mutex_lock({self.name})")
+        await self._acquire(None, "mutex_lock")
 
     async def unlock(self) -> None:
         """mutex_unlock(); only the owner may unlock."""
         await self._release(None)
 
     async def __aenter__(self) -> None:
-        await self._acquire(None, f"lock({self.name})")
+        await self._acquire(None, "lock")
 
     async def __aexit__(self, *exc: object) -> None:
         await self._release(None)
@@ -224,11 +232,11 @@ class _RW(_Lock):
             else:
                 del self.readers[t]
 
-    async def _acquire_rw(self, mode: str, what: str) -> None:
+    async def _acquire_rw(self, mode: str, op: str) -> None:
         t = traps.current()
         if mode is WRITE and not self._ready(t, WRITE):
             self._slow_writers.add(t)
-        await self._acquire(mode, what)
+        await self._acquire(mode, op)
 
     def is_write_locked(self) -> bool:
         return self.writer is not None
@@ -250,7 +258,7 @@ class RWLock(_RW):
 
     async def read_lock(self) -> None:
         """read_lock()"""
-        await self._acquire_rw(READ, f"read_lock({self.name})")
+        await self._acquire_rw(READ, "read_lock")
 
     async def read_unlock(self) -> None:
         """read_unlock()"""
@@ -258,7 +266,7 @@ class RWLock(_RW):
 
     async def write_lock(self) -> None:
         """write_lock()"""
-        await self._acquire_rw(WRITE, f"write_lock({self.name})")
+        await self._acquire_rw(WRITE, "write_lock")
 
     async def write_unlock(self) -> None:
         """write_unlock()"""
@@ -279,7 +287,7 @@ class RWSem(_RW):
 
     async def down_read(self) -> None:
         """down_read()"""
-        await self._acquire_rw(READ, f"down_read({self.name})")
+        await self._acquire_rw(READ, "down_read")
 
     async def up_read(self) -> None:
         """up_read()"""
@@ -287,7 +295,7 @@ class RWSem(_RW):
 
     async def down_write(self) -> None:
         """down_write()"""
-        await self._acquire_rw(WRITE, f"down_write({self.name})")
+        await self._acquire_rw(WRITE, "down_write")
 
     async def up_write(self) -> None:
         """up_write()"""
