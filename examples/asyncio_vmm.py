@@ -11,6 +11,7 @@ decides the interleavings, exactly as it would around the real ioctls.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import asyncvm
 from asyncvm import GuestAccess, uapi
@@ -29,7 +30,8 @@ async def pre_fault(vcpu: asyncvm.kvm.vcpu.Vcpu, gpa: int, size: int) -> None:
                 raise
 
 
-async def boot(vcpus: int = 2) -> list[bytes]:
+async def create_private_vm(vcpus: int) -> tuple[Any, Any, list[Any]]:
+    """A SW-protected VM whose only memslot is PAGES of private guest_memfd memory, and its vCPUs."""
     kvm = asyncvm.Kvm()
     vm = await kvm.create_vm(uapi.KVM_X86_SW_PROTECTED_VM)
     gmem = await vm.create_guest_memfd(size=PAGES * PAGE)
@@ -38,7 +40,11 @@ async def boot(vcpus: int = 2) -> list[bytes]:
         uapi.UserspaceMemoryRegion2(0, uapi.KVM_MEM_GUEST_MEMFD, 0, PAGES * PAGE, hva, 0, gmem)
     )
     await vm.set_memory_attributes(uapi.MemoryAttributes(0, PAGES * PAGE, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE))
-    cpus = [await vm.create_vcpu(i) for i in range(vcpus)]
+    return vm, gmem, [await vm.create_vcpu(i) for i in range(vcpus)]
+
+
+async def boot(vcpus: int = 2) -> list[bytes]:
+    _vm, gmem, cpus = await create_private_vm(vcpus)
     per = PAGES // vcpus
     await asyncio.gather(*(pre_fault(v, i * per * PAGE, per * PAGE) for i, v in enumerate(cpus)))
 

@@ -87,8 +87,7 @@ class VmOracles:
 
     def on_spte_install(self, root: Root, base: int, npages: int, leaf: Leaf) -> None:
         """Nothing may ever map a freed pfn."""
-        folio = self.vm.kvm.allocator.folio_at(leaf.pfn(base))
-        if folio is None or folio.freed:
+        if self.vm.kvm.allocator.is_freed(leaf.pfn(base)):
             raise Violation(
                 "mapped_freed_pfn",
                 f"{root.name}: gfn {base:#x} mapped to freed pfn {leaf.pfn(base):#x}",

@@ -445,4 +445,3 @@ def _tick(merger: Merger, t0: float, progress: Callable[[Report], None] | None) 
     if progress is not None:
         merger.report.elapsed = time.perf_counter() - t0
         progress(merger.report)
-
