@@ -10,7 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -102,7 +102,8 @@ def _import_failure(module: str, e: BaseException) -> str:
 def _load_modules(modules: list[str] | None) -> None:
     from .explore.scenarios import UnknownScenario, load_bundled, load_module
 
-    load_bundled()
+    for error in load_bundled():  # a broken third-party entry point: one line, the rest still load
+        typer.echo(f"asyncvm: error: {error}", err=True)
     for m in modules or []:
         try:
             load_module(m)
@@ -161,9 +162,58 @@ def scenarios(
             typer.echo(f"{'':<{width}}    params: {params}")
 
 
+def _stress_suite(
+    suite: Path | None,
+    scenario: str | None,
+    given: list[str],
+    out: Path,
+    jobs: int,
+    seed: int,
+    dask: str | None,
+    shrink: bool,
+    module: list[str] | None,
+    quiet: bool,
+) -> NoReturn:
+    """`asyncvm stress --suite FILE`: the suite module runs it; this checks the command line."""
+    from .explore.suite import SuiteError, run_suite_file
+
+    if suite is None:
+        _die("missing a scenario: asyncvm stress SCENARIO, or asyncvm stress --suite FILE")
+    if scenario is not None:
+        _die(f"give a SCENARIO or --suite, not both (got {scenario!r} and --suite {suite})")
+    assert suite is not None  # (_die raised otherwise)
+    if given:
+        _die(f"{', '.join(given)}: not with --suite (the suite file sets each campaign's budget, strategy and bugs)")
+    if jobs < 0:
+        _die("--jobs must be positive (or 0 for all cores)")
+    _load_modules(module)
+    try:
+        rc = run_suite_file(
+            suite,
+            out=out,
+            seed=seed,
+            jobs=jobs or os.cpu_count() or 1,
+            dask=dask,
+            do_shrink=shrink,
+            user_modules=bool(module),
+            quiet=quiet,
+        )
+    except SuiteError as e:
+        _die(str(e))
+    except OSError as e:
+        _die(_one_line(f"cannot write the suite folder: {e}"))
+    except KeyboardInterrupt:
+        typer.echo("asyncvm: interrupted", err=True)
+        raise typer.Exit(130) from None
+    raise typer.Exit(rc)
+
+
 @app.command()
 def stress(
-    scenario: Annotated[str, typer.Argument(help="A registered scenario (see `asyncvm scenarios`).")],
+    scenario: Annotated[
+        str | None,
+        typer.Argument(help="A registered scenario (see `asyncvm scenarios`).", metavar="SCENARIO", show_default=False),
+    ] = None,
     runs: Annotated[
         int | None, typer.Option(help="Executions to run (default 1000, or unbounded with --time).")
     ] = None,
@@ -184,8 +234,21 @@ def stress(
     max_steps: Annotated[int, typer.Option(help="Steps per execution before it counts as a livelock.")] = 200_000,
     module: Annotated[list[str] | None, typer.Option("--module", "-m", help="Import scenarios from a module.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    suite: Annotated[
+        Path | None, typer.Option(help="Run the campaigns of a suite file (stress/*.toml) instead of SCENARIO.")
+    ] = None,
 ) -> None:
-    """Run a stress campaign: many schedules of SCENARIO, failures saved with replayable schedules."""
+    """Run a stress campaign: many schedules of SCENARIO, failures saved with replayable schedules.
+
+    With --suite FILE, run every campaign of a suite file and print one table (exit 0 when each
+    campaign found what the file expects, 1 when not).
+    """
+    if suite is not None or scenario is None:
+        per_campaign = {"--runs": runs is not None, "--time": time_budget is not None, "--strategy": strategy != "pct"}
+        per_campaign |= {"--profile": profile != "6.18", "--bug": bool(bug), "--param": bool(param)}
+        per_campaign |= {"--resume": resume is not None, "--stop-on-first-failure": stop_on_first_failure}
+        given = [flag for flag, on in per_campaign.items() if on]
+        _stress_suite(suite, scenario, given, out, jobs, seed, dask, shrink, module, quiet)
     from concurrent.futures.process import BrokenProcessPool
 
     from .explore.campaign import CampaignSpec

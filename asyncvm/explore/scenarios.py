@@ -1,13 +1,15 @@
 """The scenario registry: ``@asyncvm.scenario(name=..., params=...)`` and lookup by name.
 
-A schedule file names its scenario by registered name and parameters. Looking a name up imports
-the bundled ``stress`` package, or a module the user names explicitly (``--module``), never a
-path taken from a file.
+A schedule file names its scenario by registered name and parameters. Looking a name up loads the
+entry points of the ``asyncvm.scenarios`` group (the bundled ``asyncvm.scenarios.*`` modules and any
+installed package's own), or a module the user names explicitly (``--module``), never a path taken
+from a file.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import inspect
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
@@ -65,13 +67,41 @@ def scenario(
     return register
 
 
-def load_bundled() -> None:
-    """Import the bundled scenarios (the ``stress`` package) so they register themselves."""
-    try:
-        importlib.import_module("stress")
-    except ModuleNotFoundError as e:
-        if e.name != "stress":
-            raise
+ENTRY_POINT_GROUP = "asyncvm.scenarios"
+
+#: one line per entry point of the group that failed to load, by "name = value"
+LOAD_ERRORS: dict[str, str] = {}
+_LOADED: set[str] = set()
+
+
+def load_bundled() -> list[str]:
+    """Load every entry point of the ``asyncvm.scenarios`` group, so their scenarios register.
+
+    asyncvm's own (the bundled scenarios) load first. An entry point that fails to load is skipped
+    and reported, in one line, in the returned list (and in `LOAD_ERRORS`); the others still load.
+    """
+    eps = sorted(
+        importlib.metadata.entry_points(group=ENTRY_POINT_GROUP),
+        key=lambda ep: (getattr(ep.dist, "name", None) != "asyncvm", ep.name, ep.value),
+    )
+    errors: list[str] = []
+    for ep in eps:
+        key = f"{ep.name} = {ep.value}"
+        if key in _LOADED:
+            continue
+        try:
+            ep.load()
+        except Exception as e:  # noqa: BLE001 - a broken third-party entry point is one line
+            dist = getattr(ep, "dist", None)
+            where = f" of {dist.name}" if dist is not None else ""
+            LOAD_ERRORS[key] = " ".join(
+                f"scenario entry point {ep.name!r}{where} ({ep.value}) failed to load: {type(e).__name__}: {e}".split()
+            )
+            errors.append(LOAD_ERRORS[key])
+            continue
+        LOAD_ERRORS.pop(key, None)
+        _LOADED.add(key)
+    return errors
 
 
 def load_module(module: str) -> None:
@@ -92,4 +122,5 @@ def get_scenario(name: str, module: str | None = None) -> ScenarioSpec:
         return REGISTRY[name]
     except KeyError:
         known = ", ".join(sorted(REGISTRY)) or "none"
-        raise UnknownScenario(f"unknown scenario {name!r}; registered scenarios: {known}") from None
+        broken = f"; entry points that failed to load: {', '.join(sorted(LOAD_ERRORS))}" if LOAD_ERRORS else ""
+        raise UnknownScenario(f"unknown scenario {name!r}; registered scenarios: {known}{broken}") from None

@@ -64,7 +64,7 @@ def test_scenarios_lists_bundled_with_descriptions_and_params(tmp_path: Path) ->
     from asyncvm.explore.scenarios import REGISTRY, load_bundled
 
     load_bundled()
-    bundled = {name: spec for name, spec in REGISTRY.items() if spec.module.startswith("stress")}
+    bundled = {name: spec for name, spec in REGISTRY.items() if spec.module.startswith("asyncvm.scenarios.")}
     assert "prefault_vs_punch_hole" in bundled
     proc = run_cli("scenarios", cwd=tmp_path)
     assert proc.returncode == 0, explain(proc)

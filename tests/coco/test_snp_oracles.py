@@ -190,7 +190,7 @@ def test_snp_prepare_before_finish_fires_when_pre_fault_is_allowed_from_creation
 
 
 def test_the_pre_fault_race_campaign_catches_the_early_pre_fault(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The registered race (stress/snp.py: snp_launch_update_vs_prefault) with pre-fault allowed from
+    """The registered race (asyncvm/scenarios/snp.py: snp_launch_update_vs_prefault) with pre-fault allowed from
     creation: the campaign reports snp_prepare_before_finish."""
 
     def allowed_from_creation(self: SnpArch, vm: Any) -> None:

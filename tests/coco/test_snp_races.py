@@ -89,7 +89,7 @@ def test_post_launch_faults_vs_attribute_conversion_is_clean(profile: str, monke
 
 
 def test_the_seed_race_fallocate_vs_launch_update_is_clean_in_6_18() -> None:
-    """The seed scenario (stress/snp.py: snp_launch_update_vs_fallocate): from 6.11 fallocate() only
+    """The seed scenario (asyncvm/scenarios/snp.py: snp_launch_update_vs_fallocate): from 6.11 fallocate() only
     allocates, so LAUNCH_UPDATE succeeds whichever runs first (kvm-coco.md 4.6)."""
     clean_campaign("snp_launch_update_vs_fallocate", "6.18")
 

@@ -17,10 +17,10 @@ import pytest
 import asyncvm
 from asyncvm import uapi
 from asyncvm.kvm.vcpu import GuestAccess
+from asyncvm.scenarios import tdx as tdx_scenarios
 from asyncvm.x86.tdx import tdx as tdx_mod
 from asyncvm.x86.tdx.module import TDX_SUCCESS, TdxModule
 from asyncvm.x86.tdx.tdx import TdxArch
-from stress import tdx as stress_tdx
 
 from .helpers import MEASURE, PAGE, PUNCH, Td, build_td, run_failing, run_guest, run_once, tolerate
 
@@ -56,7 +56,7 @@ def test_tdx_premapped_fires_when_pre_fault_is_allowed_before_finalize(profile: 
 
 @PROFILES
 def test_the_pre_fault_race_campaign_catches_the_early_pre_fault_in_every_run(profile: str) -> None:
-    """The registered race (stress/tdx.py: tdx_prefault_before_finalize) with the named bug: every
+    """The registered race (asyncvm/scenarios/tdx.py: tdx_prefault_before_finalize) with the named bug: every
     schedule fails -- tdx_premapped at the pre-fault's install, the KVM_BUG_ON(pre_fault_allowed)
     backstop when INIT_MEM_REGION installs first, or -EEXIST when the pre-fault prepared the folio
     first ([G11] kvm_gmem_populate())."""
@@ -216,7 +216,7 @@ def test_tdx_freed_page_fires_when_populate_drops_the_invalidate_lock() -> None:
     )
     found = report.first("tdx_freed_page")
     assert found is not None, report.summary()
-    again = asyncvm.replay(found.schedule, stress_tdx.tdx_init_mem_region_vs_punch_hole)
+    again = asyncvm.replay(found.schedule, tdx_scenarios.tdx_init_mem_region_vs_punch_hole)
     assert again.failure is not None and again.failure.signature == found.signature
 
 
