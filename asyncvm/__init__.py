@@ -2,7 +2,8 @@
 
 __version__ = "0.1.0"
 
-from . import runtime, uapi
+# Loading x86 fills generic KVM's arch slots; loading check attaches the oracles' probes.
+from . import check, runtime, uapi, x86  # noqa: F401
 from .explore import (
     CampaignSpec,
     FoundFailure,

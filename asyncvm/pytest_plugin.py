@@ -85,7 +85,7 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     if replay_file:
         _replay(scenario, replay_file)
         return True
-    from .explore.campaign import explore
+    from .explore.driver import explore
 
     if config.getoption("--asyncvm-runs"):
         options["runs"] = config.getoption("--asyncvm-runs")

@@ -37,6 +37,8 @@ from typing import Any, Final
 #: Linux x86 value of EHWPOISON ("memory page has hardware error"); the ``errno``
 #: module of older Pythons does not export it.
 EHWPOISON: Final[int] = getattr(_errno, "EHWPOISON", 133)
+#: include/linux/errno.h: kernel-internal "this handler does not do that ioctl" (never reaches userspace)
+ENOIOCTLCMD: Final[int] = 515
 
 EPERM: Final[int] = _errno.EPERM
 ENOENT: Final[int] = _errno.ENOENT

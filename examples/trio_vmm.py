@@ -9,6 +9,7 @@ import trio
 from asyncio_vmm import PAGE, PAGES, create_private_vm, pre_fault  # type: ignore[import-not-found]
 
 from asyncvm import uapi
+from asyncvm.check import check_quiescent
 
 
 async def race(vcpus: int = 2) -> int:
@@ -18,7 +19,7 @@ async def race(vcpus: int = 2) -> int:
             nursery.start_soon(pre_fault, v, 0, PAGES * PAGE)
         nursery.start_soon(gmem.fallocate, uapi.FALLOC_FL_KEEP_SIZE | uapi.FALLOC_FL_PUNCH_HOLE, 0, 4 * PAGE)
     # Live mode has no executor to call them at the end: run the quiescence oracles by hand.
-    vm.oracles.at_quiescence()
+    check_quiescent(vm)
     return vm.mmu_invalidate_seq
 
 

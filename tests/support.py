@@ -32,7 +32,7 @@ def run_execution(
     """One controlled execution (oracles attached, quiescence checks run) under a random schedule."""
     program = Program(scenario, dict(params or {}), profile, tuple(bugs), max_steps, dict(data_probs or {}))
     strategy = RandomStrategy(seed)
-    strategy.start(0)
+    strategy.new_execution(0)
     return program.run(strategy)
 
 

@@ -12,7 +12,8 @@ from typing import Any
 
 from .. import uapi
 from ..bugs import BUGS
-from ..explore.campaign import explore
+from ..check import check_quiescent
+from ..explore.driver import explore
 from ..explore.scenarios import REGISTRY, load_bundled
 from ..runtime.executor import Executor
 from ..runtime.strategies import RandomStrategy
@@ -50,7 +51,7 @@ def live_runs_to_failure(scenario: str, bug: str, runs: int) -> int | None:
         try:
             anyio.run(partial(spec.fn, kvm, **spec.params), backend="trio")
             for vm in kvm.vms:
-                vm.oracles.at_quiescence()
+                check_quiescent(vm)
         except Exception:  # noqa: BLE001 - any failure counts, as in a controlled run
             return i
     return None
@@ -111,7 +112,7 @@ def scale(quick: bool = False) -> dict[str, Any]:
             gc.collect()
             tracemalloc.start()
             strategy = RandomStrategy(0)
-            strategy.start(0)
+            strategy.new_execution(0)
             exe = Executor(strategy, data_probs={"signal": 0.0})
             t0 = time.perf_counter()
             from ..kvm.kvm import Kvm

@@ -62,7 +62,7 @@ def executor_decision(decisions: int, tasks: int = 2) -> float:
                 tg.spawn(body, name=f"t{i}")
 
     strategy = RandomStrategy(seed=1)
-    strategy.start(0)
+    strategy.new_execution(0)
     exe = Executor(strategy, max_steps=decisions * 2)
     t0 = time.perf_counter()
     result = exe.run(main)

@@ -1,69 +1,112 @@
 """The memory-model oracles of one VM: stale mappings, the sequence rule, begin/end balance,
 attribute agreement and object lifetimes (kvm-core.md section 0, invariants 1-4, 7, 8, 10, 11).
 
-Each is checked where it is cheapest (when an SPTE is installed, or over an invalidation's range
-when it ends) and once more when the execution is quiescent. None of them trusts the model's own
-retry logic: they keep their own record of which invalidation covered which gfns and when.
+They learn what happens from the model's tracepoints (``kvm/trace.py``, ``x86/trace.py``) and
+keep their own record of which invalidation covered which gfns and when, so none of them trusts
+the model's retry logic. Each check runs where it is cheapest (when an SPTE is installed, or
+over an invalidation's range when it ends) and once more when the execution is quiescent.
 """
 
 from __future__ import annotations
 
 import re
+import weakref
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .. import uapi
 from ..intervals import IntervalMap
-from ..kvm.invalidate import Invalidation
+from ..kvm import trace as kvm_trace
 from ..runtime import traps
 from ..runtime.failures import Violation
+from ..runtime.tracepoint import Tracepoint
+from ..x86 import trace as x86_trace
+from ..x86.mmu.tdp_mmu import PAGES, Leaf
+from .registry import Registry, watched
 
 if TYPE_CHECKING:
+    from ..kvm.vcpu import Vcpu
     from ..kvm.vm import Vm
-    from ..x86.mmu.tdp_mmu import Leaf, Root
+    from ..x86.mmu.fault import KvmPageFault
+    from ..x86.mmu.tdp_mmu import Root
+
+
+@dataclass(eq=False)
+class Invalidation:
+    """One begin..end window as the oracles saw it: who ran it, what it covered and when."""
+
+    source: str
+    began: int
+    ranges: list[tuple[int, int]] = field(default_factory=list)
+    ended: int | None = None
 
 
 class VmOracles:
     """Every memory-model oracle for one VM."""
 
     def __init__(self, vm: Vm) -> None:
-        self.vm = vm
+        self.vm: Vm = watched(vm)
         #: advances at every begin and end: "when" for the sequence rule
         self.clock = 0
         self.open: list[Invalidation] = []
+        #: the windows each task has open, innermost last (begin and end run in the same task)
+        self.windows: defaultdict[Any, list[Invalidation]] = defaultdict(list)
+        #: what each task announced it is invalidating for, until its next begin
+        self.source: dict[Any, str] = {}
         #: gfn -> clock at which the last invalidation covering it ended, per mapping kind
         self.ended_at = {True: IntervalMap[int](), False: IntervalMap[int]()}
+        #: fault -> clock when it snapshot mmu_invalidate_seq
+        self.snapshots: weakref.WeakKeyDictionary[KvmPageFault, int] = weakref.WeakKeyDictionary()
         self.kvm_bugs: list[str] = []
         self.warnings: list[str] = []
         exe = traps.active()
         if exe is not None:
             exe.at_quiescence(self.at_quiescence)
 
-    # -- bookkeeping fed by the invalidation protocol -----------------------------------------
-    def invalidate_begin(self, source: str) -> Invalidation:
+    # -- the invalidation protocol -------------------------------------------------------------
+    def announce(self, source: str) -> None:
+        self.source[traps.current()] = source
+
+    def invalidate_begin(self) -> None:
+        task = traps.current()
         self.clock += 1
-        inv = Invalidation(source, self.clock)
+        inv = Invalidation(self.source.pop(task, "unknown"), self.clock)
         self.open.append(inv)
-        return inv
+        self.windows[task].append(inv)
 
-    def invalidate_range_add(self, inv: Invalidation, start: int, end: int) -> None:
-        inv.ranges.append((start, end))
+    def invalidate_range_add(self, start: int, end: int) -> None:
+        if self.vm.mmu_invalidate_in_progress <= 0:
+            raise Violation(
+                "invalidate_balance", "range_add outside begin/end", signature="invalidate_balance:range_add"
+            )
+        mine = self.windows.get(traps.current())
+        if mine:
+            mine[-1].ranges.append((start, end))
 
-    def orphan_invalidation(self, source: str) -> Invalidation:
-        """An end with no matching begin (the model is unbalanced; the balance check reports it)."""
-        return Invalidation(source, self.clock)
-
-    def invalidate_end(self, inv: Invalidation) -> None:
+    def invalidate_end(self) -> None:
+        if self.vm.mmu_invalidate_in_progress < 0:
+            raise Violation(
+                "invalidate_balance", "kvm_mmu_invalidate_end without a begin", signature="invalidate_balance:end"
+            )
+        mine = self.windows.get(traps.current())
+        if not mine:
+            return  # an end nobody began: the balance check at quiescence reports it
+        inv = mine.pop()
         self.clock += 1
         inv.ended = self.clock
-        if inv in self.open:
-            self.open.remove(inv)
+        self.open.remove(inv)
         for start, end in inv.ranges:
             for private in (True, False):
                 self.ended_at[private].assign(start, end, self.clock)
             self._check_range_after_invalidation(inv, start, end)
 
     # -- checks at the event -------------------------------------------------------------------
-    def check_install(self, vcpu: Any, fault: Any, root: Root, base: int, npages: int, leaf: Leaf) -> None:
+    def fault_snapshot(self, fault: KvmPageFault) -> None:
+        self.snapshots[fault] = self.clock
+
+    def check_install(self, vcpu: Vcpu, fault: KvmPageFault, root: Root, base: int, npages: int, leaf: Leaf) -> None:
         """Sequence rule: no invalidation covering these gfns may have run since the fault's snapshot."""
         for inv in self.open:
             for start, end in inv.ranges:
@@ -75,8 +118,9 @@ class VmOracles:
                         signature=f"stale_install:{inv.source}",
                         gfn=fault.gfn,
                     )
+        snapshot = self.snapshots.get(fault, 0)
         for _s, _e, ended in self.ended_at[leaf.private].overlaps(base, base + npages):
-            if ended > fault.snapshot_clock:
+            if ended > snapshot:
                 raise Violation(
                     "stale_install",
                     f"{vcpu.name} installs gfn {fault.gfn:#x} (pfn {fault.pfn:#x}) from a snapshot taken before "
@@ -85,17 +129,17 @@ class VmOracles:
                     gfn=fault.gfn,
                 )
 
-    def on_spte_install(self, root: Root, base: int, npages: int, leaf: Leaf) -> None:
+    def spte_changed(self, root: Root, base: int, npages: int, new: Any) -> None:
         """Nothing may ever map a freed pfn."""
-        if self.vm.kvm.allocator.is_freed(leaf.pfn(base)):
+        if type(new) is Leaf and self.vm.kvm.allocator.is_freed(new.pfn(base)):
             raise Violation(
                 "mapped_freed_pfn",
-                f"{root.name}: gfn {base:#x} mapped to freed pfn {leaf.pfn(base):#x}",
+                f"{root.name}: gfn {base:#x} mapped to freed pfn {new.pfn(base):#x}",
                 signature="mapped_freed_pfn:install",
                 gfn=base,
             )
 
-    def on_populate(self, gfn: int) -> None:
+    def populate(self, gfn: int) -> None:
         """kvm_gmem_populate() may only write PRIVATE gfns."""
         if not self.vm.mem_is_private(gfn):
             raise Violation(
@@ -105,7 +149,7 @@ class VmOracles:
                 gfn=gfn,
             )
 
-    def on_kvm_bug(self, reason: str) -> None:
+    def kvm_bug(self, reason: str) -> None:
         """A KVM_BUG_ON fired: a kernel bug. The execution is marked failed here, at the step that
         hit it, but goes on: the VMM sees what the kernel gives it (-EIO from a dead VM)."""
         self.kvm_bugs.append(reason)
@@ -122,9 +166,8 @@ class VmOracles:
         )
 
     def warn(self, message: str) -> None:
-        """A WARN_ON in the kernel: recorded and reported at quiescence."""
+        """A WARN in the kernel: recorded and reported at quiescence."""
         self.warnings.append(message)
-        traps.emit("warn", self.vm, message=message)
 
     # -- range checks --------------------------------------------------------------------------
     def _backing_pfn(self, root: Root, gfn: int, private: bool) -> int | None:
@@ -178,7 +221,7 @@ class VmOracles:
 
     def _check_attributes(self, root: Root, s: int, e: int, leaf: Leaf, when: str) -> None:
         vm = self.vm
-        if not vm.arch.has_private_mem(vm):
+        if not vm.arch.has_private_mem:
             return
         want = uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE if leaf.private else 0
         if not vm.range_has_attributes(s, e, want):
@@ -238,4 +281,69 @@ class VmOracles:
                                 f"guest_memfd {file.name} still binds freed memslot {bound.id}",
                                 signature="memslot_uaf:binding",
                             )
-        vm.arch.at_quiescence(vm)
+
+
+#: the oracles of every VM alive, found from the VM a tracepoint names
+ORACLES: Registry[VmOracles] = Registry()
+
+
+def _on_create_vm(vm: Vm) -> None:
+    ORACLES.add(vm, VmOracles(vm))
+
+
+def _probe(method: Callable[..., None]) -> Callable[..., None]:
+    """A probe on a tracepoint whose first argument is the VM: run `method` of its oracles."""
+
+    def probe(vm: Vm, *args: Any) -> None:
+        oracles = ORACLES.get(vm)
+        if oracles is not None:
+            method(oracles, *args)
+
+    return probe
+
+
+def _on_fault_snapshot(vcpu: Vcpu, fault: KvmPageFault) -> None:
+    oracles = ORACLES.get(vcpu.vm)
+    if oracles is not None:
+        oracles.fault_snapshot(fault)
+
+
+def _on_set_spte(vcpu: Vcpu, fault: KvmPageFault, root: Root, level: int, base: int, leaf: Leaf) -> None:
+    oracles = ORACLES.get(vcpu.vm)
+    if oracles is not None:
+        oracles.check_install(vcpu, fault, root, base, PAGES[level], leaf)
+
+
+def _on_spte_changed(vm: Vm, root: Root, level: int, gfn: int, old: Any, new: Any) -> None:
+    if type(new) is Leaf:
+        oracles = ORACLES.get(vm)
+        if oracles is not None:
+            oracles.spte_changed(root, gfn, PAGES[level], new)
+
+
+_attached = False
+
+
+def attach() -> None:
+    """Register the probes once: every VM created from then on is watched."""
+    global _attached
+    if _attached:
+        return
+    _attached = True
+    probes: list[tuple[Tracepoint, Callable[..., None]]] = [
+        (kvm_trace.trace_kvm_create_vm, _on_create_vm),
+        (kvm_trace.trace_kvm_unmap_hva_range, _probe(lambda o, s, e: o.announce("mmu_notifier"))),
+        (kvm_trace.trace_kvm_gmem_invalidate, _probe(lambda o, s, e: o.announce("guest_memfd"))),
+        (kvm_trace.trace_kvm_vm_set_mem_attributes, _probe(lambda o, s, e, a: o.announce("set_memory_attributes"))),
+        (kvm_trace.trace_kvm_mmu_invalidate_begin, _probe(VmOracles.invalidate_begin)),
+        (kvm_trace.trace_kvm_mmu_invalidate_range_add, _probe(VmOracles.invalidate_range_add)),
+        (kvm_trace.trace_kvm_mmu_invalidate_end, _probe(VmOracles.invalidate_end)),
+        (kvm_trace.trace_kvm_gmem_populate, _probe(VmOracles.populate)),
+        (kvm_trace.trace_kvm_vm_bugged, _probe(VmOracles.kvm_bug)),
+        (kvm_trace.trace_kvm_warn, _probe(VmOracles.warn)),
+        (x86_trace.trace_kvm_mmu_fault_snapshot, _on_fault_snapshot),
+        (x86_trace.trace_kvm_mmu_set_spte, _on_set_spte),
+        (x86_trace.trace_kvm_tdp_mmu_spte_changed, _on_spte_changed),
+    ]
+    for tracepoint, probe in probes:
+        tracepoint.register(probe)

@@ -1,6 +1,7 @@
 """Exploring schedules: explore(), replay(), shrink(), campaigns and the schedule file format."""
 
-from .campaign import CampaignSpec, FoundFailure, Report, explore
+from .campaign import CampaignSpec, FoundFailure, Report
+from .driver import explore
 from .engine import Program, replay
 from .scenarios import REGISTRY, scenario
 from .schedule import Schedule, ScheduleError

@@ -1,4 +1,4 @@
-"""explore() and replay(): run a scenario under many schedules, or one recorded schedule again."""
+"""Programs and replay(): one execution of a scenario under a strategy, or one recorded schedule again."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..check.lockdep import Lockdep
 from ..runtime.executor import ExecutionResult, Executor
-from ..runtime.failures import ToolError
+from ..runtime.failures import Failure, ToolError
+from ..runtime.lockdep import Lockdep
 from ..runtime.strategies import RandomStrategy, ReplayStrategy, Strategy, make_strategy
 from .schedule import Schedule, ScheduleError
 
@@ -88,27 +88,7 @@ class Program:
         result = exe.run(self.main())
         if lockdep is not None:
             result.lockdep_edges = lockdep.new_edges
-        strategy.end(result)
         return result
-
-    def schedule(self, result: ExecutionResult, strategy: dict[str, Any], seed: int, index: int) -> Schedule:
-        return Schedule(
-            scenario=self.name,
-            params=dict(self.params),
-            profile=self.profile,
-            bugs=list(self.bugs),
-            strategy=strategy,
-            seed=seed,
-            execution=index,
-            tasks=list(result.task_names),
-            steps=result.steps,
-            preemptions=result.preemptions,
-            failure=result.failure,
-            max_steps=self.max_steps,
-            data_probs=dict(self.data_probs),
-            lockdep=self.lockdep,
-            choices=list(result.choices),
-        )
 
     def new_lockdep(self) -> Lockdep | None:
         return Lockdep() if self.lockdep else None
@@ -117,15 +97,35 @@ class Program:
         self, schedule: Schedule, *, strict: bool = True, record: bool = False, choices: list[Any] | None = None
     ) -> ExecutionResult:
         """Run `schedule` (its preludes first, sharing one lockdep graph), counting preemptions."""
+        stream = schedule.choices if choices is None else choices
+        return self.rerun(stream, prelude=schedule.prelude, execution=schedule.execution, strict=strict, record=record)
+
+    def rerun(
+        self,
+        choices: list[Any],
+        *,
+        prelude: Iterable[list[Any]] = (),
+        execution: int = 0,
+        strict: bool = True,
+        record: bool = False,
+    ) -> ExecutionResult:
+        """Run execution `execution` as `choices` say, after the `prelude` streams (sharing one
+        lockdep graph), counting preemptions."""
         lockdep = self.new_lockdep()
-        for i, prelude in enumerate(schedule.prelude):
+        for i, stream in enumerate(prelude):
             if lockdep is not None:
                 lockdep.execution = -1 - i
-            self.run(ReplayStrategy(prelude), lockdep=lockdep)
+            self._follow(stream, True, lockdep=lockdep)
         if lockdep is not None:
-            lockdep.execution = schedule.execution
-        stream = schedule.choices if choices is None else choices
-        return self.run(ReplayStrategy(stream, strict=strict), lockdep=lockdep, record=record, count_preemptions=True)
+            lockdep.execution = execution
+        return self._follow(choices, strict, lockdep=lockdep, record=record, count_preemptions=True)
+
+    def _follow(self, choices: list[Any], strict: bool, **run: Any) -> ExecutionResult:
+        """One execution that follows `choices`; a strict replay must use up the whole stream."""
+        strategy = ReplayStrategy(choices, strict=strict)
+        result = self.run(strategy, **run)
+        strategy.check_consumed()
+        return result
 
 
 def make_world(profile: str, bugs: Iterable[str]) -> Any:
@@ -140,7 +140,7 @@ def calibrate_steps(program: Program, seed: int, samples: int = 3) -> int:
     longest = 1
     for i in range(samples):
         s = RandomStrategy(seed ^ 0x5EED)
-        s.start(i)
+        s.new_execution(i)
         longest = max(longest, program.run(s).steps)
     return longest
 
@@ -161,17 +161,18 @@ def build_strategy(
     return make_strategy(strategy, seed, depth=depth, steps=steps or 1000, preemptions=preemptions)
 
 
-def _confirm(program: Program, schedule: Schedule) -> ExecutionResult:
+def confirm(
+    program: Program, choices: list[Any], failure: Failure, *, prelude: Iterable[list[Any]] = (), execution: int = 0
+) -> ExecutionResult:
     """Replay a new failure once: it must reproduce (else something escaped the scheduler),
     and the replay measures what hunting does not (preemptions)."""
-    again = program.replay(schedule)
-    if again.failure is None or schedule.failure is None or again.failure.signature != schedule.failure.signature:
+    again = program.rerun(choices, prelude=prelude, execution=execution)
+    if again.failure is None or again.failure.signature != failure.signature:
         got = again.failure.signature if again.failure else "no failure"
         raise ToolError(
-            f"uncontrolled nondeterminism: execution {schedule.execution} failed with "
-            f"{schedule.signature} but its replay gave {got}"
+            f"uncontrolled nondeterminism: execution {execution} failed with "
+            f"{failure.signature} but its replay gave {got}"
         )
-    schedule.preemptions = again.preemptions
     return again
 
 

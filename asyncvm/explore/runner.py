@@ -18,8 +18,7 @@ import hashlib
 import json
 import os
 import re
-import time
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,9 +26,9 @@ from typing import Any
 
 from .. import __version__
 from ..runtime.failures import ToolError
-from .campaign import CHUNK, CampaignSpec, ChunkResult, FoundFailure, Merger, Report, chunks, prepare, run_chunk
+from .campaign import CampaignSpec, ChunkResult, FoundFailure, Report
+from .driver import CHUNK, Campaign
 from .engine import replay
-from .parallel import EXECUTION_LOCK
 from .schedule import ScheduleError, write_atomic
 from .shrink import shrink
 
@@ -152,78 +151,57 @@ def run_campaign(
     `dask` is a scheduler address, a ``distributed.Client`` or a cluster object; chunks then run
     there. Whatever runs them, the same spec finds the same failures.
     """
-    client = None
-    if dask is not None:
-        from .parallel import connect_dask
-
-        # Connect first: an unreachable scheduler must not leave an empty campaign folder behind.
-        client = connect_dask(dask)
-    try:
-        return _run_campaign(
-            spec,
-            out=out,
-            jobs=jobs,
-            dask=client,
-            time_budget=time_budget,
-            do_shrink=do_shrink,
-            resume=resume,
-            on_progress=on_progress,
-            on_failure=on_failure,
-            on_start=on_start,
-        )
-    finally:
-        if client is not None and client is not dask:
-            client.close()
-
-
-def _run_campaign(
-    spec: CampaignSpec,
-    *,
-    out: Path,
-    jobs: int,
-    dask: Any,
-    time_budget: float | None,
-    do_shrink: bool,
-    resume: Path | None,
-    on_progress: Callable[[Report, int], None] | None,
-    on_failure: Callable[[FoundFailure, Path], None] | None,
-    on_start: Callable[[Path], None] | None,
-) -> tuple[Report, Path]:
+    chunk_size: int | None = None
+    done_lines: list[dict[str, Any]] = []
     if resume is not None:
         spec, meta = load_campaign(resume)
-        folder = resume
         chunk_size = int(meta.get("chunk", CHUNK))
         # Finish the campaign the way it was started: shrinking or not, within its time budget.
         do_shrink = bool(meta.get("shrink", do_shrink))
         if time_budget is None and isinstance(meta.get("time"), (int, float)):
             time_budget = float(meta["time"])
-        done_lines = Ledger.read(folder / "ledger.jsonl")
+        done_lines = Ledger.read(resume / "ledger.jsonl")
         # Temporary files of artifacts a kill interrupted (write_atomic names them .NAME.*.tmp).
-        for tmp in folder.glob("*/.*.tmp"):
+        for tmp in resume.glob("*/.*.tmp"):
             tmp.unlink(missing_ok=True)
-    else:
-        folder = new_campaign_dir(out, spec)
-        chunk_size = max(20, min(CHUNK, spec.runs // (max(jobs, 1) * 4) or 1))
-        if spec.stop_on_first_failure:
-            chunk_size = min(chunk_size, 20)
-        done_lines = []
-    program = prepare(spec)
-    fn = program.scenario
-    if resume is None:
-        write_atomic(
-            folder / "campaign.json",
-            json.dumps(
-                {
-                    "asyncvm": __version__,
-                    "chunk": chunk_size,
-                    "jobs": jobs,
-                    "shrink": do_shrink,
-                    "time": time_budget,
-                    "spec": spec.to_json(),
-                },
-                indent=1,
-            ),
-        )
+    # The campaign connects to Dask first: an unreachable scheduler must not leave an empty
+    # campaign folder behind.
+    with Campaign(spec, jobs=jobs, dask=dask, time_budget=time_budget, chunk=chunk_size) as campaign:
+        folder = resume if resume is not None else new_campaign_dir(out, spec)
+        if resume is None:
+            write_atomic(
+                folder / "campaign.json",
+                json.dumps(
+                    {
+                        "asyncvm": __version__,
+                        "chunk": campaign.chunk,
+                        "jobs": jobs,
+                        "shrink": do_shrink,
+                        "time": time_budget,
+                        "spec": spec.to_json(),
+                    },
+                    indent=1,
+                ),
+            )
+        report = _run_into(campaign, folder, done_lines, do_shrink, on_progress, on_failure, on_start)
+    summary = report.to_json()
+    summary["folder"] = str(folder)
+    summary["failures"] = [dict(f, dir=slug(f["signature"])) for f in summary["failures"]]
+    write_atomic(folder / "summary.json", json.dumps(summary, indent=1))
+    return report, folder
+
+
+def _run_into(
+    campaign: Campaign,
+    folder: Path,
+    done_lines: list[dict[str, Any]],
+    do_shrink: bool,
+    on_progress: Callable[[Report, int], None] | None,
+    on_failure: Callable[[FoundFailure, Path], None] | None,
+    on_start: Callable[[Path], None] | None,
+) -> Report:
+    """The campaign with its ledger (each chunk, each failure) and each failure's artifacts."""
+    fn = campaign.program.scenario
     ledger = Ledger(folder / "ledger.jsonl")
     if on_start is not None:
         on_start(folder)
@@ -253,78 +231,29 @@ def _run_campaign(
             if on_failure is not None:
                 on_failure(found, target)
 
-    merger = Merger(spec, program, on_failure=found_one)
-    t0 = time.perf_counter()
-    have: set[int] = set()
-    produced: Iterable[ChunkResult] = ()
     try:
-        for n, line in enumerate(done_lines, 1):
-            if not isinstance(line, dict):
-                raise ScheduleError(f"{ledger.path}: line {n} is not a ledger record")
-            if line.get("type") == "chunk":
-                try:
-                    chunk = ChunkResult.from_json(line["chunk"])
-                except (KeyError, TypeError, ValueError) as e:
-                    raise ScheduleError(f"{ledger.path}: malformed chunk record on line {n} ({e!r})") from None
-                have.add(chunk.first)
-                merger.add(chunk)
-        if not merger.done:
-            produced = _produce(spec, chunk_size, jobs, dask, time_budget, have, fn)
-        for chunk in produced:
-            ledger.append({"type": "chunk", "chunk": chunk.to_json()})
-            with EXECUTION_LOCK:  # an in-process Dask worker may be running a chunk right now
-                merger.add(chunk)
-            merger.report.elapsed = time.perf_counter() - t0
-            if on_progress is not None:
-                on_progress(merger.report, chunk.runs)
-            if merger.done:
-                break
+        return campaign.run(
+            done=_ledger_chunks(done_lines, ledger.path),
+            on_chunk=lambda chunk: ledger.append({"type": "chunk", "chunk": chunk.to_json()}),
+            on_failure=found_one,
+            progress=on_progress,
+        )
     except BrokenProcessPool as e:
         raise ToolError(
             f"a worker process died ({e}); the campaign so far is in {folder}: continue it with --resume {folder}"
         ) from None
     finally:
-        # Stop the producer (its workers, its Dask futures) before the caller closes the client.
-        if isinstance(produced, Generator):
-            produced.close()
         ledger.close()
-    report = merger.report
-    report.elapsed = time.perf_counter() - t0
-    summary = report.to_json()
-    summary["folder"] = str(folder)
-    summary["failures"] = [dict(f, dir=slug(f["signature"])) for f in summary["failures"]]
-    write_atomic(folder / "summary.json", json.dumps(summary, indent=1))
-    return report, folder
 
 
-def _produce(
-    spec: CampaignSpec,
-    chunk_size: int,
-    jobs: int,
-    dask: Any,
-    time_budget: float | None,
-    have: set[int],
-    fn: Any,
-) -> Iterator[ChunkResult]:
-    if spec.strategy == "dfs":
-        # DFS keeps its search stack across executions: one sequential chunk.
-        if spec.first_run not in have:
-            yield run_chunk(spec, spec.first_run, spec.runs, fn)
-        return
-    if dask is not None:
-        from .parallel import run_dask
-
-        yield from run_dask(spec, dask, time_budget=time_budget, skip=have, chunk=chunk_size)
-        return
-    if jobs > 1:
-        from .parallel import run_local_pool
-
-        yield from run_local_pool(spec, jobs, time_budget=time_budget, skip=have, chunk=chunk_size)
-        return
-    deadline = time.perf_counter() + time_budget if time_budget else None
-    for first, n in chunks(spec.first_run, spec.runs, chunk_size):
-        if first in have:
-            continue
-        if deadline is not None and time.perf_counter() > deadline:
-            return
-        yield run_chunk(spec, first, n, fn)
+def _ledger_chunks(lines: list[dict[str, Any]], path: Path) -> list[ChunkResult]:
+    out: list[ChunkResult] = []
+    for n, line in enumerate(lines, 1):
+        if not isinstance(line, dict):
+            raise ScheduleError(f"{path}: line {n} is not a ledger record")
+        if line.get("type") == "chunk":
+            try:
+                out.append(ChunkResult.from_json(line["chunk"]))
+            except (KeyError, TypeError, ValueError) as e:
+                raise ScheduleError(f"{path}: malformed chunk record on line {n} ({e!r})") from None
+    return out

@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .. import __version__
-from ..runtime.executor import Choice
+from ..runtime.executor import Choice, ExecutionResult
 from ..runtime.failures import Failure, ToolError
 
 FORMAT = "asyncvm-schedule"
@@ -24,6 +25,26 @@ FORMAT_VERSION = 1
 
 class ScheduleError(ToolError):
     """A schedule file that cannot be used; the message is one line naming the file and why."""
+
+
+class Recipe(Protocol):
+    """What a schedule records about the program an execution ran: an ``engine.Program``, or the
+    schedule an execution was replayed from."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def params(self) -> Mapping[str, Any]: ...
+    @property
+    def profile(self) -> str: ...
+    @property
+    def bugs(self) -> Sequence[str]: ...
+    @property
+    def max_steps(self) -> int: ...
+    @property
+    def data_probs(self) -> Mapping[str, float]: ...
+    @property
+    def lockdep(self) -> bool: ...
 
 
 @dataclass
@@ -48,6 +69,42 @@ class Schedule:
     prelude: list[list[Choice]] = field(default_factory=list)
     lockdep: bool = True
     asyncvm_version: str = __version__
+
+    @classmethod
+    def from_execution(
+        cls,
+        program: Recipe,
+        result: ExecutionResult,
+        *,
+        strategy: Mapping[str, Any],
+        seed: int,
+        execution: int,
+        prelude: Iterable[list[Choice]] = (),
+    ) -> Schedule:
+        """The schedule of one execution of `program` (the one way to build a Schedule)."""
+        return cls(
+            scenario=program.name,
+            params=dict(program.params),
+            profile=program.profile,
+            bugs=list(program.bugs),
+            strategy=dict(strategy),
+            seed=seed,
+            execution=execution,
+            tasks=list(result.task_names),
+            steps=result.steps,
+            preemptions=result.preemptions,
+            failure=result.failure,
+            max_steps=program.max_steps,
+            data_probs=dict(program.data_probs),
+            prelude=[list(p) for p in prelude],
+            lockdep=program.lockdep,
+            choices=result.choices,
+        )
+
+    @property
+    def name(self) -> str:
+        """The scenario's name (as ``Program.name``), so a schedule is a `Recipe` too."""
+        return self.scenario
 
     @property
     def signature(self) -> str | None:

@@ -107,25 +107,14 @@ def shrink(
                         improved = True
                         break
 
-    shrunk = Schedule(
-        scenario=schedule.scenario,
-        params=dict(schedule.params),
-        profile=schedule.profile,
-        bugs=list(schedule.bugs),
+    return Schedule.from_execution(
+        schedule,
+        best.result,
         strategy={"name": "shrink", "from": schedule.strategy},
         seed=schedule.seed,
         execution=schedule.execution,
-        tasks=list(best.result.task_names),
-        steps=best.result.steps,
-        preemptions=best.result.preemptions,
-        failure=best.result.failure,
-        max_steps=schedule.max_steps,
-        data_probs=dict(schedule.data_probs),
-        prelude=[list(p) for p in schedule.prelude],
-        lockdep=schedule.lockdep,
-        choices=best.choices,
+        prelude=schedule.prelude,
     )
-    return shrunk
 
 
 def _previous_task(choices: list[Choice], i: int) -> int | None:

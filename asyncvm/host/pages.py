@@ -13,9 +13,14 @@ from typing import Any
 from ..intervals import IntervalMap
 from ..runtime import traps
 from ..runtime.failures import Violation
+from ..runtime.tracepoint import Tracepoint
 
 PAGE_SIZE = 4096
 ZERO_PAGE = bytes(PAGE_SIZE)
+
+#: include/trace/events/kmem.h: mm_page_free (allocator, folio), fired when the last reference
+#: goes, before the owner's free hook (e.g. guest_memfd's free_folio)
+trace_mm_page_free = Tracepoint("mm_page_free")
 
 
 class Folio:
@@ -135,6 +140,7 @@ class PageAllocator:
             self.live_pages -= folio.npages
             self.freed += 1
             traps.emit("folio_free", None, pfn=folio.pfn, npages=folio.npages, owner=folio.owner)
+            trace_mm_page_free(self, folio)
             if folio.on_free is not None:
                 hook, folio.on_free = folio.on_free, None
                 hook(folio)

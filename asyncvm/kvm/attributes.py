@@ -8,13 +8,8 @@ from .. import uapi
 from ..runtime import traps
 from ..runtime.sync import alloc_fails
 from ..uapi import PAGE_SHIFT, KvmError
-from .invalidate import (
-    GfnRange,
-    Invalidation,
-    kvm_mmu_invalidate_begin,
-    kvm_mmu_invalidate_end,
-    kvm_mmu_invalidate_range_add,
-)
+from .invalidate import GfnRange, kvm_mmu_invalidate_begin, kvm_mmu_invalidate_end, kvm_mmu_invalidate_range_add
+from .trace import trace_kvm_vm_set_mem_attributes
 
 if TYPE_CHECKING:
     from .vm import Vm
@@ -22,7 +17,7 @@ if TYPE_CHECKING:
 
 def kvm_supported_mem_attributes(vm: Vm) -> int:
     """virt/kvm/kvm_main.c: kvm_supported_mem_attributes(): PRIVATE iff the VM has private memory."""
-    return uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE if vm.arch.has_private_mem(vm) else 0
+    return uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE if vm.ops.has_private_mem(vm) else 0
 
 
 def kvm_get_memory_attributes(vm: Vm, gfn: int) -> int:
@@ -76,7 +71,8 @@ async def kvm_vm_set_mem_attributes(vm: Vm, start: int, end: int, attributes: in
             return
         if alloc_fails("xa_reserve"):
             raise KvmError(uapi.ENOMEM, "xa_reserve failed; nothing changed")
-        inv = await _handle_gfn_range(vm, start, end, attributes, pre=True)
+        trace_kvm_vm_set_mem_attributes(vm, start, end, attributes)
+        await _handle_gfn_range(vm, start, end, attributes, pre=True)
         # The store happens outside mmu_lock but inside the invalidation window.
         await traps.point(vm)
         if attributes:
@@ -84,35 +80,31 @@ async def kvm_vm_set_mem_attributes(vm: Vm, start: int, end: int, attributes: in
         else:
             vm.attributes.clear(start, end)
         traps.emit("set_memory_attributes", vm, start=start, end=end, attributes=attributes)
-        await _handle_gfn_range(vm, start, end, attributes, pre=False, inv=inv)
+        await _handle_gfn_range(vm, start, end, attributes, pre=False)
     finally:
         await vm.slots_lock.unlock()
 
 
-async def _handle_gfn_range(
-    vm: Vm, start: int, end: int, attributes: int, *, pre: bool, inv: Invalidation | None = None
-) -> Invalidation | None:
+async def _handle_gfn_range(vm: Vm, start: int, end: int, attributes: int, *, pre: bool) -> None:
     """virt/kvm/kvm_main.c: kvm_handle_gfn_range(): begin (pre) or end (post) on the first slot found."""
     locked = False
     flush = False
     for memslots in vm.memslots:
         for slot in memslots.overlapping(start, end):
-            rng = GfnRange(max(start, slot.base_gfn), min(end, slot.end_gfn), slot)
+            rng = GfnRange(max(start, slot.base_gfn), min(end, slot.end_gfn), slot, attributes=attributes)
             if not locked:
                 locked = True
                 await vm.mmu_lock.write_lock()
                 if pre:
-                    inv = kvm_mmu_invalidate_begin(vm, "set_memory_attributes")
+                    kvm_mmu_invalidate_begin(vm)
                 else:
-                    kvm_mmu_invalidate_end(vm, inv or vm.oracles.orphan_invalidation("set_memory_attributes"))
+                    kvm_mmu_invalidate_end(vm)
             if pre:
-                assert inv is not None
-                kvm_mmu_invalidate_range_add(vm, inv, rng.start, rng.end)
-                flush |= await vm.arch.pre_set_memory_attributes(vm, inv, rng, attributes)
+                kvm_mmu_invalidate_range_add(vm, rng.start, rng.end)
+                flush |= await vm.ops.pre_set_memory_attributes(vm, rng)
             else:
-                await vm.arch.post_set_memory_attributes(vm, rng, attributes)
+                await vm.ops.post_set_memory_attributes(vm, rng)
     if locked:
         if flush:
-            vm.arch.flush_remote_tlbs(vm)
+            vm.ops.flush_remote_tlbs(vm)
         await vm.mmu_lock.write_unlock()
-    return inv

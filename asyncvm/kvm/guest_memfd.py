@@ -11,6 +11,7 @@ invalidation sequence instead.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from .. import uapi
@@ -18,18 +19,18 @@ from ..host.pages import Folio
 from ..intervals import IntervalMap
 from ..runtime import traps
 from ..runtime.failures import Violation
+from ..runtime.lockdep import lockdep_assert_held
 from ..runtime.sync import Mutex, RWSem, cond_resched, signal_pending
 from ..uapi import PAGE_SHIFT, KvmError
 from .attributes import kvm_range_has_memory_attributes
 from .invalidate import (
     KVM_FILTER_PRIVATE,
     GfnRange,
-    Invalidation,
     kvm_mmu_invalidate_begin,
     kvm_mmu_invalidate_end,
     kvm_mmu_unmap_gfn_range,
-    lockdep_assert_held,
 )
+from .trace import WARN, trace_kvm_gmem_invalidate, trace_kvm_gmem_populate, trace_kvm_gmem_populated
 
 if TYPE_CHECKING:
     from .memslots import Memslot
@@ -200,39 +201,34 @@ async def kvm_gmem_unbind(slot: Memslot) -> None:
 # -- invalidation ----------------------------------------------------------------------------
 
 
-async def kvm_gmem_invalidate_begin(inode: GmemInode, start: int, end: int) -> dict[GuestMemfd, Invalidation]:
+async def kvm_gmem_invalidate_begin(inode: GmemInode, start: int, end: int) -> None:
     """virt/kvm/guest_memfd.c: kvm_gmem_invalidate_begin() (6.8+): begin per VM with bindings in range."""
-    opened: dict[GuestMemfd, Invalidation] = {}
     for file in inode.files:
         vm = file.vm
-        inv = None
+        found = False
         flush = False
         for s, e, slot in file.bindings.overlaps(start, end):
             check_binding_live(slot)
-            if inv is None:
+            if not found:
+                found = True
+                trace_kvm_gmem_invalidate(vm, start, end)
                 await vm.mmu_lock.write_lock()
-                inv = kvm_mmu_invalidate_begin(vm, "guest_memfd")
+                kvm_mmu_invalidate_begin(vm)
             gfn0 = slot.base_gfn + s - slot.gmem_pgoff
-            rng = GfnRange(gfn0, gfn0 + (e - s), slot, KVM_FILTER_PRIVATE, True)
-            flush |= await kvm_mmu_unmap_gfn_range(vm, inv, rng)
-        if inv is not None:
+            flush |= await kvm_mmu_unmap_gfn_range(vm, GfnRange(gfn0, gfn0 + (e - s), slot, KVM_FILTER_PRIVATE, True))
+        if found:
             if flush:
-                vm.arch.flush_remote_tlbs(vm)
+                vm.ops.flush_remote_tlbs(vm)
             await vm.mmu_lock.write_unlock()
-            opened[file] = inv
-    return opened
 
 
-async def kvm_gmem_invalidate_end(
-    inode: GmemInode, start: int, end: int, opened: dict[GuestMemfd, Invalidation]
-) -> None:
-    """virt/kvm/guest_memfd.c: kvm_gmem_invalidate_end() (6.8+)."""
+async def kvm_gmem_invalidate_end(inode: GmemInode, start: int, end: int) -> None:
+    """virt/kvm/guest_memfd.c: kvm_gmem_invalidate_end() (6.8+): end per VM with bindings in range."""
     for file in inode.files:
-        if file.bindings.any_overlap(start, end) or file in opened:
+        if file.bindings.any_overlap(start, end):
             vm = file.vm
             await vm.mmu_lock.write_lock()
-            inv = opened.get(file) or vm.oracles.orphan_invalidation("guest_memfd")
-            kvm_mmu_invalidate_end(vm, inv)
+            kvm_mmu_invalidate_end(vm)
             await vm.mmu_lock.write_unlock()
 
 
@@ -304,10 +300,10 @@ async def kvm_gmem_punch_hole(file: GuestMemfd, offset: int, length: int) -> Non
     vm = file.vm
     await inode.invalidate_lock.down_write()
     try:
-        opened = await kvm_gmem_invalidate_begin(inode, start, end)
+        await kvm_gmem_invalidate_begin(inode, start, end)
         await truncate_inode_pages_range(inode, vm, start, end)
         await traps.point(inode.invalidate_lock)
-        await kvm_gmem_invalidate_end(inode, start, end, opened)
+        await kvm_gmem_invalidate_end(inode, start, end)
     finally:
         await inode.invalidate_lock.up_write()
 
@@ -346,7 +342,7 @@ async def kvm_gmem_get_folio(vm: Vm, inode: GmemInode, index: int, *, prepare: b
             if folio is None:
                 raise KvmError(uapi.ENOMEM, "guest_memfd folio allocation failed")
             folio.lock = Mutex(f"folio {folio.pfn:#x}", lock_class="folio_lock")
-            folio.on_free = vm.arch.gmem_free_folio_hook(vm)
+            folio.on_free = partial(vm.ops.gmem_invalidate, vm)
             inode.folios.assign(index, index + 1, folio)
             created = True
         vm.kvm.allocator.get(folio)
@@ -363,7 +359,7 @@ async def kvm_gmem_get_folio(vm: Vm, inode: GmemInode, index: int, *, prepare: b
             slot = file.bindings.get(index)
             if slot is not None:
                 gfn = slot.base_gfn + index - slot.gmem_pgoff
-                await file.vm.arch.gmem_prepare(file.vm, folio.pfn, gfn, 0)
+                await file.vm.ops.gmem_prepare(file.vm, folio.pfn, gfn, 0)
     return folio
 
 
@@ -408,7 +404,7 @@ async def kvm_gmem_get_pfn(vm: Vm, slot: Memslot, gfn: int) -> tuple[int, Folio,
                 early = "mark_uptodate_before_prepare" in vm.bugs
                 if early:
                     folio.uptodate = True  # bug: the flag says "prepared" before prepare ran
-                r = await vm.arch.gmem_prepare(vm, folio.pfn, gfn, 0)
+                r = await vm.ops.gmem_prepare(vm, folio.pfn, gfn, 0)
                 if r:
                     if not early:
                         folio.uptodate = False
@@ -421,12 +417,12 @@ async def kvm_gmem_get_pfn(vm: Vm, slot: Memslot, gfn: int) -> tuple[int, Folio,
             if not folio.uptodate:
                 folio.zero()
                 folio.uptodate = True
-                await vm.arch.gmem_prepare(vm, folio.pfn, gfn, 0)
+                await vm.ops.gmem_prepare(vm, folio.pfn, gfn, 0)
         else:
             if not folio.uptodate:
                 folio.zero()
                 folio.uptodate = True
-            r = await vm.arch.gmem_prepare(vm, folio.pfn, gfn, 0)
+            r = await vm.ops.gmem_prepare(vm, folio.pfn, gfn, 0)
             if r:
                 await folio_unlock(folio)
                 vm.kvm.allocator.put(folio)
@@ -453,13 +449,13 @@ async def kvm_gmem_populate(
 
     Returns the number of pages populated if any, else the first error as -errno (or 0).
     """
-    lockdep_assert_held(vm.slots_lock, "kvm_gmem_populate")
+    lockdep_assert_held(vm.slots_lock)
     per_page = vm.profile.gmem_populate_per_page_lock
     if npages < 0:
         return -uapi.EINVAL
     if per_page and (npages == 0 or (src is not None and src % uapi.PAGE_SIZE)):
         # [>=7.0] WARN_ON_ONCE(npages <= 0) and WARN_ON_ONCE(!PAGE_ALIGNED(src)) -> -EINVAL
-        vm.oracles.warn("kvm_gmem_populate: npages <= 0 or unaligned source")
+        WARN(vm, "kvm_gmem_populate: npages <= 0 or unaligned source")
         return -uapi.EINVAL
     slot = vm.gfn_to_memslot(start_gfn)
     if slot is None or not slot.has_gmem():
@@ -532,9 +528,13 @@ async def _populate_one(
         private = uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE
         if not kvm_range_has_memory_attributes(vm, gfn, gfn + 1, private, private):
             return -uapi.EINVAL
-        vm.oracles.on_populate(gfn)
+        trace_kvm_gmem_populate(vm, gfn)
         p = src + i * uapi.PAGE_SIZE if src is not None else None
-        r = await post_populate(vm, gfn, folio.pfn, p, 0, opaque)
+        r = -uapi.EIO
+        try:
+            r = await post_populate(vm, gfn, folio.pfn, p, 0, opaque)
+        finally:
+            trace_kvm_gmem_populated(vm, gfn, folio.pfn, r)
         if r == 0:
             folio.uptodate = True
             traps.emit("gmem_populated", vm, gfn=gfn, pfn=folio.pfn)
@@ -556,8 +556,8 @@ async def kvm_gmem_release(file: GuestMemfd) -> None:
         for _s, _e, slot in file.bindings.items():
             check_binding_live(slot)  # WRITE_ONCE(slot->gmem.file, NULL) on a freed slot: KASAN
             slot.gmem_file = None
-        opened = await kvm_gmem_invalidate_begin(inode, 0, 1 << 62)
-        await kvm_gmem_invalidate_end(inode, 0, 1 << 62, opened)
+        await kvm_gmem_invalidate_begin(inode, 0, 1 << 62)
+        await kvm_gmem_invalidate_end(inode, 0, 1 << 62)
         inode.files.remove(file)
         file.released = True
     finally:
@@ -579,8 +579,8 @@ async def kvm_gmem_error_folio(file: GuestMemfd, index: int) -> None:
     await inode.invalidate_lock.down_read()
     try:
         folio.hwpoison = True
-        opened = await kvm_gmem_invalidate_begin(inode, index, index + 1)
-        await kvm_gmem_invalidate_end(inode, index, index + 1, opened)
+        await kvm_gmem_invalidate_begin(inode, index, index + 1)
+        await kvm_gmem_invalidate_end(inode, index, index + 1)
     finally:
         await inode.invalidate_lock.up_read()
 

@@ -9,14 +9,8 @@ from ..host.mm import Mm
 from ..host.pages import PageAllocator
 from ..profile import Profile, get_profile
 from ..uapi import KvmError
+from .arch import KvmArchOps, kvm_arch_ops
 from .vm import Vm
-
-SUPPORTED_VM_TYPES = (
-    uapi.KVM_X86_DEFAULT_VM,
-    uapi.KVM_X86_SW_PROTECTED_VM,
-    uapi.KVM_X86_SNP_VM,
-    uapi.KVM_X86_TDX_VM,
-)
 
 
 class Kvm:
@@ -26,7 +20,11 @@ class Kvm:
     injected bugs (names from ``asyncvm.bugs``).
     """
 
-    def __init__(self, profile: str | Profile = "6.18", bugs: Iterable[str] = ()) -> None:
+    def __init__(
+        self, profile: str | Profile = "6.18", bugs: Iterable[str] = (), *, ops: KvmArchOps | None = None
+    ) -> None:
+        #: the architecture's slots (the loaded arch's by default)
+        self.ops = ops or kvm_arch_ops()
         self.profile = get_profile(profile)
         self.bugs = frozenset(bugs)
         if self.bugs:
@@ -40,7 +38,7 @@ class Kvm:
     def check_extension(self, cap: int) -> int:
         """KVM_CHECK_EXTENSION on /dev/kvm."""
         if cap == uapi.KVM_CAP_VM_TYPES:
-            return sum(1 << t for t in SUPPORTED_VM_TYPES)
+            return sum(1 << t for t in self.ops.vm_types)
         if cap in (uapi.KVM_CAP_PRE_FAULT_MEMORY, uapi.KVM_CAP_USER_MEMORY2, uapi.KVM_CAP_GUEST_MEMFD):
             return 1
         if cap == uapi.KVM_CAP_MEMORY_ATTRIBUTES:
@@ -49,7 +47,7 @@ class Kvm:
 
     async def create_vm(self, vm_type: int = uapi.KVM_X86_DEFAULT_VM) -> Vm:
         """KVM_CREATE_VM: unsupported types are -EINVAL, as kvm_arch_init_vm() says."""
-        if vm_type not in SUPPORTED_VM_TYPES:
+        if vm_type not in self.ops.vm_types:
             raise KvmError(uapi.EINVAL, f"VM type {vm_type} is not supported")
         vm = Vm(self, vm_type, len(self.vms))
         self.vms.append(vm)

@@ -14,6 +14,7 @@ from . import attributes as attrs_mod
 from .guest_memfd import GuestMemfd, kvm_gmem_bind, kvm_gmem_create, kvm_gmem_unbind
 from .invalidate import INVALID_GPA, KvmMmuNotifier
 from .memslots import Memslot, Memslots
+from .trace import trace_kvm_create_vm, trace_kvm_vm_bugged
 
 if TYPE_CHECKING:
     from .kvm import Kvm
@@ -71,18 +72,18 @@ class Vm:
         self.dead = False
         self.bug_reason: str | None = None
         self._fds = 0
-        from ..check.invariants import VmOracles
-        from ..x86 import make_arch
-
-        self.oracles = VmOracles(self)
-        self.arch = make_arch(self)
-        self.arch.vm_init(self)
+        #: the last KVM_MEMORY_ENCRYPT_OP command struct, as copied back to userspace
+        self._mem_enc_cmd: uapi.TdxCmd | uapi.SevCmd | None = None
+        #: the arch slots (kvm_arch_*), and the arch's own state (``kvm->arch``)
+        self.ops = kvm.ops
+        self.arch: Any = self.ops.init_vm(self)
         self.mmu_notifier = KvmMmuNotifier(self)
         kvm.mm.register_notifier(self.mmu_notifier)
-        lockdep = traps.active().lockdep if traps.active() is not None else None  # type: ignore[union-attr]
-        if lockdep is not None:
+        exe = traps.active()
+        if exe is not None and exe.lockdep is not None:
             for before, after in LOCK_ORDER:
-                lockdep.declare(before, after, "Documentation/virt/kvm/locking.rst")
+                exe.lockdep.declare(before, after, "Documentation/virt/kvm/locking.rst")
+        trace_kvm_create_vm(self)
 
     def __repr__(self) -> str:
         return f"<Vm {self.id} type={uapi.vm_type_name(self.type)}>"
@@ -98,7 +99,7 @@ class Vm:
             self.dead = True
             self.bug_reason = reason
             traps.emit("kvm_bug", self, reason=reason)
-            self.oracles.on_kvm_bug(reason)
+            trace_kvm_vm_bugged(self, reason)
 
     def check_alive(self) -> None:
         if self.dead:
@@ -117,7 +118,7 @@ class Vm:
     def nr_memslot_as_ids(self) -> int:
         """arch/x86/include/asm/kvm_host.h: kvm_arch_nr_memslot_as_ids() (6.8+): no SMM address
         space for VMs with private memory."""
-        return 1 if self.arch.has_private_mem(self) else uapi.KVM_MAX_NR_ADDRESS_SPACES
+        return 1 if self.ops.has_private_mem(self) else uapi.KVM_MAX_NR_ADDRESS_SPACES
 
     def range_has_attributes(self, start: int, end: int, attrs: int) -> bool:
         return attrs_mod.kvm_range_has_memory_attributes(self, start, end, ~0, attrs)
@@ -128,12 +129,10 @@ class Vm:
     # -- VM ioctls ------------------------------------------------------------------------
     def check_extension(self, cap: int) -> int:
         """KVM_CHECK_EXTENSION on the VM fd (the capabilities the model implements)."""
-        if cap == uapi.KVM_CAP_PRE_FAULT_MEMORY:
-            return int(self.arch.tdp_enabled)
         if cap == uapi.KVM_CAP_MEMORY_ATTRIBUTES:
             return attrs_mod.kvm_supported_mem_attributes(self)
         if cap == uapi.KVM_CAP_GUEST_MEMFD:
-            return int(self.arch.has_private_mem(self))
+            return int(self.ops.has_private_mem(self))
         if cap == uapi.KVM_CAP_GUEST_MEMFD_FLAGS:
             return self.profile.gmem_supported_flags
         if cap == uapi.KVM_CAP_USER_MEMORY2:
@@ -144,7 +143,7 @@ class Vm:
             return uapi.KVM_MAX_NR_ADDRESS_SPACES
         if cap == uapi.KVM_CAP_MAX_VCPUS:
             return uapi.KVM_MAX_VCPUS
-        return 0
+        return self.ops.check_extension(self, cap)
 
     async def create_vcpu(self, vcpu_id: int) -> Vcpu:
         """KVM_CREATE_VCPU: virt/kvm/kvm_main.c: kvm_vm_ioctl_create_vcpu() (6.8+)."""
@@ -157,7 +156,7 @@ class Vm:
         try:
             if self.created_vcpus >= uapi.KVM_MAX_VCPUS:
                 raise KvmError(uapi.EINVAL, "too many vCPUs")
-            r = self.arch.vcpu_precreate(self)
+            r = self.ops.vcpu_precreate(self)
             if r:
                 raise KvmError(-r, "the VM does not accept vCPUs in its current state")
             self.created_vcpus += 1
@@ -225,7 +224,7 @@ class Vm:
     def _check_memory_region_flags(self, mem: uapi.UserspaceMemoryRegion2) -> None:
         """virt/kvm/kvm_main.c: check_memory_region_flags()"""
         valid = uapi.KVM_MEM_LOG_DIRTY_PAGES | uapi.KVM_MEM_READONLY
-        if self.arch.has_private_mem(self):
+        if self.ops.has_private_mem(self):
             valid |= uapi.KVM_MEM_GUEST_MEMFD
         if mem.flags & uapi.KVM_MEM_GUEST_MEMFD:
             valid &= ~(uapi.KVM_MEM_LOG_DIRTY_PAGES | uapi.KVM_MEM_READONLY)
@@ -321,7 +320,7 @@ class Vm:
                 # kvm_invalidate_memslot(): publish an INVALID copy, wait for readers, zap.
                 invalid = old.invalid_copy()
                 await self._swap_active_memslots(as_id, self.memslots[as_id].with_slot(invalid, 0, replaces=old))
-                await self.arch.flush_shadow_memslot(self, old)
+                await self.ops.flush_shadow_memslot(self, old)
             if change == CHANGE_CREATE:
                 assert new is not None
                 await self._swap_active_memslots(as_id, self.memslots[as_id].with_slot(new, 0))
@@ -354,51 +353,57 @@ class Vm:
             old.freed = True
 
     # -- KVM_MEMORY_ENCRYPT_OP: vendor sub-commands ------------------------------------------
-    def _vendor(self, name: str) -> Any:
-        """The back end's KVM_MEMORY_ENCRYPT_OP handler, or the errno a VM of another type gets:
-        -ENOTTY (vt_mem_enc_ioctl() for a non-TD; snp_launch_start()/finish() for a non-SNP VM),
-        except SNP_LAUNCH_UPDATE, whose "not SNP or no context" check is -EINVAL (kvm-coco.md 4.1).
-        """
-        handler = getattr(self.arch, name, None)
-        if handler is None:
-            errno = uapi.EINVAL if name == "snp_launch_update" else uapi.ENOTTY
-            raise KvmError(errno, f"{name} on a {uapi.vm_type_name(self.type)} VM")
-        return handler
+    async def _mem_enc_op(self, cmd: uapi.TdxCmd | uapi.SevCmd, payload: Any) -> None:
+        """KVM_MEMORY_ENCRYPT_OP: kvm_arch_vm_ioctl() hands the command to the vendor, which
+        copies the struct (hw_error / error) back to userspace whatever the outcome."""
+        self.check_alive()
+        try:
+            await self.ops.vm_mem_enc_ioctl(self, cmd, payload)
+        finally:
+            self._mem_enc_cmd = cmd
 
     async def tdx_init_vm(self, params: uapi.TdxInitVm | None = None, *, flags: int = 0) -> None:
         """KVM_TDX_INIT_VM"""
-        self.check_alive()
-        await self._vendor("tdx_init_vm")(params, flags)
+        await self._mem_enc_op(uapi.TdxCmd(uapi.KVM_TDX_INIT_VM, flags), params)
 
     async def tdx_finalize_vm(self, *, flags: int = 0) -> None:
         """KVM_TDX_FINALIZE_VM"""
-        self.check_alive()
-        await self._vendor("tdx_finalize_vm")(flags)
+        await self._mem_enc_op(uapi.TdxCmd(uapi.KVM_TDX_FINALIZE_VM, flags), None)
 
     @property
     def tdx_hw_error(self) -> int:
-        """kvm_tdx_cmd.hw_error of the last INIT_VM/FINALIZE_VM: the raw SEAMCALL status."""
-        return int(getattr(self.arch, "hw_error", 0))
+        """kvm_tdx_cmd.hw_error of the last TDX command: the raw SEAMCALL status."""
+        cmd = self._mem_enc_cmd
+        return cmd.hw_error if isinstance(cmd, uapi.TdxCmd) else 0
 
     async def snp_launch_start(self, params: uapi.SevSnpLaunchStart) -> None:
         """KVM_SEV_SNP_LAUNCH_START"""
-        self.check_alive()
-        await self._vendor("snp_launch_start")(params)
+        await self._mem_enc_op(uapi.SevCmd(uapi.KVM_SEV_SNP_LAUNCH_START), params)
 
     async def snp_launch_update(self, params: uapi.SevSnpLaunchUpdate) -> None:
         """KVM_SEV_SNP_LAUNCH_UPDATE: gfn_start/uaddr/len advance only on success."""
-        self.check_alive()
-        await self._vendor("snp_launch_update")(params)
+        await self._mem_enc_op(uapi.SevCmd(uapi.KVM_SEV_SNP_LAUNCH_UPDATE), params)
 
     async def snp_launch_finish(self, params: uapi.SevSnpLaunchFinish | None = None) -> None:
         """KVM_SEV_SNP_LAUNCH_FINISH"""
-        self.check_alive()
-        await self._vendor("snp_launch_finish")(params or uapi.SevSnpLaunchFinish())
+        await self._mem_enc_op(uapi.SevCmd(uapi.KVM_SEV_SNP_LAUNCH_FINISH), params or uapi.SevSnpLaunchFinish())
 
     @property
     def sev_fw_error(self) -> int:
-        """kvm_sev_cmd.error of the last SNP command: the firmware status code."""
-        return int(getattr(self.arch, "fw_error", 0))
+        """kvm_sev_cmd.error of the last SEV command: the firmware status code."""
+        cmd = self._mem_enc_cmd
+        return cmd.error if isinstance(cmd, uapi.SevCmd) else 0
+
+    # -- what tests read of the vendor's trusted firmware ---------------------------------
+    @property
+    def tdx_module(self) -> Any:
+        """The TDX module this TD runs on (``.mrtd``, ``.sept``); None for any other VM."""
+        return self.arch.tdx_module
+
+    @property
+    def snp_firmware(self) -> Any:
+        """The SNP firmware this guest runs on (``.launch_digest``, ``.rmp``); None otherwise."""
+        return self.arch.snp_firmware
 
     # -- convenience for scenarios ----------------------------------------------------------
     def describe(self) -> dict[str, Any]:

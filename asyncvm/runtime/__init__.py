@@ -12,6 +12,7 @@ from .strategies import (
     POSStrategy,
     RandomStrategy,
     ReplayStrategy,
+    Runnable,
     Strategy,
     make_strategy,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "RandomStrategy",
     "ReplayDivergence",
     "ReplayStrategy",
+    "Runnable",
     "SpinLock",
     "Strategy",
     "Task",

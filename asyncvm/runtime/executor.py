@@ -9,7 +9,6 @@ of choice are recorded in one stream, which is what a schedule file replays.
 
 from __future__ import annotations
 
-import sys
 from bisect import insort
 from collections import Counter
 from collections.abc import Callable, Coroutine
@@ -19,10 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 from . import traps
 from .failures import Failure, ToolError, Violation
+from .sites import fmt_site, model_site
 from .traps import YIELDING
 
 if TYPE_CHECKING:
-    from ..check.lockdep import Lockdep
+    from .lockdep import Lockdep
     from .strategies import Strategy
     from .traps import Waitable
 
@@ -62,8 +62,20 @@ class Task:
         self.held: list[tuple[Any, Any, Any]] = []
         self.srcu_reads: list[tuple[Any, int, Any]] = []
 
+    @property
+    def target(self) -> object | None:
+        """What the next operation touches: the strategies' view of `pending` (``strategies.Runnable``)."""
+        pending = self.pending
+        if type(pending) is tuple:
+            return pending[0]
+        return None if pending is YIELDING else pending
+
     def __repr__(self) -> str:
         return f"<Task {self.tid} {self.name}>"
+
+
+#: The strategy's ``next_task`` as the loop calls it: (runnable, current, is_yielding) -> task.
+_Pick = Callable[[list[Task], Task | None, bool], Task]
 
 
 @dataclass
@@ -80,7 +92,6 @@ class ExecutionResult:
     trace: list[tuple[Any, ...]] | None = None
     lockdep_edges: list[Any] = field(default_factory=list)
     virtual_time: float = 0.0
-    data: dict[str, Any] = field(default_factory=dict)
 
     @property
     def failed(self) -> bool:
@@ -151,8 +162,6 @@ class Executor:
         self.clock = _Clock()
         self.failure: Failure | None = None
         self.lockdep_edges: list[Any] = []
-        #: per-execution scratch space for oracles and model bookkeeping.
-        self.data: dict[str, Any] = {}
         self._finalizers: list[Callable[[], None]] = []
 
     @property
@@ -190,7 +199,7 @@ class Executor:
         p = self.data_probs.get(kind, p)
         if p <= 0.0 and n == 2:
             return 0
-        value = self.strategy.draw(kind, n, p)
+        value = self.strategy.next_value(kind, n, p)
         self.choices.append((value,))
         self.ndraws += 1
         if self.trace is not None:
@@ -209,7 +218,6 @@ class Executor:
             raise ToolError("a controlled execution is already running in this thread")
         traps._exe = self
         try:
-            self.strategy.begin(self)
             self.spawn(main(), name)
             self._loop()
             if self.failure is None:
@@ -227,7 +235,6 @@ class Executor:
             trace=self.trace,
             lockdep_edges=self.lockdep_edges,
             virtual_time=self.clock.now,
-            data=self.data,
         )
 
     def _loop(self) -> None:
@@ -237,10 +244,10 @@ class Executor:
         # wrap `pick`, so none of them costs anything here.
         enabled = self.enabled
         record = self.choices.append
-        pick: Callable[[list[Task], Task | None], Task] = self.strategy.pick
+        pick: _Pick = self.strategy.next_task
         # A uniform random walk needs no Python call per decision: its choice is made inline,
-        # from the strategy's own seeded source, so it replays exactly as a pick() would.
-        rand = self.strategy.uniform_source()
+        # from the strategy's own seeded source, so it replays exactly as next_task() would.
+        rand: Callable[[], float] | None = getattr(self.strategy, "uniform", None)
         if self.count_preemptions or self.trace is not None:
             if rand is not None:
                 pick = _uniform_pick(rand)
@@ -254,7 +261,10 @@ class Executor:
         for _ in range(self.max_steps):
             if not enabled and not self._unstick():
                 return
-            t = enabled[int(rand() * len(enabled))] if rand is not None else pick(enabled, cur)
+            if rand is not None:
+                t = enabled[int(rand() * len(enabled))]
+            else:
+                t = pick(enabled, cur, cur is not None and cur.pending is YIELDING)
             if t is not cur:
                 cur = t
                 self.current = t
@@ -283,9 +293,9 @@ class Executor:
                     enabled.remove(t)
         self._livelock()
 
-    def _counted(self, pick: Callable[[list[Task], Task | None], Task]) -> Callable[[list[Task], Task | None], Task]:
-        def counted(enabled: list[Task], cur: Task | None) -> Task:
-            t = pick(enabled, cur)
+    def _counted(self, pick: _Pick) -> _Pick:
+        def counted(enabled: list[Task], cur: Task | None, yielding: bool) -> Task:
+            t = pick(enabled, cur, yielding)
             if t is not cur and cur is not None and cur.enabled and cur.pending is not YIELDING:
                 self.preemptions += 1
                 self.preempted_at.append(len(self.choices))
@@ -293,12 +303,12 @@ class Executor:
 
         return counted
 
-    def _traced(self, pick: Callable[[list[Task], Task | None], Task]) -> Callable[[list[Task], Task | None], Task]:
+    def _traced(self, pick: _Pick) -> _Pick:
         trace = self.trace
         assert trace is not None
 
-        def traced(enabled: list[Task], cur: Task | None) -> Task:
-            t = pick(enabled, cur)
+        def traced(enabled: list[Task], cur: Task | None, yielding: bool) -> Task:
+            t = pick(enabled, cur, yielding)
             trace.append((self.step + 1, t.tid, "run", t.pending, None))
             return t
 
@@ -315,9 +325,9 @@ class Executor:
             self._fail(
                 "lock_leak",
                 f"lock_leak:{lock.lock_class}",
-                f"task {t.name} ended still holding {lock.name} (taken at {_fmt_site(site)})",
+                f"task {t.name} ended still holding {lock.name} (taken at {fmt_site(site)})",
                 t,
-                {"lock": lock.name, "site": _fmt_site(site)},
+                {"lock": lock.name, "site": fmt_site(site)},
             )
             return
         if t.srcu_reads:
@@ -393,7 +403,7 @@ class Executor:
                 return
 
     def _fail_exception(self, t: Task, e: BaseException) -> None:
-        site = _model_site(e)
+        site = model_site(e)
         self._fail(
             "exception",
             f"exception:{type(e).__name__}@{site}",
@@ -425,8 +435,8 @@ class Executor:
                     pass
 
 
-def _uniform_pick(rand: Callable[[], float]) -> Callable[[list[Task], Task | None], Task]:
-    def pick(enabled: list[Task], cur: Task | None) -> Task:
+def _uniform_pick(rand: Callable[[], float]) -> _Pick:
+    def pick(enabled: list[Task], cur: Task | None, yielding: bool) -> Task:
         return enabled[int(rand() * len(enabled))]
 
     return pick
@@ -445,44 +455,6 @@ def _find_cycle(graph: dict[Task, list[Task]]) -> list[Task]:
         if node is not None and node in path:
             return path[path.index(node) :]
     return []
-
-
-def _model_site(e: BaseException) -> str:
-    """The innermost frame of the failing traceback outside the runtime, as file:function."""
-    tb = e.__traceback__
-    site = "?"
-    while tb is not None:
-        code = tb.tb_frame.f_code
-        if not code.co_filename.startswith(_RUNTIME_DIR):
-            site = f"{code.co_filename.rsplit('/', 1)[-1]}:{code.co_name}"
-        tb = tb.tb_next
-    return site
-
-
-def _fmt_site(site: Any) -> str:
-    if site is None:
-        return "?"
-    code, line = site
-    return f"{code.co_filename.rsplit('/', 1)[-1]}:{line} ({code.co_name})"
-
-
-_RUNTIME_DIR = __file__.rsplit("/", 1)[0]
-_runtime_files: dict[str, bool] = {}
-
-
-def caller_site() -> tuple[Any, int] | None:
-    """(code, line) of the model code that called a primitive; cheap enough for every acquire."""
-    f: Any = sys._getframe(2)
-    files = _runtime_files
-    while f is not None:
-        name = f.f_code.co_filename
-        inside = files.get(name)
-        if inside is None:
-            inside = files[name] = name.startswith(_RUNTIME_DIR)
-        if not inside:
-            return (f.f_code, f.f_lineno)
-        f = f.f_back
-    return None
 
 
 class TaskGroup:

@@ -1,32 +1,82 @@
 """Scheduling strategies: who runs next, and which value a nondeterministic draw takes.
 
-A strategy is the small interface Shuttle uses: ``start(index)`` prepares execution number
-`index` (returning False once a systematic strategy has exhausted its space), ``pick(enabled,
-current)`` chooses the next task among the enabled ones, ``draw(kind, n, p)`` chooses a data value,
-and ``end(result)`` lets it learn from the finished execution. Every randomized strategy seeds
-execution `index` from ``(seed, index)`` alone, so an execution is a pure function of its index:
-a campaign finds the same failures however its executions are spread over processes.
+A strategy is Shuttle's three-method scheduler and sees nothing of the run but its arguments:
+
+* ``new_execution(index) -> bool`` prepares execution number `index`; False means a systematic
+  strategy has exhausted its space (DFS backtracks here, over the choices it made itself).
+* ``next_task(runnable, current, is_yielding) -> task`` picks who runs next. `runnable` is sorted
+  by task id; `current` is the task that ran last (None before the first step), still runnable
+  exactly when ``current in runnable``; `is_yielding` says it stopped at a voluntary yield.
+* ``next_value(kind, n, p) -> int`` picks a data value in 0..n-1 (for n == 2, 1 has probability p).
+
+Of a task a strategy reads only the `Runnable` view (id, name, and what its next operation
+touches); it gets no executor reference and counts its own steps. A strategy whose `next_task` is
+exactly ``runnable[int(f() * len(runnable))]`` for a float source `f` may offer `f` as its
+`uniform` attribute: the executor reads that once per execution and makes the same pick inline,
+without a Python call per decision. Every randomized strategy seeds execution `index` from
+``(seed, index)`` alone, so an execution is a pure function of its index: a campaign finds the same
+failures however its executions are spread over processes.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from .failures import ReplayDivergence, ToolError
-from .traps import YIELDING
 
 if TYPE_CHECKING:
-    from .executor import Choice, ExecutionResult, Executor, Task
+    from .executor import Choice
+
+
+class Runnable(Protocol):
+    """What a strategy may read of a task: nothing else, and nothing it may change."""
+
+    @property
+    def tid(self) -> int:
+        """Stable id: the spawn order."""
+        ...
+
+    @property
+    def name(self) -> str:
+        """The task's name, for messages (`vcpu0`, `punch_hole`)."""
+        ...
+
+    @property
+    def target(self) -> object | None:
+        """The object the task's next operation touches (the lock it takes or waits for, the cell it
+        updates), or None: nothing in particular, or a voluntary yield. Two runnable tasks whose
+        targets are the same object race with each other."""
+        ...
+
+
+R = TypeVar("R", bound=Runnable)
+
+
+@runtime_checkable
+class Strategy(Protocol):
+    """The scheduler interface: the executor calls these three methods and nothing else."""
+
+    def new_execution(self, index: int) -> bool:
+        """Prepare execution `index`; False once a systematic strategy has nothing left to try."""
+        ...
+
+    def next_task(self, runnable: Sequence[R], current: R | None, is_yielding: bool) -> R:
+        """The task to run next, one of `runnable` (never empty)."""
+        ...
+
+    def next_value(self, kind: str, n: int, p: float) -> int:
+        """A data value in 0..n-1 for the draw named `kind`."""
+        ...
 
 
 def _rng(seed: int, index: int) -> random.Random:
     return random.Random((seed << 32) ^ index)
 
 
-class Strategy:
-    """Base class: seeded randomness for data draws, and the bookkeeping every strategy shares."""
+class SeededStrategy:
+    """What the bundled strategies share: a per-execution seeded source, data draws, a description."""
 
     name = "strategy"
 
@@ -34,55 +84,46 @@ class Strategy:
         self.seed = seed
         self.index = 0
         self.rng = _rng(seed, 0)
-        self.exe: Executor | None = None
 
-    def start(self, index: int) -> bool:
+    def new_execution(self, index: int) -> bool:
         self.index = index
         self.rng = _rng(self.seed, index)
         return True
 
-    def begin(self, exe: Executor) -> None:
-        self.exe = exe
-
-    def pick(self, enabled: Sequence[Task], current: Task | None) -> Task:
+    def next_task(self, runnable: Sequence[R], current: R | None, is_yielding: bool) -> R:
         raise NotImplementedError
 
-    def draw(self, kind: str, n: int, p: float) -> int:
+    def next_value(self, kind: str, n: int, p: float) -> int:
         if n == 2:
             return 1 if self.rng.random() < p else 0
         return self.rng.randrange(n)
 
-    def end(self, result: ExecutionResult) -> None:
-        pass
-
-    def uniform_source(self) -> Callable[[], float] | None:
-        """If this execution picks uniformly at random, the float source it picks with.
-
-        The executor then makes the pick itself, ``enabled[int(source() * len(enabled))]``,
-        which is exactly what ``pick`` would do, without a Python call per decision.
-        """
+    @property
+    def uniform(self) -> Callable[[], float] | None:
+        """The float source of a uniform random pick, if that is what `next_task` does."""
         return None
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "seed": self.seed}
 
 
-class RandomStrategy(Strategy):
-    """Uniform random walk: each decision picks an enabled task uniformly."""
+class RandomStrategy(SeededStrategy):
+    """Uniform random walk: each decision picks a runnable task uniformly."""
 
     name = "random"
 
-    def pick(self, enabled: Sequence[Task], current: Task | None) -> Task:
-        return enabled[int(self.rng.random() * len(enabled))]
+    def next_task(self, runnable: Sequence[R], current: R | None, is_yielding: bool) -> R:
+        return runnable[int(self.rng.random() * len(runnable))]
 
-    def uniform_source(self) -> Callable[[], float] | None:
+    @property
+    def uniform(self) -> Callable[[], float] | None:
         return self.rng.random
 
 
-class PCTStrategy(Strategy):
+class PCTStrategy(SeededStrategy):
     """Probabilistic Concurrency Testing (Burckhardt et al., ASPLOS 2010).
 
-    Tasks get distinct random priorities >= depth; the highest-priority enabled task always runs.
+    Tasks get distinct random priorities >= depth; the highest-priority runnable task always runs.
     At depth-1 change points drawn uniformly from the first `steps` steps the running task drops to
     a priority below every initial one. A bug of depth d among n tasks and k steps is found with
     probability at least 1/(n*k^(d-1)) per execution. `steps` is the expected execution length;
@@ -99,32 +140,35 @@ class PCTStrategy(Strategy):
         self.steps = max(1, steps)
         self._prio: dict[int, float] = {}
         self._changes: dict[int, int] = {}
+        self._d = depth
+        self._step = 0
 
     def _depth_for(self, index: int) -> int:
         return self.depth
 
-    def start(self, index: int) -> bool:
-        super().start(index)
+    def new_execution(self, index: int) -> bool:
+        super().new_execution(index)
         d = self._depth_for(index)
         self._prio = {}
         points = self.rng.sample(range(1, self.steps + 1), min(d - 1, self.steps))
         # The j-th change point lowers the running task to d-1-j: later changes go lower still.
         self._changes = {step: d - 1 - j for j, step in enumerate(sorted(points))}
         self._d = d
+        self._step = 0
         return True
 
-    def pick(self, enabled: Sequence[Task], current: Task | None) -> Task:
+    def next_task(self, runnable: Sequence[R], current: R | None, is_yielding: bool) -> R:
         prio = self._prio
-        assert self.exe is not None
-        low = self._changes.get(self.exe.step + 1)
+        self._step = step = self._step + 1
+        low = self._changes.get(step)
         if low is not None and current is not None:
             prio[current.tid] = low
-        if current is not None and current.pending is YIELDING and len(enabled) > 1:
+        if current is not None and is_yielding and len(runnable) > 1:
             # A voluntary yield goes below everyone else (priorities stay distinct).
             prio[current.tid] = min(prio.values(), default=0.0) - 1.0
         best = None
         best_p = float("-inf")
-        for t in enabled:
+        for t in runnable:
             p = prio.get(t.tid)
             if p is None:
                 p = prio[t.tid] = self._d + self.rng.random()
@@ -146,58 +190,64 @@ class IterativePCTStrategy(PCTStrategy):
         return 1 + index % self.depth
 
 
-class POSStrategy(Strategy):
+class POSStrategy(SeededStrategy):
     """Partial-order sampling (Yuan, Yang, Gu; CAV 2018).
 
-    Every pending operation carries a random priority and the highest enabled one runs. After it
+    Every pending operation carries a random priority and the highest runnable one runs. After it
     runs, the operations of other tasks that touch the same object (they race with it) get fresh
     priorities, and so does the runner's next operation. Independent operations keep their order,
     which spreads probability over partial orders instead of over interleavings.
+
+    A priority belongs to one operation: a task keeps it only until it runs, so the object an
+    operation touches is read once, when its priority is drawn, and remembered (by identity)
+    beside it. That covers the tasks blocked on the object too, which are not runnable.
     """
 
     name = "pos"
 
-    def start(self, index: int) -> bool:
-        super().start(index)
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__(seed)
         self._prio: dict[int, float] = {}
+        self._touches: dict[int, int] = {}
+
+    def new_execution(self, index: int) -> bool:
+        super().new_execution(index)
+        self._prio = {}
+        # tid -> id() of what the prioritized operation touches; the operation keeps it alive.
+        self._touches = {}
         return True
 
-    def pick(self, enabled: Sequence[Task], current: Task | None) -> Task:
+    def next_task(self, runnable: Sequence[R], current: R | None, is_yielding: bool) -> R:
         prio = self._prio
+        touches = self._touches
         rand = self.rng.random
         best = None
         best_p = float("-inf")
-        for t in enabled:
+        for t in runnable:
             p = prio.get(t.tid)
             if p is None:
                 # A spinning task redraws at every step, so it cannot starve the task it waits for.
                 p = prio[t.tid] = rand()
+                touches[t.tid] = id(t.target)
             if p > best_p:
                 best, best_p = t, p
         assert best is not None
-        obj = _target(best.pending)
+        obj = best.target
         del prio[best.tid]
         if obj is not None:
-            for t in enabled:
-                if t is not best and _target(t.pending) is obj:
-                    prio.pop(t.tid, None)
-            for t in getattr(obj, "_waiters", ()):
-                prio.pop(t.tid, None)
+            key = id(obj)
+            for tid in [tid for tid in prio if touches[tid] == key]:
+                del prio[tid]
         return best
 
 
-def _target(pending: Any) -> Any:
-    if type(pending) is tuple:
-        return pending[0]
-    return None if pending is YIELDING else pending
-
-
-class DFSStrategy(Strategy):
+class DFSStrategy(SeededStrategy):
     """Bounded depth-first search over all schedules with at most `preemptions` preemptions.
 
     A preemption is switching away from a task that could have continued. Data draws are
-    explored exhaustively too. ``start`` returns False once the bounded space is exhausted; the
-    campaign reports that the program is correct up to the bound.
+    explored exhaustively too. ``new_execution`` backtracks over the previous execution's choices
+    and returns False once the bounded space is exhausted; the campaign reports that the program
+    is correct up to the bound.
     """
 
     name = "dfs"
@@ -211,11 +261,26 @@ class DFSStrategy(Strategy):
         self._pre = 0
         self.exhausted = False
 
-    def start(self, index: int) -> bool:
-        super().start(index)
+    def new_execution(self, index: int) -> bool:
+        super().new_execution(index)
+        if self._pos:
+            self._backtrack()
         self._pos = 0
         self._pre = 0
         return not self.exhausted
+
+    def _backtrack(self) -> None:
+        """Advance to the next schedule: the deepest decision of the last one with an untried option."""
+        stack = self._stack
+        del stack[self._pos :]
+        while stack:
+            entry = stack[-1]
+            entry[1] += 1
+            cost = entry[2] + (1 if entry[3] else 0)
+            if entry[1] < len(entry[0]) and cost <= self.bound:
+                return
+            stack.pop()
+        self.exhausted = True
 
     def _decide(self, options: list[int], costly: bool) -> int:
         stack = self._stack
@@ -233,48 +298,40 @@ class DFSStrategy(Strategy):
             self._pre += 1
         return int(entry[0][entry[1]])
 
-    def pick(self, enabled: Sequence[Task], current: Task | None) -> Task:
-        if current is not None and current.enabled and current.pending is YIELDING:
+    def next_task(self, runnable: Sequence[R], current: R | None, is_yielding: bool) -> R:
+        running = current is not None and current in runnable
+        if running and is_yielding:
+            assert current is not None
             # Switching away from a voluntary yield is free, and the default.
-            options = [t.tid for t in enabled if t is not current] + [current.tid]
+            options = [t.tid for t in runnable if t is not current] + [current.tid]
             costly = False
-        elif current is not None and current.enabled:
-            options = [current.tid] + [t.tid for t in enabled if t is not current]
+        elif running:
+            assert current is not None
+            options = [current.tid] + [t.tid for t in runnable if t is not current]
             costly = len(options) > 1
         else:
-            options = [t.tid for t in enabled]
+            options = [t.tid for t in runnable]
             costly = False
         tid = self._decide(options, costly)
-        for t in enabled:
+        for t in runnable:
             if t.tid == tid:
                 return t
         raise AssertionError("unreachable")
 
-    def draw(self, kind: str, n: int, p: float) -> int:
+    def next_value(self, kind: str, n: int, p: float) -> int:
         return self._decide(list(range(n)), False)
-
-    def end(self, result: ExecutionResult) -> None:
-        stack = self._stack
-        del stack[self._pos :]
-        while stack:
-            entry = stack[-1]
-            entry[1] += 1
-            cost = entry[2] + (1 if entry[3] else 0)
-            if entry[1] < len(entry[0]) and cost <= self.bound:
-                return
-            stack.pop()
-        self.exhausted = True
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "seed": self.seed, "preemptions": self.bound}
 
 
-class ReplayStrategy(Strategy):
+class ReplayStrategy(SeededStrategy):
     """Follows a recorded choice stream.
 
     Strict replay (the default) refuses any choice that no longer fits: a task that is not
-    enabled, a data draw where a task choice was recorded (or the reverse), or a stream that ends
-    early. Lenient replay, used by the shrinker, falls back to the non-preemptive choice instead
+    runnable, a data draw where a task choice was recorded (or the reverse), or a stream that ends
+    early; after the run, the driver calls ``check_consumed()`` to refuse a stream that was not
+    used up. Lenient replay, used by the shrinker, falls back to the non-preemptive choice instead
     (keep running the current task, else the lowest id; draw 0), so an edited stream still yields
     a complete, strictly replayable execution.
     """
@@ -286,10 +343,12 @@ class ReplayStrategy(Strategy):
         self.choices = list(choices)
         self.strict = strict
         self._i = 0
+        self._step = 0
 
-    def start(self, index: int) -> bool:
-        super().start(index)
+    def new_execution(self, index: int) -> bool:
+        super().new_execution(index)
         self._i = 0
+        self._step = 0
         return True
 
     def _next(self) -> Choice | None:
@@ -299,48 +358,52 @@ class ReplayStrategy(Strategy):
             return self.choices[i]
         return None
 
-    def _diverge(self, message: str) -> None:
-        step = self.exe.step + 1 if self.exe is not None else self._i
-        raise ReplayDivergence(step, message)
-
-    def pick(self, enabled: Sequence[Task], current: Task | None) -> Task:
+    def next_task(self, runnable: Sequence[R], current: R | None, is_yielding: bool) -> R:
+        self._step += 1
         c = self._next()
         if type(c) is int:
-            for t in enabled:
+            for t in runnable:
                 if t.tid == c:
                     return t
             if self.strict:
-                names = ", ".join(t.name for t in enabled)
-                self._diverge(f"recorded task {c} is not enabled (enabled: {names})")
+                names = ", ".join(t.name for t in runnable)
+                raise ReplayDivergence(self._step, f"recorded task {c} is not enabled (enabled: {names})")
         elif self.strict:
             if c is None:
-                self._diverge(f"the schedule ended after {len(self.choices)} choices but tasks remain")
-            self._diverge("recorded a data draw where the program asks which task runs")
-        if current is not None and current.enabled and current.pending is not YIELDING:
+                raise ReplayDivergence(
+                    self._step, f"the schedule ended after {len(self.choices)} choices but tasks remain"
+                )
+            raise ReplayDivergence(self._step, "recorded a data draw where the program asks which task runs")
+        if current is not None and not is_yielding and current in runnable:
             return current
-        for t in enabled:
+        for t in runnable:
             if t is not current:
                 return t
-        return enabled[0]
+        return runnable[0]
 
-    def draw(self, kind: str, n: int, p: float) -> int:
+    def next_value(self, kind: str, n: int, p: float) -> int:
         c = self._next()
+        # A draw happens inside the step now running, which the report numbers one past it.
+        step = self._step + 1
         if type(c) is tuple:
             value = c[0]
             if 0 <= value < n:
                 return value
             if self.strict:
-                self._diverge(f"recorded value {value} for a draw of {kind} with {n} outcomes")
+                raise ReplayDivergence(step, f"recorded value {value} for a draw of {kind} with {n} outcomes")
         elif self.strict:
             if c is None:
-                self._diverge(f"the schedule ended after {len(self.choices)} choices but {kind} is drawn")
-            self._diverge(f"recorded a task choice where the program draws {kind}")
+                raise ReplayDivergence(
+                    step, f"the schedule ended after {len(self.choices)} choices but {kind} is drawn"
+                )
+            raise ReplayDivergence(step, f"recorded a task choice where the program draws {kind}")
         return 0
 
-    def end(self, result: ExecutionResult) -> None:
+    def check_consumed(self) -> None:
+        """After the run: a strict replay must have followed the whole recorded stream."""
         if self.strict and self._i < len(self.choices):
             raise ReplayDivergence(
-                result.steps,
+                self._step,
                 f"the execution ended after {self._i} of {len(self.choices)} recorded choices",
             )
 
@@ -348,41 +411,35 @@ class ReplayStrategy(Strategy):
         return {"name": self.name}
 
 
-class PortfolioStrategy(Strategy):
+class PortfolioStrategy(SeededStrategy):
     """Rotates its member strategies over executions: execution i uses member i mod n."""
 
     name = "portfolio"
 
-    def __init__(self, members: Sequence[Strategy], seed: int = 0) -> None:
+    def __init__(self, members: Sequence[SeededStrategy], seed: int = 0) -> None:
         super().__init__(seed)
         if not members:
             raise ValueError("a portfolio needs at least one strategy")
         self.members = list(members)
         self._active = self.members[0]
 
-    def start(self, index: int) -> bool:
+    def new_execution(self, index: int) -> bool:
         self.index = index
         self._active = self.members[index % len(self.members)]
-        return self._active.start(index // len(self.members))
+        return self._active.new_execution(index // len(self.members))
 
-    def begin(self, exe: Executor) -> None:
-        self._active.begin(exe)
-        self.exe = exe
+    def next_task(self, runnable: Sequence[R], current: R | None, is_yielding: bool) -> R:
+        return self._active.next_task(runnable, current, is_yielding)
 
-    def pick(self, enabled: Sequence[Task], current: Task | None) -> Task:
-        return self._active.pick(enabled, current)
-
-    def draw(self, kind: str, n: int, p: float) -> int:
-        return self._active.draw(kind, n, p)
-
-    def end(self, result: ExecutionResult) -> None:
-        self._active.end(result)
-
-    def uniform_source(self) -> Callable[[], float] | None:
-        return self._active.uniform_source()
+    def next_value(self, kind: str, n: int, p: float) -> int:
+        return self._active.next_value(kind, n, p)
 
     @property
-    def active(self) -> Strategy:
+    def uniform(self) -> Callable[[], float] | None:
+        return self._active.uniform
+
+    @property
+    def active(self) -> SeededStrategy:
         return self._active
 
     def describe(self) -> dict[str, Any]:
@@ -399,7 +456,7 @@ def make_strategy(
     depth: int = 3,
     steps: int = 1000,
     preemptions: int = 2,
-) -> Strategy:
+) -> SeededStrategy:
     """Build a strategy by name with its knobs (the names the CLI and schedule files use)."""
     if name == "random":
         return RandomStrategy(seed)

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 from . import traps
-from .executor import caller_site
 from .failures import Violation
+from .sites import caller_site, fmt_site
 
 T = TypeVar("T")
 
@@ -36,18 +36,11 @@ def might_sleep(what: str = "might_sleep()") -> None:
             raise Violation(
                 "atomic_sleep",
                 f"BUG: sleeping function called from invalid context: {what} while holding "
-                f"{lock.name} (taken at {_site(site)})",
+                f"{lock.name} (taken at {fmt_site(site)})",
                 signature=f"atomic_sleep:{lock.lock_class}",
                 lock=lock.name,
-                site=_site(site),
+                site=fmt_site(site),
             )
-
-
-def _site(site: Any) -> str:
-    if site is None:
-        return "?"
-    code, line = site
-    return f"{code.co_filename.rsplit('/', 1)[-1]}:{line} ({code.co_name})"
 
 
 class _Waitable:
@@ -393,7 +386,7 @@ class SRCU(_Waitable):
             if s is self:
                 raise Violation(
                     "srcu_deadlock",
-                    f"synchronize_srcu({self.name}) inside its own read section (entered at {_site(site)})",
+                    f"synchronize_srcu({self.name}) inside its own read section (entered at {fmt_site(site)})",
                     signature=f"srcu_deadlock:{self.lock_class}",
                     lock=self.name,
                 )

@@ -1,175 +1,303 @@
-"""The x86 arch layer generic KVM calls into (the model's ``kvm_x86_ops`` plus x86.c/mmu.c hooks).
+"""x86 KVM (arch/x86/kvm/x86.c): the arch slots generic KVM calls, KVM_RUN and the guest's accesses.
 
-Generic code (``asyncvm/kvm``) never reaches into the MMU or a vendor; it calls these methods.
-Vendors (TDX, SEV-SNP) subclass this and override the hooks they implement.
+``kvm_x86_arch_ops()`` fills generic KVM's slot table (``kvm/arch.py``) with the x86 functions
+below; they reach the MMU directly and a vendor only through its ``kvm_x86_ops`` table
+(``ops.py``). ``vm.arch`` is ``struct kvm_arch`` (:class:`KvmX86`) and ``vcpu.arch`` is
+``struct kvm_vcpu_arch`` (:class:`KvmVcpuArch`); vendor state hangs off them and is reached with
+the vendor's typed accessors (``to_kvm_tdx(vm)``, ``to_tdx(vcpu)``, ``to_kvm_sev(vm)``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from .. import uapi
-from ..kvm.invalidate import (
-    KVM_FILTER_PRIVATE,
-    KVM_FILTER_SHARED,
-    GfnRange,
-    Invalidation,
-    kvm_mmu_invalidate_range_add,
-)
+from ..kvm.arch import KvmArchOps
 from ..runtime import traps
-from .mmu.tdp_mmu import PAGES, TdpMmu, align
+from ..runtime.failures import Violation
+from ..runtime.sync import signal_pending, spin_yield
+from ..uapi import PAGE_SHIFT, PAGE_SIZE, KvmError
+from .mmu import mmu
+from .mmu.fault import (
+    PFERR_GUEST_FINAL_MASK,
+    PFERR_PRIVATE_ACCESS,
+    PFERR_WRITE_MASK,
+    RET_PF_EMULATE,
+    RET_PF_RETRY,
+    kvm_mmu_do_page_fault,
+)
+from .mmu.mmu import VcpuMmu
+from .mmu.prefault import kvm_arch_vcpu_pre_fault_memory
+from .mmu.tdp_mmu import TdpMmu
+from .ops import KvmX86Ops
+from .trace import trace_kvm_guest_access
 
 if TYPE_CHECKING:
     from ..host.pages import Folio
-    from ..kvm.memslots import Memslot
-    from ..kvm.vcpu import Vcpu
+    from ..kvm.vcpu import GuestAccess, Vcpu
     from ..kvm.vm import Vm
-    from .mmu.tdp_mmu import Leaf, Root
+
+PRIVATE_MEM_VM_TYPES = (uapi.KVM_X86_SW_PROTECTED_VM, uapi.KVM_X86_SNP_VM, uapi.KVM_X86_TDX_VM)
 
 
-class X86Arch:
-    """x86 with a TDP MMU: the default and SW-protected VM types."""
+class KvmX86:
+    """``struct kvm_arch`` (x86): the TDP MMU, the vendor's table and the vendor's own state."""
 
-    has_mirrored_tdp = False
-    #: the tdp_enabled module parameter (False: shadow paging, where pre-fault is unsupported)
-    tdp_enabled = True
-    #: KVM_X86_QUIRK_SLOT_ZAP_ALL (default on): memslot deletion on a default VM zaps everything
-    slot_zap_all_quirk = True
-
-    def __init__(self, vm: Vm) -> None:
-        self.vm = vm
+    def __init__(self, vm: Vm, ops: KvmX86Ops) -> None:
+        self.vm_type = vm.type
+        self.kvm_x86_ops = ops
         self.mmu = TdpMmu(vm)
-        self._pre_fault_allowed = False
+        #: kvm->arch.has_private_mem (6.8+)
+        self.has_private_mem = vm.type in PRIVATE_MEM_VM_TYPES
+        #: kvm_has_mirrored_tdp(): TDX VMs map private memory through a mirror root
+        self.has_mirrored_tdp = vm.type == uapi.KVM_X86_TDX_VM
+        #: kvm->arch.pre_fault_allowed: default and SW-protected VMs at once, CoCo VMs once launched
+        self.pre_fault_allowed = vm.type in (uapi.KVM_X86_DEFAULT_VM, uapi.KVM_X86_SW_PROTECTED_VM)
+        #: kvm->arch.gfn_direct_bits: the TDX shared bit as a gfn mask (0 elsewhere)
+        self.gfn_direct_bits = 0
+        #: the tdp_enabled module parameter (False: shadow paging, where pre-fault is unsupported)
+        self.tdp_enabled = True
+        #: KVM_X86_QUIRK_SLOT_ZAP_ALL (default on): memslot deletion on a default VM zaps everything
+        self.slot_zap_all_quirk = True
+        #: ``struct kvm_tdx`` / ``struct kvm_sev_info``, set by the vendor's vm_init
+        self.vendor: Any = None
 
-    # -- VM lifecycle --------------------------------------------------------------------
-    def vm_init(self, vm: Vm) -> None:
-        """x86.c: kvm_arch_init_vm(): pre-fault is allowed at once for default and SW-protected VMs."""
-        self._pre_fault_allowed = vm.type in (uapi.KVM_X86_DEFAULT_VM, uapi.KVM_X86_SW_PROTECTED_VM)
+    @property
+    def tdx_module(self) -> Any:
+        return self.vendor.module if self.vm_type == uapi.KVM_X86_TDX_VM else None
 
-    def pre_fault_allowed(self, vm: Vm) -> bool:
-        return self._pre_fault_allowed
+    @property
+    def snp_firmware(self) -> Any:
+        return self.vendor.firmware if self.vm_type == uapi.KVM_X86_SNP_VM else None
 
-    def has_private_mem(self, vm: Vm) -> bool:
-        """kvm_arch_has_private_mem()"""
-        return vm.type in (uapi.KVM_X86_SW_PROTECTED_VM, uapi.KVM_X86_SNP_VM, uapi.KVM_X86_TDX_VM)
 
-    def gfn_direct_bits(self, vm: Vm) -> int:
-        """kvm_gfn_direct_bits(): the TDX shared bit as a gfn mask; 0 elsewhere."""
-        return 0
+class KvmVcpuArch:
+    """``struct kvm_vcpu_arch``: the vCPU's MMU and the vendor's per-vCPU state."""
 
-    def is_gfn_alias(self, vm: Vm, gfn: int) -> bool:
-        """kvm_is_gfn_alias()"""
-        bits = self.gfn_direct_bits(vm)
-        return bool(bits and gfn & bits)
+    def __init__(self, vcpu: Vcpu) -> None:
+        self.mmu = VcpuMmu(vcpu)
+        #: ``struct vcpu_tdx``, set by the vendor's vcpu_create
+        self.vendor: Any = None
 
-    def private_max_mapping_level(self, vm: Vm) -> int:
-        """guest_memfd reports max_order 0 in mainline: private memory maps 4K."""
-        return 1
 
-    def guest_access_is_private(self, vm: Vm, access: Any) -> bool:
-        """How the guest reaches a gpa: SW-protected VMs fault per the current attribute."""
-        return vm.type != uapi.KVM_X86_DEFAULT_VM and vm.mem_is_private(access.gpa >> 12)
+# -- VM and vCPU lifecycle -----------------------------------------------------------------------
+def kvm_arch_init_vm(vm: Vm, vendors: Mapping[int, KvmX86Ops]) -> KvmX86:
+    """x86.c: kvm_arch_init_vm(): the VM's arch state, then the vendor's vm_init()."""
+    arch = vm.arch = KvmX86(vm, vendors[vm.type])
+    arch.vendor = arch.kvm_x86_ops.vm_init(vm)
+    return arch
 
-    def check_guest_access(self, vm: Vm, folio: Folio, pfn: int, private: bool) -> None:
-        """Vendor checks on a guest access that reached a pfn (RMP, S-EPT state)."""
 
-    async def before_guest_access(self, vcpu: Vcpu, gfn: int, private: bool) -> None:
-        """What the guest does before touching a page (a TD accepts PENDING pages)."""
+def kvm_arch_vcpu_create(vcpu: Vcpu) -> KvmVcpuArch:
+    """x86.c: kvm_arch_vcpu_create(): the MMU context, then the vendor's vcpu_create()."""
+    arch = vcpu.arch = KvmVcpuArch(vcpu)
+    arch.vendor = vcpu.vm.arch.kvm_x86_ops.vcpu_create(vcpu)
+    return arch
 
-    def vcpu_unlocked_ioctls(self) -> frozenset[str]:
-        """Vendor vCPU sub-commands run before vcpu->mutex (kvm_arch_vcpu_unlocked_ioctl())."""
-        return frozenset()
 
-    def vcpu_pre_run(self, vcpu: Vcpu) -> int:
-        """0 if KVM_RUN may enter the guest, else -errno."""
-        return 0
+def kvm_vm_ioctl_check_extension(vm: Vm, cap: int) -> int:
+    """x86.c: kvm_vm_ioctl_check_extension(): the x86 capabilities the model implements."""
+    if cap == uapi.KVM_CAP_PRE_FAULT_MEMORY:
+        return int(vm.arch.tdp_enabled)
+    return 0
 
-    def at_quiescence(self, vm: Vm) -> None:
-        """Vendor oracles that look at the final state (S-EPT coherence, RMP)."""
 
-    def vcpu_precreate(self, vm: Vm) -> int:
-        return 0
+# -- KVM_MEMORY_ENCRYPT_OP -------------------------------------------------------------------------
+async def kvm_arch_vm_mem_enc_ioctl(vm: Vm, cmd: Any, payload: Any, vendors: Mapping[type, KvmX86Ops]) -> None:
+    """x86.c: kvm_arch_vm_ioctl(KVM_MEMORY_ENCRYPT_OP) -> kvm_x86_ops.mem_enc_ioctl.
 
-    def vcpu_create(self, vcpu: Vcpu) -> None:
-        from .mmu.mmu import VcpuMmu
+    The model carries both hosts: a command goes to the vendor whose uAPI struct it is
+    (``kvm_tdx_cmd`` to vt_mem_enc_ioctl(), ``kvm_sev_cmd`` to sev_mem_enc_ioctl()), which then
+    refuses a VM that is not its own with that vendor's errno.
+    """
+    handler = vendors[type(cmd)].mem_enc_ioctl
+    if handler is None:
+        raise KvmError(uapi.ENOTTY, "no KVM_MEMORY_ENCRYPT_OP on this host")
+    await handler(vm, cmd, payload)
 
-        vcpu.arch = VcpuMmu(vcpu)
 
-    # -- invalidation hooks ----------------------------------------------------------------
-    async def unmap_gfn_range(self, vm: Vm, rng: GfnRange) -> bool:
-        """mmu.c: kvm_unmap_gfn_range() (6.8+): zap TDP MMU leaves per the filter."""
-        return await self.mmu.unmap_gfn_range(rng.start, rng.end, rng.attr_filter, rng.may_block)
+async def kvm_arch_vcpu_unlocked_ioctl(vcpu: Vcpu, cmd: Any, payload: Any) -> int:
+    """x86.c: kvm_arch_vcpu_unlocked_ioctl() (6.18+): the vendor's commands that take their own locks."""
+    handler = vcpu.vm.arch.kvm_x86_ops.vcpu_mem_enc_unlocked_ioctl
+    if handler is None:
+        return -uapi.ENOIOCTLCMD
+    return await handler(vcpu, cmd, payload)
 
-    def flush_remote_tlbs(self, vm: Vm) -> None:
-        traps.emit("tlb_flush", vm)
 
-    async def flush_shadow_memslot(self, vm: Vm, slot: Memslot) -> None:
-        """x86.c: kvm_arch_flush_shadow_memslot(): zap-all-fast (default VM quirk) or the slot's range."""
-        if vm.type == uapi.KVM_X86_DEFAULT_VM and self.slot_zap_all_quirk:
-            await self.kvm_mmu_zap_all_fast(vm)
-        else:
-            await self.kvm_mmu_zap_memslot(vm, slot)
+async def kvm_arch_vcpu_mem_enc_ioctl(vcpu: Vcpu, cmd: Any, payload: Any) -> None:
+    """x86.c: kvm_arch_vcpu_ioctl(KVM_MEMORY_ENCRYPT_OP): -ENOTTY if the vendor has none (AMD)."""
+    handler = vcpu.vm.arch.kvm_x86_ops.vcpu_mem_enc_ioctl
+    if handler is None:
+        raise KvmError(uapi.ENOTTY, f"no vCPU KVM_MEMORY_ENCRYPT_OP on a {uapi.vm_type_name(vcpu.vm.type)} host")
+    await handler(vcpu, cmd, payload)
 
-    async def kvm_mmu_zap_memslot(self, vm: Vm, slot: Memslot) -> None:
-        """mmu.c: kvm_mmu_zap_memslot(): unmap the slot's gfns, private and shared, under write lock."""
-        await vm.mmu_lock.write_lock()
-        try:
-            rng = GfnRange(slot.base_gfn, slot.end_gfn, slot, KVM_FILTER_PRIVATE | KVM_FILTER_SHARED, True)
-            if await self.unmap_gfn_range(vm, rng):
-                self.flush_remote_tlbs(vm)
-        finally:
-            await vm.mmu_lock.write_unlock()
 
-    async def kvm_mmu_zap_all_fast(self, vm: Vm) -> None:
-        """mmu.c: kvm_mmu_zap_all_fast(): invalidate the direct roots, kick vCPUs, zap them shared."""
-        await vm.mmu_lock.write_lock()
-        try:
-            self.mmu.mmu_valid_gen += 1
-            self.mmu.invalidate_roots(mirror=False)
-            for vcpu in vm.vcpus.values():
-                vcpu.make_request("KVM_REQ_MMU_FREE_OBSOLETE_ROOTS")
-        finally:
-            await vm.mmu_lock.write_unlock()
-        await vm.mmu_lock.read_lock()
-        try:
-            await self.mmu.zap_invalidated_roots()
-        finally:
-            await vm.mmu_lock.read_unlock()
+# -- guest_memfd hooks ------------------------------------------------------------------------------
+async def kvm_arch_gmem_prepare(vm: Vm, pfn: int, gfn: int, order: int) -> int:
+    """x86.c: kvm_arch_gmem_prepare() -> kvm_x86_ops.gmem_prepare (SEV-SNP only)."""
+    prepare = vm.arch.kvm_x86_ops.gmem_prepare
+    return 0 if prepare is None else await prepare(vm, pfn, gfn, order)
 
-    async def pre_set_memory_attributes(self, vm: Vm, inv: Invalidation, rng: GfnRange, attributes: int) -> bool:
-        """mmu.c: kvm_arch_pre_set_memory_attributes(): widen to partial hugepages, zap the old kind."""
-        slot = rng.slot
-        for level in (2, 3):
-            span = PAGES[level]
-            for edge in (rng.start, rng.end - 1):
-                base = align(edge, level)
-                if slot is not None and base >= slot.base_gfn and base + span <= slot.end_gfn:
-                    if not (rng.start <= base and base + span <= rng.end):
-                        kvm_mmu_invalidate_range_add(vm, inv, base, base + span)
-        to_private = bool(attributes & uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
-        flt = KVM_FILTER_SHARED if to_private else KVM_FILTER_PRIVATE
-        return await self.unmap_gfn_range(vm, GfnRange(rng.start, rng.end, slot, flt, True))
 
-    async def post_set_memory_attributes(self, vm: Vm, rng: GfnRange, attributes: int) -> None:
-        """mmu.c: kvm_arch_post_set_memory_attributes(): the model derives "mixed" from the
-        attribute map itself when a fault sizes its mapping, so there is no lpage_info to update."""
-        await traps.point(vm.mmu_lock)
+def kvm_arch_gmem_invalidate(vm: Vm, folio: Folio) -> None:
+    """x86.c: kvm_arch_gmem_invalidate() -> kvm_x86_ops.gmem_invalidate (SEV-SNP only)."""
+    invalidate = vm.arch.kvm_x86_ops.gmem_invalidate
+    if invalidate is not None:
+        invalidate(vm, folio)
 
-    # -- guest_memfd hooks -------------------------------------------------------------------
-    async def gmem_prepare(self, vm: Vm, pfn: int, gfn: int, order: int) -> int:
-        """kvm_arch_gmem_prepare(): nothing to do outside SEV-SNP."""
-        return 0
 
-    def gmem_free_folio_hook(self, vm: Vm) -> Callable[[Folio], None] | None:
-        """kvm_arch_gmem_invalidate() on free_folio: nothing outside SEV-SNP."""
+def kvm_flush_remote_tlbs(vm: Vm) -> None:
+    """virt/kvm/kvm_main.c: kvm_flush_remote_tlbs() (the model has no TLBs: an event)."""
+    traps.emit("tlb_flush", vm)
+
+
+# -- KVM_RUN and the guest ----------------------------------------------------------------------------
+async def kvm_arch_vcpu_ioctl_run(vcpu: Vcpu) -> list[bytes]:
+    """x86.c: vcpu_run() for the model's guest programs: enter, access, fault, retry, exit."""
+    vm = vcpu.vm
+    arch = vm.arch
+    ops = arch.kvm_x86_ops
+    mmu_ctx = vcpu.arch.mmu
+    reads: list[bytes] = []
+    vcpu.kvm_run.exit_reason = uapi.KVM_EXIT_UNKNOWN
+    r = ops.vcpu_pre_run(vcpu)
+    if r:
+        raise KvmError(-r, "the vCPU cannot run in this state")
+    idx = await vm.srcu.read_lock()
+    try:
+        while vcpu.pc < len(vcpu.program):
+            if signal_pending():
+                vcpu.kvm_run.exit_reason = uapi.KVM_EXIT_INTR
+                raise KvmError(uapi.EINTR, "signal pending in KVM_RUN")
+            if vm.dead:
+                raise KvmError(uapi.EIO, "VM is dead")
+            # vcpu_enter_guest(): pending requests, a valid root, then the guest runs.
+            if vcpu.check_request("KVM_REQ_MMU_FREE_OBSOLETE_ROOTS"):
+                await mmu_ctx.kvm_mmu_free_obsolete_roots()
+            r = (
+                await mmu_ctx.kvm_mmu_load()
+                if mmu_ctx.root is None or (arch.has_mirrored_tdp and mmu_ctx.mirror_root is None)
+                else 0
+            )
+            if r:
+                raise KvmError(-r, "kvm_mmu_load")
+            access = vcpu.program[vcpu.pc]
+            gfn = (access.gpa >> PAGE_SHIFT) & ~arch.gfn_direct_bits
+            private = access.private
+            if private is None:
+                private = guest_access_is_private(vm, access)
+            await traps.point(vcpu)  # the guest executes the access
+            if ops.guest_before_access is not None:
+                await ops.guest_before_access(vcpu, gfn, private)
+            data = guest_access(vcpu, access, gfn, private)
+            if data is not None:
+                if access.op == "read":
+                    reads.append(data)
+                    vcpu.guest_reads.append(data)
+                vcpu.pc += 1
+                continue
+            # EPT violation -> kvm_mmu_page_fault() (not a prefetch); RETRY re-enters the guest.
+            err = PFERR_GUEST_FINAL_MASK
+            if access.op == "write":
+                err |= PFERR_WRITE_MASK
+            if private:
+                err |= PFERR_PRIVATE_ACCESS
+            gpa = access.gpa if private else access.gpa | (arch.gfn_direct_bits << PAGE_SHIFT)
+            r, _level = await kvm_mmu_do_page_fault(vcpu, gpa, err, prefetch=False)
+            if r < 0:
+                if r == -uapi.EAGAIN:
+                    continue
+                raise KvmError(-r, "KVM_RUN page fault")
+            if r == RET_PF_EMULATE:
+                vcpu.kvm_run.exit_reason = uapi.KVM_EXIT_MMIO
+                vcpu.pc += 1
+                return reads
+            if r == RET_PF_RETRY:
+                await spin_yield()  # the guest re-faults at once; the invalidation must get to run
+        vcpu.kvm_run.exit_reason = uapi.KVM_EXIT_HLT
+        return reads
+    finally:
+        await vm.srcu.read_unlock(idx)
+
+
+def guest_access_is_private(vm: Vm, access: GuestAccess) -> bool:
+    """How the guest reaches a gpa: by its shared bit where the VM has one (TDX), else by the
+    gfn's current attribute (SW-protected, SNP); a default VM has no private memory."""
+    gfn = access.gpa >> PAGE_SHIFT
+    if vm.arch.gfn_direct_bits:
+        return not gfn & vm.arch.gfn_direct_bits
+    return vm.type != uapi.KVM_X86_DEFAULT_VM and vm.mem_is_private(gfn)
+
+
+def guest_access(vcpu: Vcpu, access: GuestAccess, gfn: int, private: bool) -> bytes | None:
+    """The hardware walk: through the root for the access kind to the pfn, or None (EPT violation)."""
+    vm = vcpu.vm
+    root = vcpu.arch.mmu.root_for(private)
+    if root is None or root.invalid:
         return None
+    hit = root.leaf_at(gfn)
+    if hit is None:
+        return None
+    _level, leaf = hit
+    if leaf.private != private and not vm.arch.has_mirrored_tdp and vm.arch.has_private_mem:
+        return None
+    if access.op == "write" and not leaf.writable:
+        return None
+    pfn = leaf.pfn(gfn)
+    folio = vm.kvm.allocator.folio_at(pfn)
+    if folio is None or folio.freed:
+        raise Violation(
+            "guest_uaf",
+            f"{vcpu.name} accessed gfn {gfn:#x} through a mapping of freed pfn {pfn:#x}",
+            signature="guest_uaf",
+            gfn=gfn,
+            pfn=pfn,
+        )
+    trace_kvm_guest_access(vcpu, gfn, pfn, private)
+    if not folio.initialized:
+        raise Violation(
+            "stale_host_data",
+            f"{vcpu.name} read gfn {gfn:#x} (pfn {pfn:#x}) before it was zeroed or written: stale host data",
+            signature="stale_host_data",
+            gfn=gfn,
+        )
+    index = pfn - folio.pfn
+    off = access.gpa % PAGE_SIZE
+    if access.op == "write":
+        folio.write_page(index, off, access.data)
+        return b""
+    return folio.read_page(index)[off : off + access.length]
 
-    # -- mirror (S-EPT) hooks: only TDX has mirror roots ---------------------------------------
-    async def set_external_spte_present(
-        self, mmu: TdpMmu, root: Root, level: int, base: int, old: Any, new: Any
-    ) -> bool:
-        raise NotImplementedError("mirror roots exist only for TDX")
 
-    async def remove_external_spte(self, mmu: TdpMmu, root: Root, level: int, lo: int, hi: int, leaf: Leaf) -> None:
-        raise NotImplementedError("mirror roots exist only for TDX")
+# -- the slot table generic KVM gets ---------------------------------------------------------------
+def kvm_x86_arch_ops(by_vm_type: Mapping[int, KvmX86Ops], by_cmd: Mapping[type, KvmX86Ops]) -> KvmArchOps:
+    """Generic KVM's slots, filled with x86; `by_vm_type` picks each VM's vendor table and
+    `by_cmd` the vendor that owns a KVM_MEMORY_ENCRYPT_OP command struct."""
+
+    def init_vm(vm: Vm) -> KvmX86:
+        return kvm_arch_init_vm(vm, by_vm_type)
+
+    async def vm_mem_enc_ioctl(vm: Vm, cmd: Any, payload: Any) -> None:
+        await kvm_arch_vm_mem_enc_ioctl(vm, cmd, payload, by_cmd)
+
+    return KvmArchOps(
+        vm_types=tuple(by_vm_type),
+        init_vm=init_vm,
+        has_private_mem=lambda vm: vm.arch.has_private_mem,
+        check_extension=kvm_vm_ioctl_check_extension,
+        vcpu_precreate=lambda vm: vm.arch.kvm_x86_ops.vcpu_precreate(vm),
+        vcpu_create=kvm_arch_vcpu_create,
+        vcpu_ioctl_run=kvm_arch_vcpu_ioctl_run,
+        vcpu_pre_fault_memory=kvm_arch_vcpu_pre_fault_memory,
+        vm_mem_enc_ioctl=vm_mem_enc_ioctl,
+        vcpu_unlocked_ioctl=kvm_arch_vcpu_unlocked_ioctl,
+        vcpu_mem_enc_ioctl=kvm_arch_vcpu_mem_enc_ioctl,
+        gmem_prepare=kvm_arch_gmem_prepare,
+        gmem_invalidate=kvm_arch_gmem_invalidate,
+        unmap_gfn_range=mmu.kvm_unmap_gfn_range,
+        flush_remote_tlbs=kvm_flush_remote_tlbs,
+        flush_shadow_memslot=mmu.kvm_arch_flush_shadow_memslot,
+        pre_set_memory_attributes=mmu.kvm_arch_pre_set_memory_attributes,
+        post_set_memory_attributes=mmu.kvm_arch_post_set_memory_attributes,
+    )

@@ -18,20 +18,21 @@ def clean_schedule(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A schedule of one execution that does not fail (recorded through the Python API)."""
     from asyncvm.explore.engine import Program, scenario_params
     from asyncvm.explore.scenarios import get_scenario
+    from asyncvm.explore.schedule import Schedule
     from asyncvm.runtime.strategies import make_strategy
 
     fn = get_scenario(SCENARIO).fn
     program = Program(fn, scenario_params(fn, {"pages": 8}))
     for seed in range(50):
         strategy = make_strategy("random", seed)
-        strategy.start(0)
+        strategy.new_execution(0)
         result = program.run(strategy)
         if result.failure is None:
             break
     else:
         raise AssertionError("no clean execution in 50 random schedules of a correct model")
     path = tmp_path_factory.mktemp("clean") / "clean.json"
-    program.schedule(result, strategy.describe(), seed, 0).save(path)
+    Schedule.from_execution(program, result, strategy=strategy.describe(), seed=seed, execution=0).save(path)
     return path
 
 

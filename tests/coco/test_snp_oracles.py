@@ -12,8 +12,9 @@ import pytest
 import asyncvm
 from asyncvm import uapi
 from asyncvm.kvm.vcpu import GuestAccess
+from asyncvm.x86.sev import snp
 from asyncvm.x86.sev.firmware import SnpFirmware
-from asyncvm.x86.sev.snp import SnpArch
+from asyncvm.x86.svm import svm_x86_ops
 
 from .helpers import PAGE, PUNCH, errno_of, image, run_failing, run_guest, run_once, snp_vm, source, tolerate
 
@@ -30,18 +31,18 @@ def update(gfn: int, uaddr: int, npages: int = 1, page_type: int = NORMAL) -> ua
 def post_populate_without_the_rmp_check(monkeypatch: pytest.MonkeyPatch) -> None:
     """sev.c: sev_gmem_post_populate() without its snp_lookup_rmpentry() "already assigned ->
     -EEXIST" check: it copies the source into whatever page it is given."""
-    post_populate = SnpArch.sev_gmem_post_populate
+    post_populate = snp.sev_gmem_post_populate
 
-    async def unchecked(self: SnpArch, *args: Any) -> int:
-        fw = self.firmware
+    async def unchecked(vm: Any, *args: Any) -> int:
+        fw = snp.to_kvm_sev(vm).firmware
         fw.lookup = lambda pfn: None  # type: ignore[method-assign]
         try:
-            r: int = await post_populate(self, *args)
+            r: int = await post_populate(vm, *args)
             return r
         finally:
             del fw.lookup
 
-    monkeypatch.setattr(SnpArch, "sev_gmem_post_populate", unchecked)
+    monkeypatch.setattr(snp, "sev_gmem_post_populate", unchecked)
 
 
 async def launch_a_page_twice(kvm: asyncvm.Kvm) -> None:
@@ -110,7 +111,7 @@ def test_rmp_freed_private_fires_when_a_refused_page_is_not_reclaimed(monkeypatc
 def no_gmem_invalidate(monkeypatch: pytest.MonkeyPatch) -> None:
     """guest_memfd.c: kvm_gmem_free_folio() without kvm_arch_gmem_invalidate() (sev.c:
     sev_gmem_invalidate()): freed pages keep their RMP entries."""
-    monkeypatch.setattr(SnpArch, "gmem_free_folio_hook", lambda self, vm: None)
+    monkeypatch.setattr(svm_x86_ops, "gmem_invalidate", None)
 
 
 async def launch_then_punch(kvm: asyncvm.Kvm) -> None:
@@ -172,6 +173,18 @@ async def pre_fault_while_launching(kvm: asyncvm.Kvm) -> None:
     await vm.snp_launch_finish()
 
 
+def allow_pre_fault_from_creation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """svm.c: svm_vm_init() that sets pre_fault_allowed for an SNP VM at creation."""
+    vm_init = svm_x86_ops.vm_init
+
+    def allowed_from_creation(vm: Any) -> Any:
+        sev = vm_init(vm)
+        vm.arch.pre_fault_allowed = True
+        return sev
+
+    monkeypatch.setattr(svm_x86_ops, "vm_init", allowed_from_creation)
+
+
 @pytest.mark.parametrize("profile", ["6.18", "7.0"])
 def test_snp_prepare_before_finish_fires_when_pre_fault_is_allowed_from_creation(
     profile: str, monkeypatch: pytest.MonkeyPatch
@@ -181,10 +194,7 @@ def test_snp_prepare_before_finish_fires_when_pre_fault_is_allowed_from_creation
     true from creation a pre-fault RMP-assigns pages before LAUNCH_FINISH (sev_gmem_prepare())."""
     run_once(pre_fault_while_launching, profile=profile)
 
-    def allowed_from_creation(self: SnpArch, vm: Any) -> None:
-        self._pre_fault_allowed = True
-
-    monkeypatch.setattr(SnpArch, "vm_init", allowed_from_creation)
+    allow_pre_fault_from_creation(monkeypatch)
     failure = run_failing(pre_fault_while_launching, profile=profile)
     assert failure.signature == "snp_prepare_before_finish", failure
 
@@ -193,10 +203,7 @@ def test_the_pre_fault_race_campaign_catches_the_early_pre_fault(monkeypatch: py
     """The registered race (asyncvm/scenarios/snp.py: snp_launch_update_vs_prefault) with pre-fault allowed from
     creation: the campaign reports snp_prepare_before_finish."""
 
-    def allowed_from_creation(self: SnpArch, vm: Any) -> None:
-        self._pre_fault_allowed = True
-
-    monkeypatch.setattr(SnpArch, "vm_init", allowed_from_creation)
+    allow_pre_fault_from_creation(monkeypatch)
     report = asyncvm.explore("snp_launch_update_vs_prefault", strategy="pct", runs=200, seed=3)
     assert report.failing_runs == report.runs, report.summary()
     assert report.first("snp_prepare_before_finish") is not None, report.summary()
@@ -223,9 +230,9 @@ def test_rmp_guest_shared_fires_when_a_fault_skips_the_rmp_assignment(
     4.4)."""
     run_once(launch_finish_and_run, profile=profile)
 
-    async def prepare_nothing(self: SnpArch, vm: Any, pfn: int, gfn: int, order: int) -> int:
+    async def prepare_nothing(vm: Any, pfn: int, gfn: int, order: int) -> int:
         return 0
 
-    monkeypatch.setattr(SnpArch, "gmem_prepare", prepare_nothing)
+    monkeypatch.setattr(svm_x86_ops, "gmem_prepare", prepare_nothing)
     failure = run_failing(launch_finish_and_run, profile=profile)
     assert failure.signature == "rmp_guest_shared", failure

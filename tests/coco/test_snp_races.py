@@ -13,7 +13,9 @@ import pytest
 
 import asyncvm
 from asyncvm.x86.sev.firmware import SnpFirmware
-from asyncvm.x86.sev.snp import SnpArch
+from asyncvm.x86.sev.snp import to_kvm_sev
+from asyncvm.x86.svm import svm_x86_ops
+from asyncvm.x86.trace import trace_kvm_guest_access
 
 from .helpers import RUNS, clean_campaign
 
@@ -23,27 +25,22 @@ PROFILES = pytest.mark.parametrize("profile", sorted(RUNS))
 def count_launches(monkeypatch: pytest.MonkeyPatch, seen: Counter[str]) -> None:
     """Count successful page launches, and launched pages returned to shared by the free path."""
     launch = SnpFirmware.snp_launch_update
-    free_hook = SnpArch.gmem_free_folio_hook
+    invalidate = svm_x86_ops.gmem_invalidate
+    assert invalidate is not None
 
     async def counted_launch(self: SnpFirmware, *args: Any) -> Any:
         rc, corrected = await launch(self, *args)
         seen["launched" if rc == 0 else "refused"] += 1
         return rc, corrected
 
-    def counted_hook(self: SnpArch, vm: Any) -> Any:
-        hook = free_hook(self, vm)
-        assert hook is not None
-
-        def on_free(folio: Any) -> None:
-            entry = self.firmware.rmp.get(folio.pfn)
-            if entry is not None and entry.validated:
-                seen["launched_page_freed"] += 1
-            hook(folio)
-
-        return on_free
+    def counted_invalidate(vm: Any, folio: Any) -> None:
+        entry = to_kvm_sev(vm).firmware.rmp.get(folio.pfn)
+        if entry is not None and entry.validated:
+            seen["launched_page_freed"] += 1
+        invalidate(vm, folio)
 
     monkeypatch.setattr(SnpFirmware, "snp_launch_update", counted_launch)
-    monkeypatch.setattr(SnpArch, "gmem_free_folio_hook", counted_hook)
+    monkeypatch.setattr(svm_x86_ops, "gmem_invalidate", counted_invalidate)
 
 
 @PROFILES
@@ -77,13 +74,11 @@ def test_post_launch_faults_vs_attribute_conversion_is_clean(profile: str, monke
     a shared one maps the host page; sev.c: sev_gmem_prepare() RMP-assigns a faulted private page
     (idempotent for launched ones). No private mapping of a shared page, no stale install."""
     accesses: Counter[bool] = Counter()
-    check = SnpArch.check_guest_access
 
-    def counted(self: SnpArch, vm: Any, folio: Any, pfn: int, private: bool) -> None:
+    def counted(vcpu: Any, gfn: int, pfn: int, private: bool) -> None:
         accesses[private] += 1
-        check(self, vm, folio, pfn, private)
 
-    monkeypatch.setattr(SnpArch, "check_guest_access", counted)
+    monkeypatch.setattr(trace_kvm_guest_access, "probes", (*trace_kvm_guest_access.probes, counted))
     clean_campaign("snp_post_launch_faults_vs_conversion", profile)
     assert accesses[True] and accesses[False], "the guest must read pages both private and shared"
 

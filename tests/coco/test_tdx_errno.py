@@ -11,6 +11,7 @@ import pytest
 import asyncvm
 from asyncvm import uapi
 from asyncvm.kvm.vcpu import GuestAccess
+from asyncvm.x86.tdx.tdx import to_kvm_tdx
 
 from .helpers import MEASURE, PAGE, TDX_SHARED_BIT, build_td, errno_of, gmem_vm, run_once, source
 
@@ -393,7 +394,7 @@ def test_pre_fault_before_finalize_is_eopnotsupp(profile: str) -> None:
         assert await errno_of(td.vcpus[0].pre_fault_memory(r)) == uapi.EOPNOTSUPP
         assert (r.gpa, r.size) == (0, 4 * PAGE)
         assert sorted(td.vm.tdx_module.sept) == [0]
-        assert td.vm.arch.nr_premapped == 0
+        assert to_kvm_tdx(td.vm).nr_premapped == 0
 
     run_once(body, profile=profile)
 

@@ -20,7 +20,8 @@ from asyncvm.kvm.vcpu import GuestAccess
 from asyncvm.scenarios import tdx as tdx_scenarios
 from asyncvm.x86.tdx import tdx as tdx_mod
 from asyncvm.x86.tdx.module import TDX_SUCCESS, TdxModule
-from asyncvm.x86.tdx.tdx import TdxArch
+from asyncvm.x86.tdx.tdx import to_kvm_tdx
+from asyncvm.x86.vmx import vt_x86_ops
 
 from .helpers import MEASURE, PAGE, PUNCH, Td, build_td, run_failing, run_guest, run_once, tolerate
 
@@ -76,15 +77,15 @@ def premap_counter_bug(monkeypatch: pytest.MonkeyPatch, delta: int) -> None:
     """tdx_gmem_post_populate() [T16] adjusting nr_premapped by `delta` more than it should after a
     successful PAGE.ADD (+1: the decrement forgotten; -1: decremented twice, e.g. once more on a
     zap of an already-ADDed entry, the hole Sean pointed at in kvm-coco.md 5.2)."""
-    post_populate = TdxArch.tdx_gmem_post_populate
+    post_populate = tdx_mod.tdx_gmem_post_populate
 
-    async def buggy(self: TdxArch, *args: Any) -> int:
-        r: int = await post_populate(self, *args)
+    async def buggy(vm: Any, *args: Any) -> int:
+        r: int = await post_populate(vm, *args)
         if r == 0:
-            self.nr_premapped += delta
+            to_kvm_tdx(vm).nr_premapped += delta
         return r
 
-    monkeypatch.setattr(TdxArch, "tdx_gmem_post_populate", buggy)
+    monkeypatch.setattr(tdx_mod, "tdx_gmem_post_populate", buggy)
 
 
 async def build_and_finalize_tolerantly(kvm: asyncvm.Kvm) -> None:
@@ -118,16 +119,17 @@ def test_tdx_premapped_fires_when_finalize_leaves_nr_premapped_non_zero(monkeypa
     """tdx.c [T16]: tdx_td_finalize() must refuse while nr_premapped != 0; a FINALIZE that skips the
     check (and the counter bug behind it) leaves a RUNNABLE TD with pages counted as premapped."""
     premap_counter_bug(monkeypatch, +1)
-    finalize = TdxArch.tdx_finalize_vm
+    finalize = tdx_mod.tdx_td_finalize
 
-    async def finalize_without_the_check(self: TdxArch, flags: int) -> None:
-        pending, self.nr_premapped = self.nr_premapped, 0
+    async def finalize_without_the_check(vm: Any, cmd: Any) -> None:
+        kvm_tdx = to_kvm_tdx(vm)
+        pending, kvm_tdx.nr_premapped = kvm_tdx.nr_premapped, 0
         try:
-            await finalize(self, flags)
+            await finalize(vm, cmd)
         finally:
-            self.nr_premapped += pending
+            kvm_tdx.nr_premapped += pending
 
-    monkeypatch.setattr(TdxArch, "tdx_finalize_vm", finalize_without_the_check)
+    monkeypatch.setattr(tdx_mod, "tdx_td_finalize", finalize_without_the_check)
     failure = run_failing(build_and_finalize_tolerantly)
     assert failure.signature == "tdx_premapped:final", failure
 
@@ -144,7 +146,7 @@ async def add_then_convert_to_shared(kvm: asyncvm.Kvm) -> None:
     await td.vm.set_memory_attributes(uapi.MemoryAttributes(PAGE, PAGE, 0))
 
 
-async def skip_sept_removal(self: TdxArch, gfn: int) -> None:
+async def skip_sept_removal(vm: Any, gfn: int, level: int) -> None:
     """tdx_sept_remove_private_spte() that forgets BLOCK/TRACK/REMOVE: the mirror leaf goes, the
     S-EPT leaf stays."""
 
@@ -155,7 +157,7 @@ def test_sept_incoherent_fires_when_a_zap_skips_the_sept_removal(profile: str, m
     S-EPT leaf whenever the mirror leaf is zapped (kvm-coco.md 0.7-0.8); skipped on a
     private->shared conversion, the S-EPT keeps a leaf no mirror SPTE describes."""
     run_once(add_then_convert_to_shared, profile=profile)
-    monkeypatch.setattr(TdxArch, "_remove_one", skip_sept_removal)
+    monkeypatch.setattr(vt_x86_ops, "remove_external_spte", skip_sept_removal)
     failure = run_failing(add_then_convert_to_shared, profile=profile)
     assert failure.signature == "sept_incoherent:sept_only", failure
 
@@ -199,7 +201,7 @@ def test_tdx_freed_page_fires_when_punch_hole_skips_the_sept_removal(
     truncate frees the folio; with the S-EPT removal skipped the TDX module still maps a page the
     host allocator has taken back (kvm-coco.md 5.12)."""
     run_once(add_run_then_punch, profile=profile)
-    monkeypatch.setattr(TdxArch, "_remove_one", skip_sept_removal)
+    monkeypatch.setattr(vt_x86_ops, "remove_external_spte", skip_sept_removal)
     failure = run_failing(add_run_then_punch, profile=profile)
     assert failure.signature == "tdx_freed_page:free", failure
 
@@ -227,24 +229,24 @@ def test_tdx_freed_page_fires_when_populate_drops_the_invalidate_lock() -> None:
 def test_kvm_bug_fires_when_an_sept_entry_is_removed_twice(profile: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """tdx.c: tdx_sept_remove_private_spte(): a second BLOCK of an entry already REMOVEd returns
     TDX_EPT_ENTRY_STATE_INCORRECT, and removal must not fail -> KVM_BUG_ON (kvm-coco.md 5.1)."""
-    remove_one = TdxArch._remove_one
+    remove = tdx_mod.tdx_sept_remove_private_spte
 
-    async def remove_twice(self: TdxArch, gfn: int) -> None:
-        await remove_one(self, gfn)
-        await remove_one(self, gfn)
+    async def remove_twice(vm: Any, gfn: int, level: int) -> None:
+        await remove(vm, gfn, level)
+        await remove(vm, gfn, level)
 
     run_once(add_run_then_punch, profile=profile)
-    monkeypatch.setattr(TdxArch, "_remove_one", remove_twice)
+    monkeypatch.setattr(vt_x86_ops, "remove_external_spte", remove_twice)
     failure = run_failing(add_run_then_punch, profile=profile)
     assert failure.kind == "kvm_bug" and "RANGE.BLOCK" in failure.message, failure
 
 
 def busy_not_retried(monkeypatch: pytest.MonkeyPatch) -> None:
-    async def once(self: TdxArch, seamcall: Callable[[], Any]) -> int:
+    async def once(vm: Any, seamcall: Callable[[], Any]) -> int:
         err: int = await seamcall()
         return err
 
-    monkeypatch.setattr(TdxArch, "_no_vcpus", once)
+    monkeypatch.setattr(tdx_mod, "tdh_do_no_vcpus", once)
 
 
 @PROFILES

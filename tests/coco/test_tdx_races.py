@@ -16,7 +16,8 @@ import asyncvm
 from asyncvm import uapi
 from asyncvm.x86.tdx import tdx as tdx_mod
 from asyncvm.x86.tdx.module import is_busy
-from asyncvm.x86.tdx.tdx import TD_STATE_RUNNABLE, TdxArch
+from asyncvm.x86.tdx.tdx import TD_STATE_RUNNABLE, to_kvm_tdx
+from asyncvm.x86.vmx import vt_x86_ops
 
 from .helpers import MEASURE, PAGE, PUNCH, RUNS, build_td, clean_campaign
 
@@ -26,14 +27,15 @@ PROFILES = pytest.mark.parametrize("profile", sorted(RUNS))
 def count_removals(monkeypatch: pytest.MonkeyPatch, seen: Counter[str]) -> None:
     """Count S-EPT removals by TD state, and removal SEAMCALLs that were BUSY and retried after
     the kick (tdx.c: tdh_do_no_vcpus())."""
-    remove_one = TdxArch._remove_one
-    no_vcpus = TdxArch._no_vcpus
+    remove = vt_x86_ops.remove_external_spte
+    no_vcpus = tdx_mod.tdh_do_no_vcpus
+    assert remove is not None
 
-    async def counted_remove(self: TdxArch, gfn: int) -> None:
-        seen["removal_" + ("runnable" if self.state == TD_STATE_RUNNABLE else "building")] += 1
-        await remove_one(self, gfn)
+    async def counted_remove(vm: Any, gfn: int, level: int) -> None:
+        seen["removal_" + ("runnable" if to_kvm_tdx(vm).state == TD_STATE_RUNNABLE else "building")] += 1
+        await remove(vm, gfn, level)
 
-    async def counted_no_vcpus(self: TdxArch, seamcall: Callable[[], Any]) -> int:
+    async def counted_no_vcpus(vm: Any, seamcall: Callable[[], Any]) -> int:
         tries: list[int] = []
 
         async def once() -> int:
@@ -41,13 +43,13 @@ def count_removals(monkeypatch: pytest.MonkeyPatch, seen: Counter[str]) -> None:
             tries.append(err)
             return err
 
-        err = await no_vcpus(self, once)
+        err = await no_vcpus(vm, once)
         if len(tries) > 1 and is_busy(tries[0]):
             seen["busy_retried"] += 1
         return err
 
-    monkeypatch.setattr(TdxArch, "_remove_one", counted_remove)
-    monkeypatch.setattr(TdxArch, "_no_vcpus", counted_no_vcpus)
+    monkeypatch.setattr(vt_x86_ops, "remove_external_spte", counted_remove)
+    monkeypatch.setattr(tdx_mod, "tdh_do_no_vcpus", counted_no_vcpus)
 
 
 @PROFILES
@@ -57,14 +59,14 @@ def test_init_mem_region_on_several_vcpus_in_parallel_is_clean(profile: str, mon
     TDR contention (PAGE.ADD, MR.EXTEND exclusive) never reaches KVM_BUG_ON (kvm-coco.md 5.6, 7);
     every page is PAGE.ADDed once and MR.EXTENDed once per chunk."""
     adds: Counter[int] = Counter()
-    post_populate = TdxArch.tdx_gmem_post_populate
+    post_populate = tdx_mod.tdx_gmem_post_populate
 
-    async def counted(self: TdxArch, *args: Any) -> int:
-        r: int = await post_populate(self, *args)
-        adds[len(self.module.added_pages)] += 1
+    async def counted(vm: Any, *args: Any) -> int:
+        r: int = await post_populate(vm, *args)
+        adds[len(to_kvm_tdx(vm).module.added_pages)] += 1
         return r
 
-    monkeypatch.setattr(TdxArch, "tdx_gmem_post_populate", counted)
+    monkeypatch.setattr(tdx_mod, "tdx_gmem_post_populate", counted)
     clean_campaign("tdx_init_mem_region_parallel", profile)
     assert max(adds) == 6, "every run adds the whole 6-page image"
 
@@ -89,13 +91,13 @@ def test_init_mem_region_vs_pre_fault_before_finalize_is_clean(profile: str, mon
     leaves before FINALIZE and nothing premapped is left behind: FINALIZE succeeds ([T16]
     nr_premapped == 0) and mirror and S-EPT agree (kvm-coco.md 0.4-0.6, 5.3)."""
     finals: Counter[int] = Counter()
-    finalize = TdxArch.tdx_finalize_vm
+    finalize = tdx_mod.tdx_td_finalize
 
-    async def counted(self: TdxArch, flags: int) -> None:
-        await finalize(self, flags)
-        finals[self.nr_premapped] += 1
+    async def counted(vm: Any, cmd: Any) -> None:
+        await finalize(vm, cmd)
+        finals[to_kvm_tdx(vm).nr_premapped] += 1
 
-    monkeypatch.setattr(TdxArch, "tdx_finalize_vm", counted)
+    monkeypatch.setattr(tdx_mod, "tdx_td_finalize", counted)
     clean_campaign("tdx_prefault_before_finalize", profile)
     assert set(finals) == {0} and sum(finals.values()) >= RUNS[profile]
 
@@ -115,8 +117,9 @@ def test_post_finalize_faults_vs_punch_hole_is_clean(profile: str, monkeypatch: 
 
 
 def test_the_tdx_module_is_reached_through_the_model_under_test() -> None:
-    """The counters above patch TdxArch in this process: explore() must run the campaign here."""
-    assert tdx_mod.TdxArch is TdxArch
+    """The counters above patch tdx.c and vt_x86_ops in this process: the TD's hooks are those."""
+    assert vt_x86_ops.remove_external_spte is tdx_mod.tdx_sept_remove_private_spte
+    assert vt_x86_ops.set_external_spte is tdx_mod.tdx_sept_set_private_spte
 
 
 async def init_vcpu_vs_punch_hole(kvm: asyncvm.Kvm) -> None:

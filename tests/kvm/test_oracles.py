@@ -13,12 +13,12 @@ import asyncvm
 from asyncvm import uapi
 from asyncvm.host.mm import Mm
 from asyncvm.kvm import guest_memfd, invalidate
-from asyncvm.kvm.invalidate import GfnRange, Invalidation, kvm_mmu_invalidate_range_add
+from asyncvm.kvm.arch import kvm_arch_ops
+from asyncvm.kvm.invalidate import GfnRange, kvm_mmu_invalidate_range_add
 from asyncvm.kvm.vm import Vm
 from asyncvm.runtime import traps
 from asyncvm.runtime.sync import SRCU
 from asyncvm.x86.mmu.tdp_mmu import TdpMmu
-from asyncvm.x86.x86 import X86Arch
 
 from . import scenarios
 from .helpers import PAGE, SOURCE, fill_source, populate, pre_fault, private_vm, run_failing, run_once, shared_vm
@@ -26,9 +26,9 @@ from .helpers import PAGE, SOURCE, fill_source, populate, pre_fault, private_vm,
 PUNCH = uapi.FALLOC_FL_PUNCH_HOLE | uapi.FALLOC_FL_KEEP_SIZE
 
 
-async def range_add_without_zap(vm: Vm, inv: Invalidation, rng: GfnRange) -> bool:
+async def range_add_without_zap(vm: Vm, rng: GfnRange) -> bool:
     """kvm_mmu_unmap_gfn_range() that records the range but forgets kvm_unmap_gfn_range()."""
-    kvm_mmu_invalidate_range_add(vm, inv, rng.start, rng.end)
+    kvm_mmu_invalidate_range_add(vm, rng.start, rng.end)
     return False
 
 
@@ -126,9 +126,8 @@ def test_invalidate_balance_fires_when_punch_hole_skips_the_end(monkeypatch: pyt
 def test_invalidate_balance_fires_on_an_end_without_a_begin(monkeypatch: pytest.MonkeyPatch) -> None:
     """kvm_main.c: kvm_mmu_invalidate_end(): KVM_BUG_ON(in_progress < 0)."""
 
-    async def skipped_begin(*args: Any) -> dict[Any, Invalidation]:
+    async def skipped_begin(*args: Any) -> None:
         await traps.point(None)
-        return {}
 
     monkeypatch.setattr(guest_memfd, "kvm_gmem_invalidate_begin", skipped_begin)
     failure = run_failing(pre_fault_then_punch)
@@ -149,12 +148,12 @@ def test_attribute_mismatch_fires_when_a_conversion_does_not_zap(monkeypatch: py
     """arch/x86/kvm/mmu/mmu.c: kvm_arch_pre_set_memory_attributes() must unmap the old kind: a
     private SPTE left on a gfn that is now shared disagrees with the attributes."""
 
-    async def no_zap(self: X86Arch, vm: Vm, inv: Invalidation, rng: GfnRange, attributes: int) -> bool:
+    async def no_zap(vm: Vm, rng: GfnRange) -> bool:
         await traps.point(None)
         return False
 
     run_once(pre_fault_then_convert)
-    monkeypatch.setattr(X86Arch, "pre_set_memory_attributes", no_zap)
+    monkeypatch.setattr(kvm_arch_ops(), "pre_set_memory_attributes", no_zap)
     failure = run_failing(pre_fault_then_convert)
     assert failure.kind == "attribute_mismatch", failure
 
@@ -216,7 +215,7 @@ def test_mn_active_balance_fires_when_range_end_forgets_the_count(monkeypatch: p
 
     async def forgets_the_decrement(self: invalidate.KvmMmuNotifier, start: int, end: int) -> None:
         await original(self, start, end)
-        self.vm.mn_active_invalidate_count += 1
+        self.kvm.mn_active_invalidate_count += 1
 
     run_once(pre_fault_then_munmap)
     monkeypatch.setattr(invalidate.KvmMmuNotifier, "invalidate_range_end", forgets_the_decrement)

@@ -19,10 +19,12 @@ def test_200_recorded_schedules_replay_to_identical_event_sequences(tmp_path: Pa
     strategy = build_strategy(program, "random", seed=11)
     outcomes = set()
     for i in range(200):
-        strategy.start(i)
+        strategy.new_execution(i)
         original = program.run(strategy, record=True)
         outcomes.add(original.failed)
-        path = program.schedule(original, strategy.describe(), 11, i).save(tmp_path / f"s{i}.json")
+        path = Schedule.from_execution(program, original, strategy=strategy.describe(), seed=11, execution=i).save(
+            tmp_path / f"s{i}.json"
+        )
         again = asyncvm.replay(path, three_counters)
         assert again.events() == original.events(), f"execution {i} replayed differently"
         assert (again.failure is None) == (original.failure is None)
@@ -115,11 +117,11 @@ def test_replay_reproduces_the_failure(tmp_path: Path) -> None:
 def test_data_draws_are_recorded_and_replayed(tmp_path: Path) -> None:
     program = Program(three_counters)
     strategy = build_strategy(program, "random", seed=5)
-    strategy.start(3)
+    strategy.new_execution(3)
     original = program.run(strategy, record=True)
     draws = [c for c in original.choices if isinstance(c, tuple)]
     assert draws, "three_counters draws at every iteration"
-    again = asyncvm.replay(program.schedule(original, {}, 5, 3), three_counters)
+    again = asyncvm.replay(Schedule.from_execution(program, original, strategy={}, seed=5, execution=3), three_counters)
     assert again.choices == original.choices
 
 
@@ -145,11 +147,11 @@ def test_shrunk_path_sits_next_to_the_original(tmp_path: Path) -> None:
 def test_shrinking_a_passing_schedule_is_refused() -> None:
     program = Program(lost_update)
     strategy = build_strategy(program, "dfs", seed=0)
-    strategy.start(0)
+    strategy.new_execution(0)
     result = program.run(strategy)
     assert not result.failed
     with pytest.raises(ScheduleError, match="nothing to shrink"):
-        asyncvm.shrink(program.schedule(result, {}, 0, 0), lost_update)
+        asyncvm.shrink(Schedule.from_execution(program, result, strategy={}, seed=0, execution=0), lost_update)
 
 
 def test_lockdep_reports_inversion_from_two_executions_that_did_not_deadlock() -> None:

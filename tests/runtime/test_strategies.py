@@ -81,9 +81,9 @@ def test_an_execution_depends_only_on_seed_and_index(strategy: str) -> None:
     sequential = build_strategy(program, strategy, seed=4, steps=10)
     runs = []
     for i in range(30):
-        sequential.start(i)
+        sequential.new_execution(i)
         runs.append(program.run(sequential).choices)
     for i in (0, 7, 29):
         alone = build_strategy(program, strategy, seed=4, steps=10)
-        alone.start(i)
+        alone.new_execution(i)
         assert program.run(alone).choices == runs[i]

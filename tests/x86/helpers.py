@@ -7,14 +7,12 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from asyncvm import KvmError, uapi
-from asyncvm.explore.engine import Program
 from asyncvm.kvm.guest_memfd import GuestMemfd
 from asyncvm.kvm.kvm import Kvm
 from asyncvm.kvm.vcpu import Vcpu
 from asyncvm.kvm.vm import Vm
 from asyncvm.runtime.executor import ExecutionResult
-from asyncvm.runtime.strategies import RandomStrategy
-from tests.support import run_guest  # noqa: F401
+from tests.support import run_execution, run_guest  # noqa: F401
 
 PAGE = uapi.PAGE_SIZE
 SZ_2M = 2 << 20
@@ -35,17 +33,15 @@ def run_once(
     **params: Any,
 ) -> ExecutionResult:
     """One controlled execution (oracles attached, quiescence checks run) with a random schedule."""
-    program = Program(
+    return run_execution(
         scenario,
-        params,
-        profile,
-        bugs,
-        max_steps,
-        dict(QUIET if data_probs is None else data_probs),
+        seed=seed,
+        profile=profile,
+        bugs=bugs,
+        data_probs=QUIET if data_probs is None else data_probs,
+        max_steps=max_steps,
+        params=params,
     )
-    strategy = RandomStrategy(seed)
-    strategy.start(0)
-    return program.run(strategy)
 
 
 def assert_clean(result: ExecutionResult) -> None:
@@ -110,7 +106,7 @@ async def set_private(vm: Vm, gpa: int, size: int, private: bool = True) -> None
 
 def mapped_gfns(vcpu: Vcpu, start: int, end: int, private: bool = False) -> set[int]:
     """The gfns in [start, end) with a present leaf in the root the vCPU uses for that kind."""
-    root = vcpu.arch.root_for(private)
+    root = vcpu.arch.mmu.root_for(private)
     if root is None:
         return set()
     return {gfn for gfn in range(start, end) if root.leaf_at(gfn) is not None}

@@ -231,7 +231,7 @@ def test_shadow_paging_is_eopnotsupp() -> None:
 
 async def guest_mode(kvm: Kvm) -> None:
     vcpu = await _one_vcpu(kvm)
-    vcpu.arch.guest_mode = True
+    vcpu.arch.mmu.guest_mode = True
     r = uapi.PreFaultMemory(SLOT_GPA, PAGE)
     assert await pre_fault(vcpu, r) == uapi.EOPNOTSUPP
     assert r.size == PAGE
@@ -320,7 +320,7 @@ async def arch_step(
         out["step"] = await kvm_arch_vcpu_pre_fault_memory(vcpu, SLOT_GPA + offset, size)
     finally:
         await vm.srcu.read_unlock(idx)
-    hit = vcpu.arch.root_for(private).leaf_at((SLOT_GPA + offset) // PAGE)
+    hit = vcpu.arch.mmu.root_for(private).leaf_at((SLOT_GPA + offset) // PAGE)
     out["level"], out["accessed"] = hit[0], hit[1].accessed
 
 

@@ -37,11 +37,11 @@ async def root_refcounts(kvm: Kvm) -> None:
     vcpu = await _prefaulted_vm(kvm)
     vm = vcpu.vm
     mmu = vm.arch.mmu
-    root: Root = vcpu.arch.root
+    root: Root = vcpu.arch.mmu.root
     assert root.refcount == 2, "one reference for the vCPU, one for the TDP MMU itself"
     other = await vm.create_vcpu(1)
     assert await pre_fault(other, uapi.PreFaultMemory(GPA, PAGE)) == 0
-    assert other.arch.root is root and root.refcount == 3, "a second vCPU reuses the valid root"
+    assert other.arch.mmu.root is root and root.refcount == 3, "a second vCPU reuses the valid root"
 
     await vm.mmu_lock.write_lock()
     mmu.invalidate_roots()
@@ -55,9 +55,9 @@ async def root_refcounts(kvm: Kvm) -> None:
     assert root in mmu.roots and not root.freed, "vCPUs still hold it"
 
     for v in (vcpu, other):
-        await v.arch.kvm_mmu_free_obsolete_roots()
+        await v.arch.mmu.kvm_mmu_free_obsolete_roots()
     assert root.refcount == 0 and root.freed and root not in mmu.roots, "the last put frees it"
-    assert vcpu.arch.root is None and other.arch.root is None
+    assert vcpu.arch.mmu.root is None and other.arch.mmu.root is None
 
 
 def test_root_refcount_lifecycle() -> None:
@@ -71,7 +71,7 @@ def test_root_refcount_lifecycle() -> None:
 async def put_valid_root_to_zero(kvm: Kvm) -> None:
     vcpu = await _prefaulted_vm(kvm)
     mmu = vcpu.vm.arch.mmu
-    root = vcpu.arch.root
+    root = vcpu.arch.mmu.root
     mmu.put_root(root)
     mmu.put_root(root)
 
@@ -88,14 +88,16 @@ async def delete_then_prefault(kvm: Kvm, out: dict[str, Any]) -> None:
     await add_slot(vm, 0, GPA, 4 * PAGE)
     await add_slot(vm, 1, 2 * GPA, 4 * PAGE)
     assert await pre_fault(vcpu, uapi.PreFaultMemory(GPA, 4 * PAGE)) == 0
-    old: Root = vcpu.arch.root
+    old: Root = vcpu.arch.mmu.root
     await delete_slot(vm, 1)  # default VM + KVM_X86_QUIRK_SLOT_ZAP_ALL: kvm_mmu_zap_all_fast()
     out["after_delete"] = (old.invalid, old.refcount, vcpu.has_request("KVM_REQ_MMU_FREE_OBSOLETE_ROOTS"))
     r = uapi.PreFaultMemory(GPA, 4 * PAGE)
     out["errno"] = await pre_fault(vcpu, r)
     out["size"] = r.size
     out["old_freed"] = old.freed
-    out["new_root"] = vcpu.arch.root is not old and vcpu.arch.root is not None and not vcpu.arch.root.invalid
+    out["new_root"] = (
+        vcpu.arch.mmu.root is not old and vcpu.arch.mmu.root is not None and not vcpu.arch.mmu.root.invalid
+    )
 
 
 def test_memslot_delete_then_prefault_frees_the_obsolete_root() -> None:
@@ -153,7 +155,7 @@ async def prefault_1g(kvm: Kvm, out: dict[str, Any]) -> None:
         await vm.srcu.read_unlock(idx)
     r = uapi.PreFaultMemory(SZ_1G, SZ_1G)
     assert await pre_fault(vcpu, r) == 0 and r.size == 0
-    root: Root = vcpu.arch.root
+    root: Root = vcpu.arch.mmu.root
     out["entries"] = {level: len(root.levels[level]) for level in (1, 2, 3)}
     out["leaf"] = root.leaf_at(SZ_1G // PAGE + 12345)
     out["host_ptes"] = len(kvm.mm.ptes)

@@ -9,7 +9,7 @@ a cmpxchg. Each of those is a separate scheduling point.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ... import uapi
@@ -20,6 +20,7 @@ from ...runtime import traps
 from ...runtime.failures import Violation
 from ...runtime.sync import alloc_fails, signal_pending
 from ...uapi import PAGE_SHIFT, KvmError
+from ..trace import trace_kvm_mmu_fault_snapshot, trace_kvm_mmu_set_spte
 from .tdp_mmu import FROZEN, MMIO, PAGES, PG_LEVEL_1G, PG_LEVEL_4K, TABLE, Leaf, Root, align
 
 if TYPE_CHECKING:
@@ -39,7 +40,7 @@ PFERR_GUEST_FINAL_MASK = 1 << 32
 PFERR_PRIVATE_ACCESS = 1 << 49
 
 
-@dataclass
+@dataclass(eq=False)
 class KvmPageFault:
     """``struct kvm_page_fault``"""
 
@@ -57,9 +58,18 @@ class KvmPageFault:
     pfn: int = 0
     folio: Folio | None = None
     map_writable: bool = True
-    #: oracle bookkeeping: the event clock when the seq was snapshot
-    snapshot_clock: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def kvm_is_gfn_alias(vm: Any, gfn: int) -> bool:
+    """mmu.h: kvm_is_gfn_alias(): the gfn has the TDX shared bit set."""
+    bits: int = vm.arch.gfn_direct_bits
+    return bool(bits and gfn & bits)
+
+
+def kvm_mmu_fault_snapshot(vcpu: Vcpu, fault: KvmPageFault) -> None:
+    """mmu.c: kvm_mmu_faultin_pfn(): ``fault->mmu_seq = kvm->mmu_invalidate_seq; smp_rmb()``."""
+    fault.mmu_seq = vcpu.vm.mmu_invalidate_seq
+    trace_kvm_mmu_fault_snapshot(vcpu, fault)
 
 
 def kvm_mmu_prepare_memory_fault_exit(vcpu: Vcpu, fault: KvmPageFault) -> None:
@@ -71,14 +81,13 @@ def kvm_mmu_prepare_memory_fault_exit(vcpu: Vcpu, fault: KvmPageFault) -> None:
 async def kvm_mmu_do_page_fault(vcpu: Vcpu, gpa: int, error_code: int, prefetch: bool) -> tuple[int, int]:
     """mmu_internal.h: kvm_mmu_do_page_fault() (6.10+ synthetic private bit): returns (r, level)."""
     vm = vcpu.vm
-    direct_bits = vm.arch.gfn_direct_bits(vm)
-    gfn = (gpa >> PAGE_SHIFT) & ~direct_bits
+    gfn = (gpa >> PAGE_SHIFT) & ~vm.arch.gfn_direct_bits
     fault = KvmPageFault(
         addr=gpa,
         error_code=error_code,
         prefetch=prefetch,
         gfn=gfn,
-        slot=vm.gfn_to_memslot(gfn, vcpu.arch.as_id),
+        slot=vm.gfn_to_memslot(gfn, vcpu.arch.mmu.as_id),
         is_private=bool(error_code & PFERR_PRIVATE_ACCESS),
         write=bool(error_code & PFERR_WRITE_MASK),
     )
@@ -123,7 +132,7 @@ def page_fault_can_be_fast(vcpu: Vcpu, fault: KvmPageFault) -> bool:
     off (access tracking); a present fault only when it is a write (write protection). So a
     pre-fault (PFERR_GUEST_FINAL_MASK alone: not present, read) always takes the slow path."""
     vm = vcpu.vm
-    if vm.arch.has_private_mem(vm) and fault.is_private != vm.mem_is_private(fault.gfn):
+    if vm.arch.has_private_mem and fault.is_private != vm.mem_is_private(fault.gfn):
         return False
     if not fault.error_code & PFERR_PRESENT_MASK:
         return not KVM_AD_ENABLED
@@ -134,7 +143,7 @@ def fast_page_fault(vcpu: Vcpu, fault: KvmPageFault) -> int:
     """mmu.c: fast_page_fault(): lockless; SPURIOUS if a present leaf already allows the access."""
     if not page_fault_can_be_fast(vcpu, fault):
         return RET_PF_INVALID
-    root = vcpu.arch.root_for(fault.is_private)
+    root = vcpu.arch.mmu.root_for(fault.is_private)
     if root is None or root.invalid:
         return RET_PF_INVALID
     hit = root.leaf_at(fault.gfn)
@@ -150,13 +159,12 @@ async def kvm_mmu_faultin_pfn(vcpu: Vcpu, fault: KvmPageFault) -> int:
     """mmu.c: kvm_mmu_faultin_pfn() (6.18 order, kvm-core.md section 1.5 rows 1-10)."""
     vm = vcpu.vm
     # 1. aliases: a gfn with the shared bit set must not reach here
-    if vm.arch.is_gfn_alias(vm, fault.gfn):
+    if kvm_is_gfn_alias(vm, fault.gfn):
         vm.kvm_bug("KVM_BUG_ON: aliased gfn in the fault path")
         return -uapi.EFAULT
     # 2. snapshot the invalidation sequence before reading anything the mapping depends on
     await traps.point(vm)
-    fault.mmu_seq = vm.mmu_invalidate_seq
-    fault.snapshot_clock = vm.oracles.clock
+    kvm_mmu_fault_snapshot(vcpu, fault)
     if fault.is_private != vm.mem_is_private(fault.gfn):
         kvm_mmu_prepare_memory_fault_exit(vcpu, fault)
         return -uapi.EFAULT
@@ -187,7 +195,7 @@ async def kvm_mmu_faultin_pfn(vcpu: Vcpu, fault: KvmPageFault) -> int:
         except KvmError as e:
             kvm_mmu_prepare_memory_fault_exit(vcpu, fault)
             return -(e.errno or uapi.EFAULT)
-        fault.max_level = min(fault.max_level, vm.arch.private_max_mapping_level(vm))
+        fault.max_level = min(fault.max_level, vm.arch.kvm_x86_ops.private_max_mapping_level(vm))
     else:
         r = await _faultin_shared(vcpu, fault, slot)
         if r != RET_PF_CONTINUE:
@@ -240,7 +248,7 @@ def kvm_mmu_finish_page_fault(vcpu: Vcpu, fault: KvmPageFault, r: int) -> None:
 
 def is_page_fault_stale(vcpu: Vcpu, fault: KvmPageFault) -> bool:
     """mmu.c: is_page_fault_stale() (6.8+), under mmu_lock."""
-    root = vcpu.arch.root_for(fault.is_private)
+    root = vcpu.arch.mmu.root_for(fault.is_private)
     if root is None:
         return vcpu.has_request("KVM_REQ_MMU_FREE_OBSOLETE_ROOTS")
     if root.invalid:
@@ -285,7 +293,7 @@ async def kvm_tdp_mmu_map(vcpu: Vcpu, fault: KvmPageFault) -> int:
     vm = vcpu.vm
     mmu = vm.arch.mmu
     kvm_mmu_hugepage_adjust(vcpu, fault)
-    root = vcpu.arch.root_for(fault.is_private)
+    root = vcpu.arch.mmu.root_for(fault.is_private)
     assert root is not None
     if root.invalid:
         return RET_PF_RETRY
@@ -350,7 +358,7 @@ async def _map_target_level(vcpu: Vcpu, fault: KvmPageFault, root: Root) -> int:
         return RET_PF_RETRY
     pfn_base = fault.pfn - (fault.gfn - base)
     new = Leaf(pfn_base - base, level, fault.map_writable, fault.is_private, accessed=not fault.prefetch)
-    vm.oracles.check_install(vcpu, fault, root, base, PAGES[level], new)
     if not await vm.arch.mmu.set_spte_atomic(root, level, base, old, new):
         return RET_PF_RETRY
+    trace_kvm_mmu_set_spte(vcpu, fault, root, level, base, new)
     return RET_PF_FIXED

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ... import uapi
+from ...kvm.trace import WARN
 from ...runtime.sync import cond_resched, signal_pending, spin_yield
 from ...uapi import PAGE_SHIFT
 from .fault import (
@@ -16,6 +17,7 @@ from .fault import (
     RET_PF_RETRY,
     RET_PF_SPURIOUS,
     RET_PF_WRITE_PROTECTED,
+    kvm_is_gfn_alias,
     kvm_mmu_do_page_fault,
 )
 from .tdp_mmu import PAGES
@@ -35,7 +37,7 @@ async def kvm_tdp_map_page(vcpu: Vcpu, gpa: int, error_code: int) -> tuple[int, 
     invalidation to end, a FROZEN SPTE to settle), and the scheduler tick would preempt it.
     """
     vm = vcpu.vm
-    if not vcpu.arch.tdp_enabled():
+    if not vcpu.arch.mmu.tdp_enabled():
         return -uapi.EOPNOTSUPP, 0
     each_attempt = vm.profile.prefault_checks_before_each_attempt
     retrying = False
@@ -59,27 +61,27 @@ async def kvm_tdp_map_page(vcpu: Vcpu, gpa: int, error_code: int) -> tuple[int, 
         return 0, level
     if r == RET_PF_EMULATE:
         return -uapi.ENOENT, level
-    vm.oracles.warn(f"kvm_tdp_map_page: unexpected RET_PF {r}")
+    WARN(vm, f"kvm_tdp_map_page: unexpected RET_PF {r}")
     return -uapi.EIO, level
 
 
 async def kvm_arch_vcpu_pre_fault_memory(vcpu: Vcpu, gpa: int, size: int) -> int:
     """mmu.c: kvm_arch_vcpu_pre_fault_memory() (6.18): bytes covered (> 0) or -errno."""
     vm = vcpu.vm
-    if not vm.arch.pre_fault_allowed(vm):
+    if not vm.arch.pre_fault_allowed:
         return -uapi.EOPNOTSUPP
     gfn = gpa >> PAGE_SHIFT
-    if vm.profile.prefault_rejects_alias and vm.arch.is_gfn_alias(vm, gfn):
+    if vm.profile.prefault_rejects_alias and kvm_is_gfn_alias(vm, gfn):
         return -uapi.EINVAL
-    r = await vcpu.arch.kvm_mmu_reload()
+    r = await vcpu.arch.mmu.kvm_mmu_reload()
     if r:
         return r
     error_code = PFERR_GUEST_FINAL_MASK
     direct_bits = 0
-    if vm.arch.has_private_mem(vm) and vm.mem_is_private(gfn):
+    if vm.arch.has_private_mem and vm.mem_is_private(gfn):
         error_code |= PFERR_PRIVATE_ACCESS
     else:
-        direct_bits = vm.arch.gfn_direct_bits(vm) << PAGE_SHIFT
+        direct_bits = vm.arch.gfn_direct_bits << PAGE_SHIFT
     r, level = await kvm_tdp_map_page(vcpu, gpa | direct_bits, error_code)
     if r < 0:
         return r

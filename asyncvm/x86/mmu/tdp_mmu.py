@@ -14,9 +14,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ...intervals import IntervalMap
+from ...kvm.invalidate import KVM_FILTER_PRIVATE, KVM_FILTER_SHARED
 from ...runtime import traps
 from ...runtime.failures import Violation
+from ...runtime.lockdep import lockdep_assert_held_read, lockdep_assert_held_write
 from ...runtime.sync import READ, WRITE, need_resched, spin_yield
+from ..trace import trace_kvm_tdp_mmu_spte_changed
 
 if TYPE_CHECKING:
     from ...kvm.vm import Vm
@@ -142,6 +145,7 @@ class TdpMmu:
 
     def invalidate_roots(self, mirror: bool = False) -> None:
         """tdp_mmu.c: kvm_tdp_mmu_invalidate_roots() (write lock): mark, hand the MMU's ref to the zapper."""
+        lockdep_assert_held_write(self.vm.mmu_lock)
         for root in self.roots:
             if not root.invalid and root.is_mirror == mirror:
                 root.invalid = True
@@ -150,6 +154,7 @@ class TdpMmu:
 
     async def zap_invalidated_roots(self) -> None:
         """tdp_mmu.c: kvm_tdp_mmu_zap_invalidated_roots(shared=true): zap, then drop the MMU's ref."""
+        lockdep_assert_held_read(self.vm.mmu_lock)
         for root in list(self.roots):
             if root.scheduled_to_zap:
                 root.scheduled_to_zap = False
@@ -158,8 +163,6 @@ class TdpMmu:
 
     def root_types(self, attr_filter: int) -> list[Root]:
         """kvm_gfn_range_filter_to_root_types(): PRIVATE -> mirror, SHARED -> direct (TDX)."""
-        from ...kvm.invalidate import KVM_FILTER_PRIVATE, KVM_FILTER_SHARED
-
         if not self.vm.arch.has_mirrored_tdp:
             return list(self.roots)
         out = []
@@ -173,6 +176,7 @@ class TdpMmu:
     # -- SPTE updates ----------------------------------------------------------------------
     async def set_spte_atomic(self, root: Root, level: int, base: int, old: Any, new: Any) -> bool:
         """tdp_mmu.c: tdp_mmu_set_spte_atomic() (mmu_lock read): cmpxchg; False if it lost (-EBUSY)."""
+        lockdep_assert_held_read(self.vm.mmu_lock)
         await traps.point(root)  # the cmpxchg itself is the racy step
         if root.get(level, base) is not old:
             return False
@@ -180,10 +184,43 @@ class TdpMmu:
             raise Violation("frozen_spte", f"atomic update over FROZEN_SPTE in {root.name}", signature="frozen_spte")
         span = PAGES[level]
         if root.is_mirror and (isinstance(new, Leaf) or new is TABLE):
-            return await self.vm.arch.set_external_spte_present(self, root, level, base, old, new)
+            return await self.set_external_spte_present(root, level, base, old, new)
         self.handle_changed_spte(root, level, base, old, new, shared=True)
         self._write(root, level, base, span, new)
         return True
+
+    async def set_external_spte_present(self, root: Root, level: int, base: int, old: Any, new: Any) -> bool:
+        """tdp_mmu.c: set_external_spte_present(): freeze, run the vendor hook, then write new or restore old."""
+        vm = self.vm
+        ops = vm.arch.kvm_x86_ops
+        if old is not None:
+            vm.kvm_bug("KVM_BUG_ON: present -> present change of a mirror SPTE")
+            return False
+        span = PAGES[level]
+        root.levels[level].assign(base, base + span, FROZEN)
+        traps.emit("spte", vm, root=root.name, level=level, gfn=base, old="none", new="FROZEN_SPTE")
+        if new is TABLE:
+            r = await ops.link_external_spt(vm, base, level)
+        else:
+            r = await ops.set_external_spte(vm, base, level, new)
+        if r:
+            root.levels[level].clear(base, base + span)
+            traps.emit("spte", vm, root=root.name, level=level, gfn=base, old="FROZEN_SPTE", new="none")
+            return False
+        self.handle_changed_spte(root, level, base, old, new, shared=True)
+        root.levels[level].assign(base, base + span, new)
+        return True
+
+    async def remove_external_spte(self, root: Root, level: int, lo: int, hi: int, leaf: Leaf) -> None:
+        """tdp_mmu.c: remove_external_spte(): each external leaf goes through the vendor, then the mirror's."""
+        vm = self.vm
+        lockdep_assert_held_write(vm.mmu_lock)
+        for gfn in range(lo, hi):
+            if root.get(level, gfn) is None:
+                continue
+            await vm.arch.kvm_x86_ops.remove_external_spte(vm, gfn, level)
+            self.handle_changed_spte(root, level, gfn, leaf, None, shared=False)
+            root.levels[level].clear(gfn, gfn + 1)
 
     def _write(self, root: Root, level: int, base: int, span: int, new: Any) -> None:
         if new is None:
@@ -203,14 +240,14 @@ class TdpMmu:
             )
         if root.is_mirror and shared and old is not None and new is None:
             self.vm.kvm_bug("KVM_BUG_ON: atomic zap of a mirror SPTE")
-        if isinstance(new, Leaf):
-            self.vm.oracles.on_spte_install(root, base, PAGES[level], new)
+        trace_kvm_tdp_mmu_spte_changed(self.vm, root, level, base, old, new)
         if traps.tracing():
             traps.emit("spte", self.vm, root=root.name, level=level, gfn=base, old=_fmt(old, base), new=_fmt(new, base))
 
     # -- zapping ----------------------------------------------------------------------------
     async def unmap_gfn_range(self, start: int, end: int, attr_filter: int, may_block: bool) -> bool:
         """tdp_mmu.c: kvm_tdp_mmu_unmap_gfn_range() (mmu_lock write; includes invalid roots)."""
+        lockdep_assert_held_write(self.vm.mmu_lock)
         flush = False
         for root in self.root_types(attr_filter):
             flush |= await self._zap_range(root, start, end, shared=False, can_yield=may_block)
@@ -219,7 +256,6 @@ class TdpMmu:
     async def _zap_range(self, root: Root, start: int, end: int, *, shared: bool, can_yield: bool) -> bool:
         """tdp_mmu.c: tdp_mmu_zap_leafs(): zap every leaf overlapping [start, end), yielding as
         tdp_mmu_iter_cond_resched() does (only after progress, only when need_resched())."""
-        vm = self.vm
         flushed = False
         for level in (1, 2, 3):
             pos = start
@@ -236,7 +272,7 @@ class TdpMmu:
                 if level > 1:
                     hi = align(e - 1, level) + PAGES[level]
                 if root.is_mirror:
-                    await vm.arch.remove_external_spte(self, root, level, lo, hi, v)
+                    await self.remove_external_spte(root, level, lo, hi, v)
                 else:
                     self.handle_changed_spte(root, level, lo, v, None, shared)
                     root.levels[level].clear(lo, hi)

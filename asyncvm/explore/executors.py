@@ -1,20 +1,29 @@
-"""Running campaign chunks on worker processes or on a Dask cluster."""
+"""Executors: run a campaign's chunks in this process, on worker processes or on a Dask cluster.
+
+Each takes the chunks to run, as ``(first, count)`` pairs, and a deadline, and yields each chunk's
+result as it is finished (not necessarily in order). None starts a chunk after the deadline, and
+the parallel ones drop the chunks still running at the deadline: the campaign driver
+(`driver.Campaign`) sizes chunks so that the deadline holds within about one chunk's duration.
+"""
 
 from __future__ import annotations
 
-import itertools
 import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from multiprocessing import get_context
 from typing import Any
 
 from ..runtime.failures import ToolError
-from .campaign import CHUNK, CampaignSpec, ChunkResult, chunks, run_chunk
+from .campaign import CampaignSpec, ChunkResult, run_chunk
+from .engine import ScenarioFn
 from .scenarios import load_bundled, load_module
+
+#: chunks to run: (first execution, number of executions)
+Todo = Iterable[tuple[int, int]]
 
 #: seconds to wait for a Dask scheduler before giving up with a one-line error
 #: (ASYNCVM_DASK_CONNECT_TIMEOUT overrides it)
@@ -35,7 +44,7 @@ def _worker_init(module: str | None) -> None:
 
 
 def _pool_worker_init(module: str | None, parent: int) -> None:
-    # Ctrl-C is the campaign process's to handle: it stops the workers itself (see run_local_pool).
+    # Ctrl-C is the campaign process's to handle: it stops the workers itself (see run_pool).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker_init(module)
     _watch_parent(parent)
@@ -60,7 +69,7 @@ def _watch_parent(parent: int) -> None:
 #: One controlled execution at a time per process: the executor is process-global (runtime.traps),
 #: so a Dask worker with several threads, or an in-process cluster (processes=False) sharing the
 #: campaign's own process, must not run two executions at once. Held around every chunk here and
-#: around the campaign's merge (which replays new failures) in runner.py.
+#: around the campaign's merge (which replays new failures) in the driver.
 EXECUTION_LOCK = threading.RLock()
 
 
@@ -70,26 +79,24 @@ def _run(spec_json: dict[str, Any], first: int, count: int) -> dict[str, Any]:
         return run_chunk(spec, first, count).to_json()
 
 
-def _chunk_size(spec: CampaignSpec, jobs: int) -> int:
-    # Small enough to keep every worker busy and the ledger fresh, large enough to amortize IPC.
-    return max(20, min(CHUNK, spec.runs // (jobs * 4) or 1))
+def _left(deadline: float | None) -> float | None:
+    """Seconds until the deadline (0 once it passed), or None without one."""
+    return None if deadline is None else max(0.0, deadline - time.perf_counter())
 
 
-def _todo(spec: CampaignSpec, size: int, skip: set[int] | None) -> Iterator[tuple[int, int]]:
-    return (c for c in chunks(spec.first_run, spec.runs, size) if not skip or c[0] not in skip)
-
-
-def run_local_pool(
-    spec: CampaignSpec,
-    jobs: int,
-    *,
-    time_budget: float | None = None,
-    skip: set[int] | None = None,
-    chunk: int | None = None,
+def run_here(
+    spec: CampaignSpec, todo: Todo, deadline: float | None, fn: ScenarioFn | None = None
 ) -> Iterator[ChunkResult]:
-    """Yield chunk results as worker processes finish them (not necessarily in order)."""
-    deadline = time.perf_counter() + time_budget if time_budget else None
-    todo = _todo(spec, chunk or _chunk_size(spec, jobs), skip)
+    """Run the chunks one after another in this process (`fn` need not be registered)."""
+    for first, count in todo:
+        if _left(deadline) == 0:
+            return
+        yield run_chunk(spec, first, count, fn)
+
+
+def run_pool(spec: CampaignSpec, todo: Todo, deadline: float | None, jobs: int) -> Iterator[ChunkResult]:
+    """Run the chunks on `jobs` worker processes; yield each result as a worker finishes it."""
+    todo = iter(todo)
     payload = spec.to_json()
     # fork: workers inherit the registered scenarios and need no __main__ guard in user scripts
     ctx = get_context("fork")
@@ -98,9 +105,7 @@ def run_local_pool(
     finished = False
     try:
         while True:
-            while len(running) < jobs * 2:
-                if deadline is not None and time.perf_counter() > deadline:
-                    break
+            while len(running) < jobs * 2 and _left(deadline) != 0:
                 nxt = next(todo, None)
                 if nxt is None:
                     break
@@ -108,9 +113,11 @@ def run_local_pool(
             if not running:
                 finished = True
                 return
-            done, running = wait(running, return_when=FIRST_COMPLETED)
+            done, running = wait(running, timeout=_left(deadline), return_when=FIRST_COMPLETED)
             for fut in done:
                 yield ChunkResult.from_json(fut.result())
+            if _left(deadline) == 0:
+                return  # the chunks still running are dropped (see _abandon)
     finally:
         if finished:
             pool.shutdown(wait=True)
@@ -119,7 +126,7 @@ def run_local_pool(
 
 
 def _abandon(pool: ProcessPoolExecutor, running: set[Future[dict[str, Any]]]) -> None:
-    """Stop at once (Ctrl-C, a stopped campaign, an error): chunks in flight are thrown away.
+    """Stop at once (Ctrl-C, the deadline, a stopped campaign, an error): chunks in flight are thrown away.
 
     Nothing is lost: a chunk counts only once it is in the ledger, and --resume reruns the rest.
     """
@@ -152,41 +159,43 @@ def connect_dask(address: Any) -> Any:
         raise ToolError(f"cannot connect to the Dask scheduler at {address}: {detail}") from None
 
 
-def run_dask(
-    spec: CampaignSpec,
-    address: Any,
-    *,
-    time_budget: float | None = None,
-    skip: set[int] | None = None,
-    chunk: int | None = None,
-) -> Iterator[ChunkResult]:
-    """Yield chunk results from a Dask distributed scheduler at `address` (or a Client/cluster)."""
+def dask_slots(client: Any) -> int:
+    """How many chunks the cluster runs at once (its worker threads)."""
+    return max(1, sum(client.nthreads().values()))
+
+
+def run_dask(spec: CampaignSpec, todo: Todo, deadline: float | None, client: Any) -> Iterator[ChunkResult]:
+    """Run the chunks on a connected Dask `client`; yield each result as the cluster finishes it."""
     from distributed import as_completed
 
-    client = connect_dask(address)
+    todo = iter(todo)
+    payload = spec.to_json()
+    module = spec.module
+
+    def task(first: int, count: int) -> dict[str, Any]:
+        _worker_init(module)
+        return _run(payload, first, count)
+
     outstanding: set[Any] = set()
     try:
-        workers = max(1, len(client.scheduler_info().get("workers", {})))
-        todo = _todo(spec, chunk or _chunk_size(spec, workers), skip)
-        payload = spec.to_json()
-        module = spec.module
-        deadline = time.perf_counter() + time_budget if time_budget else None
-
-        def task(first: int, count: int) -> dict[str, Any]:
-            _worker_init(module)
-            return _run(payload, first, count)
-
-        window = workers * 2
-        outstanding = {client.submit(task, f, n, pure=False) for f, n in itertools.islice(todo, window)}
-        pending = as_completed(list(outstanding))
-        for fut in pending:
+        window = dask_slots(client) * 2
+        for first, count in todo:
+            outstanding.add(client.submit(task, first, count, pure=False))
+            if len(outstanding) >= window:
+                break
+        pending = as_completed(list(outstanding), timeout=_left(deadline))
+        while True:
+            try:
+                fut = next(pending)
+            except StopIteration:
+                return
+            except TimeoutError:
+                return  # the deadline: the chunks still running are dropped
             outstanding.discard(fut)
             result = fut.result()
             fut.release()  # the cluster need not keep a chunk once it is merged here
             yield ChunkResult.from_json(result)
-            if deadline is not None and time.perf_counter() > deadline:
-                return
-            nxt = next(todo, None)
+            nxt = next(todo, None) if _left(deadline) != 0 else None
             if nxt is not None:
                 more = client.submit(task, nxt[0], nxt[1], pure=False)
                 outstanding.add(more)
@@ -194,5 +203,3 @@ def run_dask(
     finally:
         for other in outstanding:
             other.cancel()
-        if client is not address:
-            client.close()

@@ -14,19 +14,15 @@ cycle.
 
 from __future__ import annotations
 
+import sys
 from collections import deque
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
 
-from ..runtime.failures import Violation
-
-
-def fmt_site(site: Any) -> str:
-    if site is None:
-        return "?"
-    code, line = site
-    return f"{code.co_filename.rsplit('/', 1)[-1]}:{line} ({code.co_name})"
+from .failures import Violation
+from .sites import fmt_site
+from .sync import READ, WRITE
 
 
 @dataclass(frozen=True)
@@ -137,3 +133,33 @@ class Lockdep:
                     return out[::-1]
                 queue.append(nxt)
         return None
+
+
+# -- lockdep_assert_held(): a function's locking rule, checked at its top -------------------------
+def _assert_held(lock: Any, mode: str | None, what: str) -> None:
+    held = lock.held_by_current() if mode is None else lock.held_by_current(mode)
+    if not held:
+        # The function that asserted, as the kernel's WARN names it.
+        func = sys._getframe(2).f_code.co_name
+        raise Violation(
+            "lock_assert",
+            f"{func}() requires {lock.name} held{what}",
+            signature=f"lock_assert:{func}:{lock.lock_class}",
+            lock=lock.name,
+            function=func,
+        )
+
+
+def lockdep_assert_held(lock: Any) -> None:
+    """include/linux/lockdep.h: lockdep_assert_held(): the running task holds `lock` (any mode)."""
+    _assert_held(lock, None, "")
+
+
+def lockdep_assert_held_read(lock: Any) -> None:
+    """include/linux/lockdep.h: lockdep_assert_held_read(): held for read (shared)."""
+    _assert_held(lock, READ, " for read")
+
+
+def lockdep_assert_held_write(lock: Any) -> None:
+    """include/linux/lockdep.h: lockdep_assert_held_write(): held for write (exclusive)."""
+    _assert_held(lock, WRITE, " for write")

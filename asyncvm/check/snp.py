@@ -1,0 +1,119 @@
+"""The SEV-SNP oracles: the RMP agrees with who may touch a page (kvm-coco.md section 4).
+
+A private guest access needs an RMP-assigned page, a fault may not RMP-assign a page before
+LAUNCH_FINISH (6.11+: that page's LAUNCH_UPDATE would fail), and a freed page may not stay
+assigned. They watch the guest-access, prepare and page-free tracepoints and read the RMP.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..host.pages import Folio, PageAllocator, trace_mm_page_free
+from ..kvm import trace as kvm_trace
+from ..runtime import traps
+from ..runtime.failures import Violation
+from ..x86 import trace as x86_trace
+from ..x86.sev.snp import sev_snp_guest, to_kvm_sev
+from .registry import Registry, watched
+
+if TYPE_CHECKING:
+    from ..kvm.vcpu import Vcpu
+    from ..kvm.vm import Vm
+
+
+class SnpOracles:
+    """The SEV-SNP oracles of one guest."""
+
+    def __init__(self, vm: Vm) -> None:
+        self.vm: Vm = watched(vm)
+        exe = traps.active()
+        if exe is not None:
+            exe.at_quiescence(self.at_quiescence)
+
+    def guest_access(self, gfn: int, pfn: int, private: bool) -> None:
+        if private and to_kvm_sev(self.vm).firmware.lookup(pfn) is None:
+            raise Violation(
+                "rmp_guest_shared",
+                f"private guest access to pfn {pfn:#x}, which the RMP says is shared",
+                signature="rmp_guest_shared",
+                pfn=pfn,
+            )
+
+    def prepare(self, pfn: int, gfn: int) -> None:
+        vm = self.vm
+        if not to_kvm_sev(vm).firmware.finished and not vm.profile.gmem_fallocate_prepares:
+            raise Violation(
+                "snp_prepare_before_finish",
+                f"gfn {gfn:#x} RMP-assigned by a fault before LAUNCH_FINISH",
+                signature="snp_prepare_before_finish",
+                gfn=gfn,
+            )
+
+    def page_freed(self, folio: Folio) -> None:
+        """A page the firmware owns can only be reclaimed; freeing it leaks it (RMPUPDATE fails)."""
+        rmp = to_kvm_sev(self.vm).firmware.rmp
+        for pfn in range(folio.pfn, folio.pfn + folio.npages):
+            entry = rmp.get(pfn)
+            if entry is not None and entry.immutable:
+                raise Violation(
+                    "rmp_freed_private",
+                    f"pfn {pfn:#x} freed while the RMP still holds it for the firmware",
+                    signature="rmp_freed_private",
+                    pfn=pfn,
+                )
+
+    def at_quiescence(self) -> None:
+        """Every freed page is shared in the RMP (the free hook ran)."""
+        vm = self.vm
+        for pfn in to_kvm_sev(vm).firmware.rmp:
+            folio = vm.kvm.allocator.folio_at(pfn)
+            if folio is None or folio.freed:
+                raise Violation(
+                    "rmp_freed_private",
+                    f"freed pfn {pfn:#x} is still assigned in the RMP",
+                    signature="rmp_freed_private",
+                    pfn=pfn,
+                )
+
+
+#: the SNP oracles of every SNP guest alive
+ORACLES: Registry[SnpOracles] = Registry()
+
+
+def _on_create_vm(vm: Vm) -> None:
+    if sev_snp_guest(vm):
+        ORACLES.add(vm, SnpOracles(vm))
+
+
+def _on_guest_access(vcpu: Vcpu, gfn: int, pfn: int, private: bool) -> None:
+    oracles = ORACLES.get(vcpu.vm)
+    if oracles is not None:
+        oracles.guest_access(gfn, pfn, private)
+
+
+def _on_prepare(vm: Vm, pfn: int, gfn: int) -> None:
+    oracles = ORACLES.get(vm)
+    if oracles is not None:
+        oracles.prepare(pfn, gfn)
+
+
+def _on_page_free(allocator: PageAllocator, folio: Folio) -> None:
+    for vm, oracles in ORACLES.items():
+        if vm.kvm.allocator is allocator:
+            oracles.page_freed(folio)
+
+
+_attached = False
+
+
+def attach() -> None:
+    """Register the probes once: every SNP guest created from then on is watched."""
+    global _attached
+    if _attached:
+        return
+    _attached = True
+    kvm_trace.trace_kvm_create_vm.register(_on_create_vm)
+    x86_trace.trace_kvm_guest_access.register(_on_guest_access)
+    x86_trace.trace_sev_gmem_prepare.register(_on_prepare)
+    trace_mm_page_free.register(_on_page_free)

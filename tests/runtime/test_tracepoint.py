@@ -1,0 +1,54 @@
+"""Tracepoints: probes see what the model announces, and a probe's Violation fails the execution
+at the step that fired the tracepoint."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from asyncvm.runtime import traps
+from asyncvm.runtime.executor import Executor
+from asyncvm.runtime.failures import Violation
+from asyncvm.runtime.strategies import RandomStrategy
+from asyncvm.runtime.tracepoint import Tracepoint
+
+
+def test_probes_see_every_firing_in_registration_order() -> None:
+    tp = Tracepoint("demo")
+    seen: list[tuple[str, Any]] = []
+
+    def first(x: Any) -> None:
+        seen.append(("first", x))
+
+    def second(x: Any) -> None:
+        seen.append(("second", x))
+
+    tp(0)  # nobody listens: nothing happens
+    tp.register(first)
+    tp.register(second)
+    tp.register(first)  # registering twice is a no-op
+    tp(1)
+    tp.unregister(first)
+    tp(2)
+    assert seen == [("first", 1), ("second", 1), ("second", 2)]
+
+
+def test_a_probe_violation_fails_the_execution_at_the_firing_step() -> None:
+    tp = Tracepoint("install")
+
+    def oracle(value: int) -> None:
+        if value == 3:
+            raise Violation("demo", f"value {value} installed", signature="demo")
+
+    tp.register(oracle)
+
+    async def main() -> None:
+        for value in range(5):
+            await traps.point(None)
+            tp(value)
+
+    strategy = RandomStrategy(0)
+    strategy.new_execution(0)
+    result = Executor(strategy).run(main)
+    assert result.failure is not None and result.failure.signature == "demo"
+    # Step 1 runs main up to its first point; value v is fired in step v + 2.
+    assert result.failure.step == 5
