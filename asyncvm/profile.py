@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any
 
 
@@ -35,10 +35,6 @@ class Profile:
     prefault_rejects_alias: bool = True
     #: TDX flow: "T16" (6.16-6.18: nr_premapped, PAGE.ADD in post-populate) or "T19" (6.19+).
     tdx_flow: str = "T16"
-
-    def with_(self, **changes: Any) -> Profile:
-        """A copy with some switches flipped (for experiments between versions)."""
-        return replace(self, **changes)
 
     def describe(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
