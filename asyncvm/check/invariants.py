@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .. import uapi
+from ..host.pages import trace_mm_page_free
 from ..intervals import IntervalMap
 from ..kvm import trace as kvm_trace
 from ..runtime import traps
@@ -33,14 +34,23 @@ if TYPE_CHECKING:
     from ..x86.mmu.tdp_mmu import Root
 
 
+def _step() -> int | None:
+    """The scheduling step running now (None in live mode)."""
+    exe = traps.active()
+    return None if exe is None else exe.step
+
+
 @dataclass(eq=False)
 class Invalidation:
-    """One begin..end window as the oracles saw it: who ran it, what it covered and when."""
+    """One begin..end window as the oracles saw it: who ran it, what it covered and when (the
+    oracles' clock, and the scheduling steps of its begin and end)."""
 
     source: str
     began: int
+    began_step: int | None = None
     ranges: list[tuple[int, int]] = field(default_factory=list)
     ended: int | None = None
+    ended_step: int | None = None
 
 
 class VmOracles:
@@ -55,10 +65,12 @@ class VmOracles:
         self.windows: defaultdict[Any, list[Invalidation]] = defaultdict(list)
         #: what each task announced it is invalidating for, until its next begin
         self.source: dict[Any, str] = {}
-        #: gfn -> clock at which the last invalidation covering it ended, per mapping kind
-        self.ended_at = {True: IntervalMap[int](), False: IntervalMap[int]()}
-        #: fault -> clock when it snapshot mmu_invalidate_seq
-        self.snapshots: weakref.WeakKeyDictionary[KvmPageFault, int] = weakref.WeakKeyDictionary()
+        #: gfn -> the last invalidation covering it that ended, per mapping kind
+        self.ended_at = {True: IntervalMap[Invalidation](), False: IntervalMap[Invalidation]()}
+        #: fault -> (clock, step) when it snapshot mmu_invalidate_seq
+        self.snapshots: weakref.WeakKeyDictionary[KvmPageFault, tuple[int, int | None]] = weakref.WeakKeyDictionary()
+        #: pfn -> the step that freed its folio (to name it in a report)
+        self.freed_at: dict[int, int | None] = {}
         self.kvm_bugs: list[str] = []
         self.warnings: list[str] = []
         exe = traps.active()
@@ -72,7 +84,7 @@ class VmOracles:
     def invalidate_begin(self) -> None:
         task = traps.current()
         self.clock += 1
-        inv = Invalidation(self.source.pop(task, "unknown"), self.clock)
+        inv = Invalidation(self.source.pop(task, "unknown"), self.clock, _step())
         self.open.append(inv)
         self.windows[task].append(inv)
 
@@ -96,15 +108,34 @@ class VmOracles:
         inv = mine.pop()
         self.clock += 1
         inv.ended = self.clock
+        inv.ended_step = _step()
         self.open.remove(inv)
         for start, end in inv.ranges:
             for private in (True, False):
-                self.ended_at[private].assign(start, end, self.clock)
+                self.ended_at[private].assign(start, end, inv)
             self._check_range_after_invalidation(inv, start, end)
 
     # -- checks at the event -------------------------------------------------------------------
     def fault_snapshot(self, fault: KvmPageFault) -> None:
-        self.snapshots[fault] = self.clock
+        self.snapshots[fault] = (self.clock, _step())
+
+    def page_freed(self, folio: Any) -> None:
+        step = _step()
+        for pfn in range(folio.pfn, folio.pfn + folio.npages):
+            self.freed_at[pfn] = step
+
+    def _race_steps(self, fault: KvmPageFault, inv: Invalidation | None) -> dict[str, int | None]:
+        """The steps that make a stale install a race: the snapshot, the invalidation's begin (and
+        end), the free of the pfn, and the install itself (now)."""
+        steps: dict[str, int | None] = {"snapshot": self.snapshots.get(fault, (0, None))[1]}
+        if inv is not None:
+            steps["invalidate_begin"] = inv.began_step
+            if inv.ended_step is not None:
+                steps["invalidate_end"] = inv.ended_step
+        if fault.pfn in self.freed_at:
+            steps["pfn_freed"] = self.freed_at[fault.pfn]
+        steps["install"] = _step()
+        return steps
 
     def check_install(self, vcpu: Vcpu, fault: KvmPageFault, root: Root, base: int, npages: int, leaf: Leaf) -> None:
         """Sequence rule: no invalidation covering these gfns may have run since the fault's snapshot."""
@@ -114,29 +145,36 @@ class VmOracles:
                     raise Violation(
                         "stale_install",
                         f"{vcpu.name} installs gfn {fault.gfn:#x} (pfn {fault.pfn:#x}) while the {inv.source} "
-                        f"invalidation of [{start:#x}, {end:#x}) is in progress",
+                        f"invalidation of gfn=[{start:#x},{end:#x}) is in progress",
                         signature=f"stale_install:{inv.source}",
                         gfn=fault.gfn,
+                        pfn=fault.pfn,
+                        steps=self._race_steps(fault, inv),
                     )
-        snapshot = self.snapshots.get(fault, 0)
+        snapshot = self.snapshots.get(fault, (0, None))[0]
         for _s, _e, ended in self.ended_at[leaf.private].overlaps(base, base + npages):
-            if ended > snapshot:
+            if ended.ended is not None and ended.ended > snapshot:
                 raise Violation(
                     "stale_install",
                     f"{vcpu.name} installs gfn {fault.gfn:#x} (pfn {fault.pfn:#x}) from a snapshot taken before "
-                    "an invalidation of that gfn ended (mmu_invalidate_seq moved)",
+                    f"the {ended.source} invalidation of that gfn ended (mmu_invalidate_seq moved)",
                     signature="stale_install:seq",
                     gfn=fault.gfn,
+                    pfn=fault.pfn,
+                    steps=self._race_steps(fault, ended),
                 )
 
     def spte_changed(self, root: Root, base: int, npages: int, new: Any) -> None:
         """Nothing may ever map a freed pfn."""
-        if type(new) is Leaf and self.vm.kvm.allocator.is_freed(new.pfn(base)):
+        pfn = new.pfn(base)
+        if type(new) is Leaf and self.vm.kvm.allocator.is_freed(pfn):
             raise Violation(
                 "mapped_freed_pfn",
-                f"{root.name}: gfn {base:#x} mapped to freed pfn {new.pfn(base):#x}",
+                f"{root.name}: gfn {base:#x} mapped to freed pfn {pfn:#x}",
                 signature="mapped_freed_pfn:install",
                 gfn=base,
+                pfn=pfn,
+                steps={"pfn_freed": self.freed_at.get(pfn), "install": _step()},
             )
 
     def populate(self, gfn: int) -> None:
@@ -314,6 +352,12 @@ def _on_set_spte(vcpu: Vcpu, fault: KvmPageFault, root: Root, level: int, base: 
         oracles.check_install(vcpu, fault, root, base, PAGES[level], leaf)
 
 
+def _on_page_free(allocator: Any, folio: Any) -> None:
+    for vm, oracles in ORACLES.items():
+        if vm.kvm.allocator is allocator:
+            oracles.page_freed(folio)
+
+
 def _on_spte_changed(vm: Vm, root: Root, level: int, gfn: int, old: Any, new: Any) -> None:
     if type(new) is Leaf:
         oracles = ORACLES.get(vm)
@@ -344,6 +388,7 @@ def attach() -> None:
         (x86_trace.trace_kvm_mmu_fault_snapshot, _on_fault_snapshot),
         (x86_trace.trace_kvm_mmu_set_spte, _on_set_spte),
         (x86_trace.trace_kvm_tdp_mmu_spte_changed, _on_spte_changed),
+        (trace_mm_page_free, _on_page_free),
     ]
     for tracepoint, probe in probes:
         tracepoint.register(probe)

@@ -277,7 +277,7 @@ class Executor:
                     return
                 continue
             except Violation as v:
-                self._fail(v.kind, v.signature, v.message, t, v.evidence)
+                self._fail_violation(v, t)
                 return
             except ToolError:
                 raise
@@ -399,7 +399,7 @@ class Executor:
             try:
                 check()
             except Violation as v:
-                self._fail(v.kind, v.signature, v.message, None, v.evidence)
+                self._fail_violation(v, None)
                 return
 
     def _fail_exception(self, t: Task, e: BaseException) -> None:
@@ -412,17 +412,31 @@ class Executor:
             {"site": site, "type": type(e).__name__},
         )
 
-    def _fail(self, kind: str, signature: str, message: str, t: Task | None, evidence: dict[str, Any]) -> None:
+    def _fail(
+        self,
+        kind: str,
+        signature: str,
+        message: str,
+        t: Task | None,
+        evidence: dict[str, Any],
+        step: int | None = None,
+    ) -> None:
         if self.failure is not None:
             return
         task = t.name if t is not None else None
-        self.failure = Failure(kind, signature, message, self.step, task, dict(evidence))
+        step = self.step if step is None else step
+        self.failure = Failure(kind, signature, message, step, task, dict(evidence))
         if self.trace is not None:
-            self.trace.append((self.step, t.tid if t else -1, "failure", kind, {"message": message, **evidence}))
+            self.trace.append((step, t.tid if t else -1, "failure", kind, {"message": message, **evidence}))
+
+    def _fail_violation(self, v: Violation, t: Task | None) -> None:
+        # Reported at the step that raised it: on its way out the exception may pass `finally:`
+        # blocks that release locks, and each release is a scheduling point.
+        self._fail(v.kind, v.signature, v.message, t, v.evidence, v.step)
 
     def fail(self, violation: Violation) -> None:
         """Record a violation found outside any task (e.g. by an oracle hook)."""
-        self._fail(violation.kind, violation.signature, violation.message, self.current, violation.evidence)
+        self._fail_violation(violation, self.current)
 
     def _close_all(self) -> None:
         # Unfinished coroutines are closed with the executor detached, so their cleanup code

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import traps
+
 
 class Violation(Exception):
     """An oracle saw the model break a kernel invariant (a bug in the code under test).
@@ -20,6 +22,13 @@ class Violation(Exception):
         self.message = message
         self.signature = signature or kind
         self.evidence = evidence
+        #: the scheduling step that found it (None outside a controlled execution)
+        self.step: int | None = _exe_step()
+
+
+def _exe_step() -> int | None:
+    exe = traps._exe
+    return None if exe is None else exe.step
 
 
 class ToolError(Exception):

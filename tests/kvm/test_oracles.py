@@ -245,3 +245,22 @@ def test_kvm_bug_fires_when_a_valid_root_loses_its_last_reference(monkeypatch: p
     monkeypatch.setattr(TdpMmu, "invalidate_roots", schedule_without_invalidating)
     failure = run_failing(delete_the_slot_twice)
     assert failure.kind == "kvm_bug", failure
+
+
+def test_a_stale_install_names_the_steps_that_make_it_a_race() -> None:
+    """The failure is reported at the install itself, and names where the fault snapshot the
+    sequence, where the invalidation began and where the pfn was freed, in schedule order."""
+    report = asyncvm.explore(
+        scenarios.punch_hole_vs_pre_fault, strategy="pct", runs=1000, seed=7, bugs=["drop_invalidate_retry"]
+    )
+    found = report.first("stale_install")
+    assert found is not None, report.summary()
+    steps = found.failure.evidence["steps"]
+    assert steps["install"] == found.failure.step
+    assert steps["snapshot"] < steps["install"]
+    assert steps["invalidate_begin"] < steps["install"]
+    if "pfn_freed" in steps:
+        assert steps["invalidate_begin"] < steps["pfn_freed"] < steps["install"]
+    events = asyncvm.replay(found.schedule, scenarios.punch_hole_vs_pre_fault).events()
+    installs = [e for e in events if e["op"] == "spte" and e["step"] == steps["install"] and e["new"] != "none"]
+    assert installs, "the install is an event of the failing step"

@@ -52,3 +52,27 @@ def test_a_probe_violation_fails_the_execution_at_the_firing_step() -> None:
     assert result.failure is not None and result.failure.signature == "demo"
     # Step 1 runs main up to its first point; value v is fired in step v + 2.
     assert result.failure.step == 5
+
+
+def test_a_violation_is_reported_at_the_step_that_raised_it() -> None:
+    """On its way out a Violation passes ``finally:`` blocks that release locks, and each release
+    is a scheduling point; the failure still names the step where the oracle fired."""
+    from asyncvm.runtime.sync import Mutex
+
+    lock = Mutex("demo_lock")
+
+    async def main() -> None:
+        await lock.lock()
+        try:
+            await traps.point(None)
+            raise Violation("demo", "found while holding the lock", signature="demo")
+        finally:
+            await lock.unlock()
+            await traps.point(None)
+
+    strategy = RandomStrategy(0)
+    strategy.new_execution(0)
+    result = Executor(strategy).run(main)
+    assert result.failure is not None and result.failure.signature == "demo"
+    # Step 1 ends at the lock (a wait), step 2 at the point, step 3 raises; two more steps unwind.
+    assert (result.failure.step, result.steps) == (3, 5)
