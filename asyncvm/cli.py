@@ -430,12 +430,8 @@ def replay(
         result = do_replay(schedule, spec.fn, force=force, record=True)
     except (ScheduleError, ToolError) as e:
         _die(_one_line(f"{file}: {e}"))
-    events = result.events()
-    if log_level != "debug" and result.failure is not None:
-        events = events[-(context + 1) :]
-    elif log_level != "debug":
-        events = events[-context:]
-    print_events(events, sys.stdout)
+    # The failure's cause steps are marked by role (snapshot, invalidate_begin, install, ...).
+    print_events(result.events(), sys.stdout, result.failure, None if log_level == "debug" else context)
     recorded = schedule.failure
     if result.failure is None:
         typer.echo(f"replayed {result.steps} steps: no failure")
@@ -491,12 +487,14 @@ def show(
 ) -> None:
     """Print the schedule's timeline in the terminal (a column per task); optionally write HTML/trace."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from .explore.engine import replay as do_replay
     from .explore.schedule import ScheduleError, write_atomic
     from .runtime.failures import ToolError
     from .trace.chrome import chrome_trace
+    from .trace.events import cause_steps, event_fields, marks
     from .trace.timeline import timeline_html
 
     schedule, spec = _load(file, module)
@@ -510,19 +508,26 @@ def show(
     table.add_column("step", justify="right")
     for n in names:
         table.add_column(n)
-    for ev in events:
-        if ev["op"] in ("yield", "cond_resched"):
+    table.add_column("cause", no_wrap=True)
+    labels = marks(events, result.failure)
+    for i, ev in enumerate(events):
+        if ev["op"] in ("yield", "cond_resched") and i not in labels:
             continue
         cells = [""] * len(names)
         col = names.index(ev["task"]) if ev.get("task") in names else 0
-        text = f"{ev['op']} {ev.get('obj') or ''}".strip()
+        ranges = [f for f in event_fields(ev) if f.split("=", 1)[0] in ("gfn", "hva", "index")]
+        text = escape(" ".join([ev["op"], str(ev.get("obj") or ""), *ranges]).strip())
         if ev["op"] == "failure":
-            text = f"[bold red]FAILURE {ev.get('obj')}[/]"
+            text = f"[bold red]FAILURE {escape(str(ev.get('obj')))}[/]"
         cells[col] = text
-        table.add_row(str(ev.get("step")), *cells)
-    Console(width=max(100, 24 * (len(names) + 1))).print(table)
+        roles = [r for r in labels.get(i, ()) if r != "failure"]
+        cause = f"[bold magenta]<-- {escape(', '.join(roles))}[/]" if roles else ""
+        table.add_row(str(ev.get("step")), *cells, cause, style="on grey19" if i in labels else None)
+    Console(width=max(100, 24 * (len(names) + 2))).print(table)
     if result.failure is not None:
         typer.echo(f"failure: {result.failure}")
+        for role, step in cause_steps(result.failure):
+            typer.echo(f"  step {step:>5}  {role}")
     title = f"{schedule.scenario}: {result.failure.signature}" if result.failure else schedule.scenario
     outputs = []
     if html is not None:

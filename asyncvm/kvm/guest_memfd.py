@@ -344,6 +344,7 @@ async def kvm_gmem_get_folio(vm: Vm, inode: GmemInode, index: int, *, prepare: b
             folio.lock = Mutex(f"folio {folio.pfn:#x}", lock_class="folio_lock")
             folio.on_free = partial(vm.ops.gmem_invalidate, vm)
             inode.folios.assign(index, index + 1, folio)
+            traps.emit("folio_add", None, index=index, pfn=folio.pfn)
             created = True
         vm.kvm.allocator.get(folio)
         await folio.lock.lock()

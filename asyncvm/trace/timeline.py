@@ -1,12 +1,14 @@
 """A self-contained HTML timeline of one execution: swimlanes per task, lock holds as bars, the
-accesses that conflict with the failing one marked, the failing step highlighted. No network:
-everything (SVG, CSS) is inline."""
+accesses that conflict with the failing one marked, the failing step highlighted and each step the
+failure names as a cause (snapshot, invalidate_begin, pfn_freed, install, ...) marked with its role.
+No network: everything (SVG, CSS) is inline."""
 
 from __future__ import annotations
 
 import html
 from typing import Any
 
+from .events import cause_steps, event_fields, marks
 from .log import format_event
 
 LANE = 34
@@ -42,7 +44,10 @@ def timeline_html(
     """Render the page."""
     steps = max((int(e.get("step") or 0) for e in events), default=0) + 2
     width = LEFT + steps * STEP_W + 130  # room for the "failing step N" label past the last step
-    height = LANE * (len(task_names) + 1) + 40
+    causes = cause_steps(failure)
+    labels = marks(events, failure)
+    lanes_end = LANE * (len(task_names) + 1) + 40
+    height = lanes_end + 16 * len(causes)
     lane = {name: i for i, name in enumerate(task_names)}
     colors: dict[str, str] = {}
     conflicts = _conflicts(events, failure)
@@ -83,24 +88,43 @@ def timeline_html(
         x = LEFT + step * STEP_W + STEP_W // 2
         y = 20 + lane.get(task, 0) * LANE + 22
         cls = "conflict" if i in conflicts else ("wait" if op == "wait" else "op")
-        svg.append(f'<circle cx="{x}" cy="{y}" r="3.5" class="{cls}"><title>{_esc(format_event(e))}</title></circle>')
+        roles = labels.get(i, ())
+        if roles:
+            cls = "cause-ev"
+        svg.append(
+            f'<circle cx="{x}" cy="{y}" r="{5 if roles else 3.5}" class="{cls}">'
+            f"<title>{_esc(format_event(e, roles))}</title></circle>"
+        )
     for (task, obj, mode), start in holds.items():
         bar(task, obj, mode, start, steps)
+    for k, (role, step) in enumerate(causes):
+        x = LEFT + step * STEP_W + STEP_W // 2
+        y = lanes_end + 12 + 16 * k
+        svg.append(f'<line x1="{x}" y1="14" x2="{x}" y2="{y}" class="cause"/>')
+        svg.append(
+            f'<text x="{x + 4}" y="{y}" class="cause-label" data-role="{_esc(role)}" data-step="{step}">'
+            f"{_esc(role)} (step {step})</text>"
+        )
     if failure is not None:
         x = LEFT + failure.step * STEP_W + STEP_W // 2
-        svg.append(f'<line x1="{x}" y1="14" x2="{x}" y2="{height - 10}" class="failing"/>')
-        svg.append(f'<text x="{x + 4}" y="{height - 12}" class="failing-label">failing step {failure.step}</text>')
+        svg.append(f'<line x1="{x}" y1="14" x2="{x}" y2="{lanes_end - 10}" class="failing"/>')
+        svg.append(f'<text x="{x + 4}" y="{lanes_end - 12}" class="failing-label">failing step {failure.step}</text>')
     legend = "".join(f'<span class="swatch" style="background:{c}"></span>{_esc(obj)} ' for obj, c in colors.items())
     rows = []
     for i, e in enumerate(events):
         step = int(e.get("step") or 0)
         is_fail = failure is not None and step == failure.step and e["op"] == "failure"
-        cls = "fail-row" if is_fail else ("conflict-row" if i in conflicts else "")
-        rest = {k: v for k, v in e.items() if k not in ("step", "task", "op", "obj")}
+        roles = [r for r in labels.get(i, ()) if r != "failure"]
+        cls = "fail-row" if is_fail else ("cause-row" if roles else ("conflict-row" if i in conflicts else ""))
         rows.append(
             f'<tr class="{cls}"><td>{step}</td><td>{_esc(e.get("task") or "")}</td><td>{_esc(e["op"])}</td>'
-            f"<td>{_esc(e.get('obj') or '')}</td><td>{_esc(' '.join(f'{k}={v}' for k, v in rest.items()))}</td></tr>"
+            f"<td>{_esc(e.get('obj') or '')}</td><td>{_esc(' '.join(event_fields(e)))}</td>"
+            f'<td class="role">{_esc(", ".join(roles))}</td></tr>'
         )
+    cause_list = "".join(
+        f'<li class="cause-item" data-role="{_esc(role)}" data-step="{step}"><b>{_esc(role)}</b>: step {step}</li>'
+        for role, step in causes
+    )
     verdict = (
         f'<div id="failing-step" class="verdict" data-step="{failure.step}">FAILURE at failing step '
         f"{failure.step} in task {_esc(failure.task or '-')}: {_esc(failure.kind)} &mdash; "
@@ -126,11 +150,16 @@ h1 {{ font-size: 18px; }}
 table {{ border-collapse: collapse; font: 12px monospace; margin-top: 12px; }}
 td {{ border-bottom: 1px solid #eee; padding: 2px 8px; vertical-align: top; }}
 .fail-row {{ background: #fbb; font-weight: bold; }} .conflict-row {{ background: #fee; }}
+.cause {{ stroke: #7b2cbf; stroke-width: 1.5; stroke-dasharray: 2 2; }}
+.cause-label {{ font: bold 11px sans-serif; fill: #7b2cbf; }}
+.cause-ev {{ fill: #7b2cbf; stroke: #000; stroke-width: 1; }}
+.cause-row {{ background: #efe3fb; font-weight: bold; }} .role {{ color: #7b2cbf; }}
 </style></head><body>
 <h1>{_esc(title)}</h1>
 {verdict}
+{f'<div id="causes">the steps that make it a race: <ul>{cause_list}</ul></div>' if causes else ""}
 <div>lock holds: {legend}</div>
 <div class="scroll"><svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">{"".join(svg)}</svg></div>
-<table><tr><th>step</th><th>task</th><th>op</th><th>object</th><th>fields</th></tr>{"".join(rows)}</table>
+<table><tr><th>step</th><th>task</th><th>op</th><th>object</th><th>fields</th><th>cause</th></tr>{"".join(rows)}</table>
 </body></html>
 """

@@ -43,13 +43,46 @@ def test_replay_reproduces_the_failure(campaign: Campaign, first_failure: dict[s
     assert proc.returncode == 1, explain(proc)
     lines = proc.stdout.splitlines()
     assert lines[-1].startswith("REPRODUCED ") and first_failure["message"] in lines[-1]
-    # The failure with the events just before it: --context events, then the failure event.
-    assert len(lines) == 5 + 1 + 1, proc.stdout
-    assert "failure" in lines[-2] and str(schedule["failure"]["step"]) in lines[-2]
+    # The failure with the 5 events just before it, then the failure event itself, at its step.
+    failing = [i for i, line in enumerate(lines) if line.split()[2:3] == ["failure"]]
+    assert len(failing) == 1 and failing[0] == len(lines) - 2, proc.stdout
+    step = schedule["failure"]["step"]
+    assert lines[-2].split()[0] == str(step)
+    before = [line for line in lines[-8:-2] if line.strip() != "..."]
+    assert len(before) == 5 and all(int(line.split()[0]) <= step for line in before), proc.stdout
     # --log-level debug prints every event of the execution (the same ones events.jsonl holds).
     full = run_cli("replay", campaign.dir(first_failure) / "schedule.json", "--log-level", "debug", cwd=tmp_path)
     assert full.returncode == 1, explain(full)
     assert len(full.stdout.splitlines()) == len(events) + 1
+
+
+def test_replay_show_and_timeline_mark_the_failing_step_and_each_cause(campaign: Campaign, tmp_path: Path) -> None:
+    """A stale install names the steps that make it a race (snapshot, invalidate_begin, install, ...):
+    replay prints each of those events marked with its role, even outside --context; show marks
+    them in its table and lists them; the timeline labels them."""
+    with_causes = [f for f in campaign.failures if campaign.schedule(f)["failure"]["evidence"].get("steps")]
+    assert with_causes, "the campaign found no failure that names its cause steps"
+    failure = with_causes[0]
+    path = campaign.dir(failure) / "schedule.json"
+    recorded = campaign.schedule(failure)["failure"]
+    causes = recorded["evidence"]["steps"]
+    assert causes["install"] == recorded["step"] and len(causes) >= 3, causes
+    proc = run_cli("replay", path, "--context", "2", cwd=tmp_path)
+    assert proc.returncode == 1, explain(proc)
+    for role, step in causes.items():
+        marked = [line for line in proc.stdout.splitlines() if line.endswith(f"<-- {role}") or f"<-- {role}," in line]
+        assert len(marked) == 1 and marked[0].split()[0] == str(step), (role, step, proc.stdout)
+    assert "..." in proc.stdout, "the left-out events between the causes are shown as ..."
+    html = tmp_path / "t.html"
+    show = run_cli("show", path, "--html", html, cwd=tmp_path)
+    assert show.returncode == 0, explain(show)
+    page = html.read_text()
+    for role, step in causes.items():
+        assert f"<-- {role}" in show.stdout, (role, show.stdout[-3000:])
+        assert f"  step {step:>5}  {role}" in show.stdout
+        assert f'class="cause-label" data-role="{role}" data-step="{step}">{role} (step {step})<' in page
+    assert page.count('class="cause-row"') >= len(set(causes.values())) - 1
+    assert f'data-step="{recorded["step"]}">FAILURE at failing step {recorded["step"]}' in page
 
 
 def test_replay_of_every_failure_and_its_shrunk_schedule(campaign: Campaign, tmp_path: Path) -> None:

@@ -147,3 +147,56 @@ def test_timeline_renders_in_headless_chromium(campaign: Campaign, tmp_path: Pat
     # Swimlanes: one per task, named in the rendered SVG.
     for task in campaign.schedule(failure, "schedule.shrunk.json")["tasks"]:
         assert f">{task}</text>" in dom.stdout
+
+
+# -- the event log --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("event", "shown"),
+    [
+        ({"op": "invalidate_range_add", "start": 6, "end": 10}, "gfn=[0x6,0xa)"),
+        ({"op": "set_memory_attributes", "start": 0, "end": 16, "attributes": 8}, "gfn=[0x0,0x10) attributes=8"),
+        ({"op": "spte", "root": "root1", "level": 2, "gfn": 0x200, "old": "none", "new": "TABLE"}, "gfn=[0x200,0x400)"),
+        ({"op": "spte", "root": "root1", "level": 1, "gfn": 6, "old": "none", "new": "none"}, "gfn=0x6 root=root1"),
+        ({"op": "folio_truncate", "index": 6, "pfn": 0x100000, "npages": 512}, "index=[0x6,0x206) pfn=0x100000"),
+        ({"op": "folio_add", "index": 6, "pfn": 0x100000}, "index=0x6 pfn=0x100000"),
+        ({"op": "host_zap", "start": 0x7000, "end": 0x9000, "pages_freed": 2}, "hva=[0x7000,0x9000) pages_freed=2"),
+        ({"op": "sept_remove", "gfn": 3, "pfn": 0x100003}, "gfn=0x3 pfn=0x100003"),
+    ],
+)
+def test_range_operations_log_their_range(event: dict[str, Any], shown: str) -> None:
+    from asyncvm.trace.log import format_event
+
+    assert shown in format_event({"step": 1, "task": "t", "obj": "vm0", **event})
+
+
+def _ops(scenario: str, executions: int = 40) -> tuple[set[str], list[str]]:
+    """The event kinds a few random executions of `scenario` record, and their rendered lines."""
+    from asyncvm.explore.engine import Program, scenario_params
+    from asyncvm.explore.scenarios import get_scenario
+    from asyncvm.runtime.strategies import make_strategy
+    from asyncvm.trace.log import format_event
+
+    fn = get_scenario(scenario).fn
+    program = Program(fn, scenario_params(fn, {}))
+    ops: set[str] = set()
+    lines: list[str] = []
+    for i in range(executions):
+        strategy = make_strategy("random", 0)
+        strategy.new_execution(i)
+        events = program.run(strategy, record=True).events()
+        ops |= {e["op"] for e in events}
+        lines += [format_event(e) for e in events]
+    return ops, lines
+
+
+def test_the_event_log_has_spte_sept_rmp_and_page_cache_events() -> None:
+    """SPTE changes, the TDX module's SEAMCALLs and S-EPT removals, SNP RMPUPDATEs, and folios
+    entering and leaving the guest_memfd page cache are all in the log, under their own names."""
+    tdx, tdx_lines = _ops("tdx_post_finalize_faults_vs_punch_hole")
+    assert {"spte", "seamcall", "sept_remove", "folio_add", "folio_truncate", "invalidate_range_add"} <= tdx, tdx
+    assert not any(op.startswith("TDH") for op in tdx), "a SEAMCALL's name replaced the event kind"
+    assert any(" seamcall " in line and "seamcall_op=TDH.MEM.PAGE.AUG" in line for line in tdx_lines)
+    snp, _ = _ops("snp_launch_update_vs_punch_hole", 10)
+    assert {"rmpupdate", "folio_add", "folio_truncate", "spte"} <= snp, snp
