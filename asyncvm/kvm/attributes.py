@@ -79,6 +79,7 @@ async def kvm_vm_set_mem_attributes(vm: Vm, start: int, end: int, attributes: in
             vm.attributes.assign(start, end, attributes)
         else:
             vm.attributes.clear(start, end)
+        vm.mmu_word.write()
         traps.emit("set_memory_attributes", vm, start=start, end=end, attributes=attributes)
         await _handle_gfn_range(vm, start, end, attributes, pre=False)
     finally:

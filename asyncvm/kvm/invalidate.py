@@ -54,6 +54,7 @@ def kvm_mmu_invalidate_begin(kvm: Vm) -> None:
     if kvm.mmu_invalidate_in_progress == 1:
         kvm.mmu_invalidate_range_start = INVALID_GPA
         kvm.mmu_invalidate_range_end = INVALID_GPA
+    kvm.mmu_word.write()
     traps.emit("invalidate_begin", kvm, in_progress=kvm.mmu_invalidate_in_progress)
     trace_kvm_mmu_invalidate_begin(kvm)
 
@@ -69,6 +70,7 @@ def kvm_mmu_invalidate_range_add(kvm: Vm, start: int, end: int) -> None:
     else:
         kvm.mmu_invalidate_range_start = min(kvm.mmu_invalidate_range_start, start)
         kvm.mmu_invalidate_range_end = max(kvm.mmu_invalidate_range_end, end)
+    kvm.mmu_word.write()
     traps.emit("invalidate_range_add", kvm, start=start, end=end)
     trace_kvm_mmu_invalidate_range_add(kvm, start, end)
 
@@ -78,6 +80,7 @@ def kvm_mmu_invalidate_end(kvm: Vm) -> None:
     lockdep_assert_held_write(kvm.mmu_lock)
     kvm.mmu_invalidate_seq += 1
     kvm.mmu_invalidate_in_progress -= 1
+    kvm.mmu_word.write()
     traps.emit("invalidate_end", kvm, seq=kvm.mmu_invalidate_seq, in_progress=kvm.mmu_invalidate_in_progress)
     trace_kvm_mmu_invalidate_end(kvm)
 

@@ -62,6 +62,7 @@ class Vcpu:
     def make_request(self, req: str) -> None:
         """kvm_make_request()"""
         self.requests.add(req)
+        self.vm.mmu_word.write()
 
     def check_request(self, req: str) -> bool:
         """kvm_check_request(): test and clear."""

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from .. import uapi
 from ..intervals import IntervalMap
 from ..runtime import traps
-from ..runtime.sync import SRCU, Mutex, RWLock, SpinLock, WaitQueue
+from ..runtime.sync import SRCU, Mutex, RWLock, SpinLock, WaitQueue, Word
 from ..uapi import PAGE_SHIFT, KvmError
 from . import attributes as attrs_mod
 from .guest_memfd import GuestMemfd, kvm_gmem_bind, kvm_gmem_create, kvm_gmem_unbind
@@ -62,6 +62,10 @@ class Vm:
         self.mmu_invalidate_in_progress = 0
         self.mmu_invalidate_range_start = INVALID_GPA
         self.mmu_invalidate_range_end = INVALID_GPA
+        #: what a faulting vCPU re-reads when it retries (invalidation state, memslots,
+        #: attributes, SPTEs, requests): every write of it bumps this, so a retry loop waits
+        #: for a write instead of re-checking unchanged state (runtime/sync.py: Word)
+        self.mmu_word = Word(f"vm{vm_id} mmu state")
         self.memslots: list[Memslots] = [Memslots(as_id, 0, {}) for as_id in range(uapi.KVM_MAX_NR_ADDRESS_SPACES)]
         self.generation = 0
         self.attributes: IntervalMap[int] = IntervalMap()
@@ -98,6 +102,7 @@ class Vm:
         if not self.dead:
             self.dead = True
             self.bug_reason = reason
+            self.mmu_word.write()
             traps.emit("kvm_bug", self, reason=reason)
             trace_kvm_vm_bugged(self, reason)
 
@@ -303,6 +308,7 @@ class Vm:
         self.generation += 2
         new.generation = self.generation
         self.memslots[as_id] = new
+        self.mmu_word.write()
         traps.emit("memslots_publish", self, as_id=as_id, generation=self.generation)
         await self.mn_invalidate_lock.unlock()
         await self.slots_arch_lock.unlock()

@@ -28,12 +28,14 @@ from .sync import (
     SpinLock,
     TryLock,
     WaitQueue,
+    Word,
     alloc_fails,
     cond_resched,
     fatal_signal_pending,
     might_sleep,
     need_resched,
     signal_pending,
+    spin_wait,
     spin_yield,
 )
 from .traps import current, draw, emit, point, yield_point
@@ -68,6 +70,7 @@ __all__ = [
     "TryLock",
     "Violation",
     "WaitQueue",
+    "Word",
     "alloc_fails",
     "cond_resched",
     "current",
@@ -81,6 +84,7 @@ __all__ = [
     "point",
     "signal_pending",
     "sleep",
+    "spin_wait",
     "spin_yield",
     "yield_point",
 ]

@@ -356,6 +356,15 @@ class Executor:
             self.clock.now = min(t.pending[1] for t in sleepers)
             self.recheck(self.clock)
             return True
+        spinners = [t for t in blocked if getattr(t.pending[0], "spin", False)]
+        if spinners:
+            # Nobody is left to write what the spinners wait for: they re-check on their own now,
+            # as a spin loop does (a signal may still end it); if nothing ever does, the step
+            # bound reports the livelock.
+            for t in spinners:
+                t.enabled = True
+                insort(self.enabled, t, key=_by_tid)
+            return True
         self._deadlock(blocked)
         return False
 

@@ -461,6 +461,48 @@ class WaitQueue(_Waitable):
         await traps.point(self)
 
 
+class Word(_Waitable):
+    """Shared memory a spin-retry loop re-reads: a version that every write of it bumps.
+
+    A task that retries after seeing a transient state (an invalidation in progress, a FROZEN
+    SPTE, a BUSY SEAMCALL, a kicked vCPU) would re-check the same state until some other task
+    changes it; every re-check in between is a stuttering step that explores nothing. Instead it
+    notes ``version`` when it reads and, if the retry is needed, waits in :func:`spin_wait`
+    until a write. The enabled set stays exact while another task can still write; once none
+    can, the executor lets the spinners re-check on their own (their loop may still end, e.g. on
+    a signal), and one that never ends is the livelock the step bound reports.
+    """
+
+    __slots__ = ("version",)
+    #: tasks blocked on a Word spin: when nothing else can run they re-check (not a deadlock)
+    spin = True
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.version = 0
+
+    def _ready(self, task: Any, seen: int) -> bool:
+        return self.version != seen
+
+    def describe(self, seen: Any) -> str:
+        return f"a write to {self.name}"
+
+    def write(self) -> None:
+        """Something a spinner may be waiting for changed."""
+        self.version += 1
+        if self._waiters or traps._exe is None:
+            traps.notify(self)
+
+
+async def spin_wait(word: Word, seen: int) -> None:
+    """The retry of a spin loop whose last attempt read `word` at version `seen`: it goes on at
+    once if `word` was written since, else waits for the write (on hardware the spinner re-reads
+    meanwhile while another CPU makes progress). It may also return unwritten, when no other
+    task is left to write: the caller's loop re-checks, as it would spinning."""
+    if word.version == seen:
+        await traps.wait(word, seen)
+
+
 class TryLock(_Waitable):
     """A lock that never blocks: contention is reported as BUSY (the TDX module's internal locks).
 

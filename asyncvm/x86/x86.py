@@ -16,7 +16,7 @@ from .. import uapi
 from ..kvm.arch import KvmArchOps
 from ..runtime import traps
 from ..runtime.failures import Violation
-from ..runtime.sync import signal_pending, spin_yield
+from ..runtime.sync import signal_pending, spin_wait
 from ..uapi import PAGE_SHIFT, PAGE_SIZE, KvmError
 from .mmu import mmu
 from .mmu.fault import (
@@ -183,6 +183,7 @@ async def kvm_arch_vcpu_ioctl_run(vcpu: Vcpu) -> list[bytes]:
             if r:
                 raise KvmError(-r, "kvm_mmu_load")
             access = vcpu.program[vcpu.pc]
+            seen = vm.mmu_word.version
             gfn = (access.gpa >> PAGE_SHIFT) & ~arch.gfn_direct_bits
             private = access.private
             if private is None:
@@ -214,7 +215,14 @@ async def kvm_arch_vcpu_ioctl_run(vcpu: Vcpu) -> list[bytes]:
                 vcpu.pc += 1
                 return reads
             if r == RET_PF_RETRY:
-                await spin_yield()  # the guest re-faults at once; the invalidation must get to run
+                # The guest re-faults once what it read changed. vcpu_enter_guest() drops SRCU
+                # while the guest runs, so a vCPU re-entering a faulting guest never holds up a
+                # memslot update's synchronize_srcu().
+                await vm.srcu.read_unlock(idx)
+                try:
+                    await spin_wait(vm.mmu_word, seen)
+                finally:
+                    idx = await vm.srcu.read_lock()
         vcpu.kvm_run.exit_reason = uapi.KVM_EXIT_HLT
         return reads
     finally:

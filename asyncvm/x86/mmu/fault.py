@@ -327,6 +327,7 @@ async def _split_huge_spte(mmu: Any, root: Root, level: int, base: int, spte: Le
     child = Leaf(spte.delta, level - 1, spte.writable, spte.private, spte.accessed)
     root.levels[level - 1].assign(base, base + PAGES[level], child)
     root.levels[level].assign(base, base + PAGES[level], TABLE)
+    mmu.vm.mmu_word.write()
     traps.emit("spte_split", mmu.vm, root=root.name, level=level, gfn=base)
     return True
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from ... import uapi
 from ...kvm.trace import WARN
-from ...runtime.sync import cond_resched, signal_pending, spin_yield
+from ...runtime.sync import cond_resched, signal_pending, spin_wait
 from ...uapi import PAGE_SHIFT
 from .fault import (
     PFERR_GUEST_FINAL_MASK,
@@ -33,8 +33,9 @@ async def kvm_tdp_map_page(vcpu: Vcpu, gpa: int, error_code: int) -> tuple[int, 
     KVM_REQ_VM_DEAD -> -EIO and cond_resched() before every attempt. [6.11] form: the first
     attempt runs at once; after RET_PF_RETRY only signal_pending() is checked, then
     cond_resched() (lore: "[PATCH] KVM: x86: Implement kvm_arch_vcpu_pre_fault_memory()").
-    A task spinning on RET_PF_RETRY always yields here: it waits for another task (an
-    invalidation to end, a FROZEN SPTE to settle), and the scheduler tick would preempt it.
+    A task spinning on RET_PF_RETRY waits here for another task to change what the attempt
+    read (an invalidation to end, a FROZEN SPTE to settle): re-checking unchanged state would
+    only stutter (runtime/sync.py: spin_wait).
     """
     vm = vcpu.vm
     if not vcpu.arch.mmu.tdp_enabled():
@@ -47,14 +48,14 @@ async def kvm_tdp_map_page(vcpu: Vcpu, gpa: int, error_code: int) -> tuple[int, 
                 return -uapi.EINTR, 0
             if each_attempt and (vcpu.check_request("KVM_REQ_VM_DEAD") or vm.dead):
                 return -uapi.EIO, 0
-            if retrying:
-                await spin_yield()
-            else:
+            if not retrying:
                 await cond_resched()
+        seen = vm.mmu_word.version
         r, level = await kvm_mmu_do_page_fault(vcpu, gpa, error_code, prefetch=True)
         if r != RET_PF_RETRY:
             break
         retrying = True
+        await spin_wait(vm.mmu_word, seen)
     if r < 0:
         return r, level
     if r in (RET_PF_FIXED, RET_PF_SPURIOUS, RET_PF_WRITE_PROTECTED):

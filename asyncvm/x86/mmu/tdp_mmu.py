@@ -128,6 +128,7 @@ class TdpMmu:
         self._ids += 1
         root = Root(self._ids, as_id, is_mirror)
         self.roots.append(root)
+        self.vm.mmu_word.write()
         traps.emit("root_alloc", self.vm, root=root.name)
         return root
 
@@ -141,6 +142,7 @@ class TdpMmu:
                 self.vm.kvm_bug(f"KVM_BUG_ON: freeing valid {root.name}")
             root.freed = True
             self.roots.remove(root)
+            self.vm.mmu_word.write()
             traps.emit("root_free", self.vm, root=root.name)
 
     def invalidate_roots(self, mirror: bool = False) -> None:
@@ -150,6 +152,7 @@ class TdpMmu:
             if not root.invalid and root.is_mirror == mirror:
                 root.invalid = True
                 root.scheduled_to_zap = True
+                self.vm.mmu_word.write()
                 traps.emit("root_invalidate", self.vm, root=root.name)
 
     async def zap_invalidated_roots(self) -> None:
@@ -198,6 +201,7 @@ class TdpMmu:
             return False
         span = PAGES[level]
         root.levels[level].assign(base, base + span, FROZEN)
+        vm.mmu_word.write()
         traps.emit("spte", vm, root=root.name, level=level, gfn=base, old="none", new="FROZEN_SPTE")
         if new is TABLE:
             r = await ops.link_external_spt(vm, base, level)
@@ -205,6 +209,7 @@ class TdpMmu:
             r = await ops.set_external_spte(vm, base, level, new)
         if r:
             root.levels[level].clear(base, base + span)
+            vm.mmu_word.write()
             traps.emit("spte", vm, root=root.name, level=level, gfn=base, old="FROZEN_SPTE", new="none")
             return False
         self.handle_changed_spte(root, level, base, old, new, shared=True)
@@ -240,6 +245,7 @@ class TdpMmu:
             )
         if root.is_mirror and shared and old is not None and new is None:
             self.vm.kvm_bug("KVM_BUG_ON: atomic zap of a mirror SPTE")
+        self.vm.mmu_word.write()
         trace_kvm_tdp_mmu_spte_changed(self.vm, root, level, base, old, new)
         if traps.tracing():
             traps.emit("spte", self.vm, root=root.name, level=level, gfn=base, old=_fmt(old, base), new=_fmt(new, base))

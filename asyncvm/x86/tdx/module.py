@@ -138,6 +138,9 @@ class TdxModule:
             if not ok:
                 for t in reversed(taken):
                     await t.unlock()
+                if lock.owner is None:
+                    # Held by an agent outside the model (a guest TDCALL): it lets go by itself.
+                    self.vm.mmu_word.write()
                 traps.emit("seamcall_busy", self.vm, lock=lock.name)
                 return TDX_OPERAND_BUSY | operand
             taken.append(lock)
@@ -146,6 +149,7 @@ class TdxModule:
     async def _release(self, plan: list[tuple[TryLock, str, int]]) -> None:
         for lock, _mode, _operand in reversed(plan):
             await lock.unlock()
+        self.vm.mmu_word.write()  # a SEAMCALL that met this one BUSY may now succeed
 
     async def _seamcall(self, name: str, plan: list[tuple[TryLock, str, int]], body: Any) -> int:
         """Enter SEAM, take the locks, run `body` (returns a status), leave."""
@@ -382,3 +386,4 @@ class TdxModule:
             return await self._seamcall("TDG.MEM.PAGE.ACCEPT", [(self._entry(gfn), WRITE, TDX_OPERAND_ID_RCX)], body)
         finally:
             self.guest_in_flight -= 1
+            self.vm.mmu_word.write()

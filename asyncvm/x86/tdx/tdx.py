@@ -21,7 +21,7 @@ from ... import uapi
 from ...kvm.guest_memfd import kvm_gmem_populate
 from ...runtime import traps
 from ...runtime.lockdep import lockdep_assert_held_write
-from ...runtime.sync import cond_resched, fatal_signal_pending, signal_pending, spin_yield
+from ...runtime.sync import cond_resched, fatal_signal_pending, signal_pending, spin_wait
 from ...uapi import PAGE_SHIFT, PAGE_SIZE, KvmError
 from ..mmu.fault import PFERR_GUEST_FINAL_MASK, PFERR_PRIVATE_ACCESS
 from ..mmu.mmu import kvm_tdp_mmu_map_private_pfn
@@ -127,7 +127,8 @@ async def tdx_guest_before_access(vcpu: Vcpu, gfn: int, private: bool) -> None:
     """A TD guest accepts a PENDING page before touching it (TDG.MEM.PAGE.ACCEPT)."""
     kvm_tdx = to_kvm_tdx(vcpu.vm)
     while kvm_tdx.wait_for_sept_zap:
-        await cond_resched()  # tdx_vcpu_run() refuses to enter while a zap kicked the vCPUs
+        # tdx_vcpu_run() refuses to enter while a zap kicked the vCPUs: wait for it to end.
+        await spin_wait(vcpu.vm.mmu_word, vcpu.vm.mmu_word.version)
     leaf = kvm_tdx.module.sept.get(gfn)
     if private and leaf is not None and leaf.state == "PENDING":
         await kvm_tdx.module.guest_accept(gfn)
@@ -515,10 +516,11 @@ async def tdh_do_no_vcpus(vm: Vm, seamcall: Callable[[], Any]) -> int:
         module.vcpus_in_guest = False
         traps.emit("tdx_kick_vcpus", vm)
         while module.guest_in_flight:
-            await spin_yield()
+            await spin_wait(vm.mmu_word, vm.mmu_word.version)
         try:
             err = await seamcall()
         finally:
             module.vcpus_in_guest = in_guest
             kvm_tdx.wait_for_sept_zap = False
+            vm.mmu_word.write()
     return err
