@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
+from typer.core import TyperCommand
 
 app = typer.Typer(
     name="asyncvm",
@@ -89,17 +90,8 @@ def _type_mismatch(value: Any, default: Any) -> str | None:
     return None if ok else f"{value!r} is not a {type(default).__name__} like its default {default!r}"
 
 
-def _import_failure(module: str, e: BaseException) -> str:
-    where = ""
-    tb = e.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    if tb is not None and not isinstance(e, SyntaxError):
-        where = f" ({tb.tb_frame.f_code.co_filename}:{tb.tb_lineno})"
-    return _one_line(f"cannot import module {module!r}: {type(e).__name__}: {e}{where}")
-
-
 def _load_modules(modules: list[str] | None) -> None:
+    """Load the entry points and each --module (a module name or a .py file)."""
     from .explore.scenarios import UnknownScenario, load_bundled, load_module
 
     for error in load_bundled():  # a broken third-party entry point: one line, the rest still load
@@ -109,8 +101,6 @@ def _load_modules(modules: list[str] | None) -> None:
             load_module(m)
         except UnknownScenario as e:
             _die(str(e))
-        except Exception as e:  # noqa: BLE001 - a broken user module is an input error, in one line
-            _die(_import_failure(m, e))
 
 
 def _resolve(name: str, modules: list[str] | None) -> Any:
@@ -144,22 +134,35 @@ def _root() -> None:
 
 @app.command()
 def scenarios(
-    module: Annotated[list[str] | None, typer.Option("--module", "-m", help="Also import this module.")] = None,
+    module: Annotated[
+        list[str] | None,
+        typer.Option("--module", "-m", metavar="MODULE", help="Also import this module (a name or a .py file)."),
+    ] = None,
 ) -> None:
-    """List the registered scenarios with a one-line description and their parameters."""
+    """List the registered scenarios: name, parameters and whole description."""
+    import shutil
+    import textwrap
+
     from .explore.scenarios import REGISTRY
 
     _load_modules(module)
     if not REGISTRY:
         typer.echo("no scenarios registered")
         return
-    width = max(len(n) for n in REGISTRY)
-    for name in sorted(REGISTRY):
+    width = max(40, min(100, shutil.get_terminal_size().columns)) - 1
+    for n, name in enumerate(sorted(REGISTRY)):
         spec = REGISTRY[name]
         params = ", ".join(f"{k}={v!r}" for k, v in spec.params.items())
-        typer.echo(f"{name:<{width}}  {spec.description}")
-        if params:
-            typer.echo(f"{'':<{width}}    params: {params}")
+        if n:
+            typer.echo("")
+        typer.echo(f"{name} ({params})" if params else name)
+        for k, paragraph in enumerate(spec.description.split("\n\n")):
+            if k:
+                typer.echo("")
+            text = " ".join(paragraph.split())
+            typer.echo(
+                textwrap.fill(text, width, initial_indent="    ", subsequent_indent="    ", break_on_hyphens=False)
+            )
 
 
 def _stress_suite(
@@ -195,7 +198,6 @@ def _stress_suite(
             jobs=jobs or os.cpu_count() or 1,
             dask=dask,
             do_shrink=shrink,
-            user_modules=bool(module),
             quiet=quiet,
         )
     except SuiteError as e:
@@ -280,8 +282,8 @@ def stress(
         total = runs if runs is not None else (10**12 if time_budget else 1000)
         spec = CampaignSpec(
             scenario=scenario,
-            # Workers import the module that registered the scenario (not just the first --module).
-            module=spec_fn.module if module else None,
+            # Workers import the --module that registered the scenario (not just the first one).
+            module=spec_fn.source,
             params=params,
             profile=profile,
             bugs=list(bug or []),
@@ -323,8 +325,9 @@ def stress(
         raise typer.Exit(130) from None
     typer.echo(report.summary())
     typer.echo(f"campaign folder: {folder}")
+    needs = f" --module {spec.module}" if spec.module else ""
     for f in report.failures:
-        typer.echo(f"  replay: asyncvm replay {folder / slug(f.signature) / 'schedule.json'}")
+        typer.echo(f"  replay: asyncvm replay {folder / slug(f.signature) / 'schedule.json'}{needs}")
     raise typer.Exit(EXIT_FAILURES if report.failures else EXIT_CLEAN)
 
 
@@ -397,6 +400,11 @@ def _load(file: Path, module: list[str] | None) -> tuple[Any, Any]:
     try:
         spec = get_scenario(schedule.scenario)
     except UnknownScenario as e:
+        if schedule.module:  # the file says where the scenario came from; only the user imports it
+            _die(
+                f"{file}: unknown scenario {schedule.scenario!r}: it was registered by module "
+                f"{schedule.module!r}; add --module {schedule.module}"
+            )
         _die(f"{file}: {e}")
     for key, value in schedule.params.items():
         why = _type_mismatch(value, spec.params.get(key))
@@ -542,21 +550,66 @@ def show(
         typer.echo(f"{what}: {path}")
 
 
-@app.command()
-def bench(
-    only: Annotated[list[str] | None, typer.Option("--only", help="Run just these benchmarks (repeatable).")] = None,
-    quick: Annotated[bool, typer.Option(help="Fewer repetitions: a smoke run, not a measurement.")] = False,
-) -> None:
-    """Run the benchmarks and print their measurements and ratios as JSON."""
+class _BenchCommand(TyperCommand):
+    """`asyncvm bench`'s help: no type label beside a flag (typer prints <bool> for --help too)."""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+def _bench_names() -> str:
     from .bench import BENCHMARKS
 
-    names = only or list(BENCHMARKS)
-    unknown = [n for n in names if n not in BENCHMARKS]
-    if unknown:
-        _die(f"unknown benchmark {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
-    results = {name: BENCHMARKS[name](quick) for name in names}
-    json.dump(results, sys.stdout, indent=2)
-    sys.stdout.write("\n")
+    return ", ".join(BENCHMARKS)
+
+
+@app.command(cls=_BenchCommand)
+def bench(
+    only: Annotated[
+        list[str] | None,
+        typer.Option("--only", metavar="NAME", help=f"Run just this benchmark (repeatable): {_bench_names()}."),
+    ] = None,
+    quick: Annotated[
+        bool, typer.Option("--quick", metavar="", help="Fewer repetitions: a smoke run, not a measurement.")
+    ] = False,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", metavar="DIR", help="Write DIR/NAME.json per benchmark instead of stdout lines."),
+    ] = None,
+) -> None:
+    """Run the benchmarks: each one's JSON as soon as it finishes, progress on stderr.
+
+    Without --out each result is one line of JSON on stdout.
+    """
+    from .bench import BENCHMARKS, Progress, UnknownBenchmark, check_names, run_benchmarks
+    from .bench.progress import BarProgress, LineProgress, to_folder, to_stdout
+
+    try:
+        names = check_names(only) if only else list(BENCHMARKS)
+    except UnknownBenchmark as e:
+        _die(str(e))
+    emit = to_stdout
+    if out is not None:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            _die(_one_line(f"cannot create {out}: {e.strerror or e}"))
+        emit = to_folder(out)
+    progress: Progress = BarProgress() if sys.stderr.isatty() else LineProgress(sys.stderr)
+    try:
+        if isinstance(progress, BarProgress):
+            with progress:
+                run_benchmarks(names, quick, emit, progress)
+        else:
+            run_benchmarks(names, quick, emit, progress)
+    except OSError as e:
+        _die(_one_line(f"cannot write a benchmark result: {e.strerror or e}"))
+    except KeyboardInterrupt:
+        typer.echo("asyncvm: interrupted", err=True)
+        raise typer.Exit(130) from None
 
 
 def _click_errors() -> tuple[type[Exception], type[Exception], type[Exception] | None, tuple[type[BaseException], ...]]:

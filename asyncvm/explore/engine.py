@@ -59,6 +59,11 @@ class Program:
     def name(self) -> str:
         return scenario_name(self.scenario)
 
+    @property
+    def module(self) -> str | None:
+        """The --module that registered the scenario, if one did (a schedule records it)."""
+        return getattr(self.scenario, "scenario_source", None)
+
     def main(self) -> Callable[[], Coroutine[Any, Any, Any]]:
         def start() -> Coroutine[Any, Any, Any]:
             # The world is built inside the execution so its oracles attach to this executor.
@@ -176,9 +181,18 @@ def confirm(
     return again
 
 
-def _program_for(schedule: Schedule, scenario: ScenarioFn) -> Program:
+def resolve(scenario: ScenarioFn | str) -> ScenarioFn:
+    """A scenario function, or the registered scenario of that name (UnknownScenario if none)."""
+    if isinstance(scenario, str):
+        from .scenarios import get_scenario
+
+        return get_scenario(scenario).fn
+    return scenario
+
+
+def _program_for(schedule: Schedule, scenario: ScenarioFn | str) -> Program:
     return Program(
-        scenario,
+        resolve(scenario),
         dict(schedule.params),
         schedule.profile,
         tuple(schedule.bugs),
@@ -192,8 +206,9 @@ def load_schedule(source: str | Path | Schedule) -> Schedule:
     return source if isinstance(source, Schedule) else Schedule.load(source)
 
 
-def check_compatible(schedule: Schedule, scenario: ScenarioFn, *, force: bool = False) -> None:
+def check_compatible(schedule: Schedule, scenario: ScenarioFn | str, *, force: bool = False) -> None:
     """Refuse a schedule recorded by another asyncvm version or for other scenario parameters."""
+    scenario = resolve(scenario)
     if force:
         return
     if schedule.asyncvm_version != __version__:
@@ -216,12 +231,14 @@ def check_compatible(schedule: Schedule, scenario: ScenarioFn, *, force: bool = 
 
 def replay(
     source: str | Path | Schedule,
-    scenario: ScenarioFn,
+    scenario: ScenarioFn | str,
     *,
     force: bool = False,
     record: bool = True,
 ) -> ExecutionResult:
-    """Re-run a recorded schedule exactly; any choice that no longer fits raises ReplayDivergence."""
+    """Re-run a recorded schedule exactly; any choice that no longer fits raises ReplayDivergence.
+
+    `scenario` is the scenario function or a registered scenario's name."""
     schedule = load_schedule(source)
     check_compatible(schedule, scenario, force=force)
     return _program_for(schedule, scenario).replay(schedule, record=record)

@@ -2,17 +2,24 @@
 
 A schedule file names its scenario by registered name and parameters. Looking a name up loads the
 entry points of the ``asyncvm.scenarios`` group (the bundled ``asyncvm.scenarios.*`` modules and any
-installed package's own), or a module the user names explicitly (``--module``), never a path taken
-from a file.
+installed package's own), or a module the user names explicitly (``--module``: a module name,
+importable from the current directory, or a ``.py`` file). A schedule of a ``--module`` scenario
+records that module as data, so that replaying it can say which ``--module`` it needs; nothing a
+file names is ever imported.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.metadata
+import importlib.util
 import inspect
-from collections.abc import Callable, Coroutine, Mapping
+import os
+import sys
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 ScenarioFn = Callable[..., Coroutine[Any, Any, Any]]
@@ -20,13 +27,22 @@ ScenarioFn = Callable[..., Coroutine[Any, Any, Any]]
 
 @dataclass
 class ScenarioSpec:
-    """A registered scenario: its function, declared parameters with defaults, and description."""
+    """A registered scenario: its function, declared parameters with defaults, and description
+    (the whole docstring)."""
 
     name: str
     fn: ScenarioFn
     params: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     module: str = ""
+    #: the ``--module`` that registered it (a module name or a file's absolute path); None for
+    #: entry points, which every process loads by itself
+    source: str | None = None
+
+    @property
+    def summary(self) -> str:
+        """The description's first line."""
+        return self.description.splitlines()[0] if self.description else ""
 
 
 REGISTRY: dict[str, ScenarioSpec] = {}
@@ -57,8 +73,7 @@ def scenario(
         for p in list(sig.parameters.values())[1:]:
             if p.default is not inspect.Parameter.empty:
                 declared.setdefault(p.name, p.default)
-        doc = inspect.getdoc(fn) or ""
-        REGISTRY[key] = ScenarioSpec(key, fn, declared, doc.splitlines()[0] if doc else "", fn.__module__)
+        REGISTRY[key] = ScenarioSpec(key, fn, declared, inspect.getdoc(fn) or "", fn.__module__)
         fn.scenario_name = key  # type: ignore[attr-defined]
         fn.scenario_params = declared  # type: ignore[attr-defined]
         fn.scenario_data = dict(data or {})  # type: ignore[attr-defined]
@@ -104,16 +119,74 @@ def load_bundled() -> list[str]:
     return errors
 
 
-def load_module(module: str) -> None:
-    """Import a user module that registers scenarios (``--module``); a bad name is a one-line error."""
+def load_module(module: str) -> str:
+    """Import a user module that registers scenarios (``--module``): a module name, importable
+    from the current directory, or the path of a ``.py`` file. Importing it again does nothing.
+
+    Returns how a schedule records it (the name, or the file's absolute path); anything the
+    module raises is a one-line `UnknownScenario`.
+    """
+    is_path = module.endswith(".py") or "/" in module or os.sep in module
     try:
-        importlib.import_module(module)
+        if is_path:
+            source = str(Path(module).resolve())
+            name = _import_file(Path(source))
+        else:
+            source = name = module
+            if os.getcwd() not in sys.path and "" not in sys.path:
+                sys.path.append(os.getcwd())
+            importlib.import_module(module)
     except Exception as e:  # noqa: BLE001 - whatever the user's module raises is one line
-        raise UnknownScenario(f"cannot import module {module!r}: {type(e).__name__}: {e}") from None
+        raise UnknownScenario(_import_failure(module, e)) from None
+    for spec in REGISTRY.values():
+        if spec.module == name:
+            spec.source = source
+            spec.fn.scenario_source = source  # type: ignore[attr-defined]
+    return source
+
+
+def _import_file(path: Path) -> str:
+    """Import a ``.py`` file as the module named by its stem; returns that name."""
+    if not path.is_file():
+        raise ImportError(f"no such file {path}")
+    name = path.stem
+    loaded = sys.modules.get(name)
+    if loaded is not None:
+        if Path(getattr(loaded, "__file__", None) or "").resolve() == path:
+            return name
+        raise ImportError(f"another module named {name!r} is already imported ({loaded!r})")
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"{path} is not a Python module")
+    loaded = importlib.util.module_from_spec(spec)
+    sys.modules[name] = loaded
+    try:
+        spec.loader.exec_module(loaded)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return name
+
+
+def _import_failure(module: str, e: BaseException) -> str:
+    """One line: the module, what it raised and where (the innermost frame)."""
+    where = ""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is not None and not tb.tb_frame.f_code.co_filename.startswith(("<frozen", __file__)):
+        where = f" ({tb.tb_frame.f_code.co_filename}:{tb.tb_lineno})"
+    return " ".join(f"cannot import module {module!r}: {type(e).__name__}: {e}{where}".split())
+
+
+def closest(name: str, known: Iterable[str]) -> str:
+    """``; did you mean 'a', 'b'?`` for the known names closest to `name` (difflib), or ``""``."""
+    near = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
+    return f"; did you mean {', '.join(repr(n) for n in near)}?" if near else ""
 
 
 def get_scenario(name: str, module: str | None = None) -> ScenarioSpec:
-    """Find a registered scenario; unknown names list the known ones."""
+    """Find a registered scenario; an unknown name suggests the closest and lists the known ones."""
     if module:
         load_module(module)
     if name not in REGISTRY:
@@ -123,4 +196,6 @@ def get_scenario(name: str, module: str | None = None) -> ScenarioSpec:
     except KeyError:
         known = ", ".join(sorted(REGISTRY)) or "none"
         broken = f"; entry points that failed to load: {', '.join(sorted(LOAD_ERRORS))}" if LOAD_ERRORS else ""
-        raise UnknownScenario(f"unknown scenario {name!r}; registered scenarios: {known}{broken}") from None
+        raise UnknownScenario(
+            f"unknown scenario {name!r}{closest(name, REGISTRY)} (registered scenarios: {known}){broken}"
+        ) from None

@@ -1,7 +1,8 @@
 """Schedule files: versioned JSON naming the scenario, its parameters and every recorded choice.
 
-A schedule is data, never code: the scenario is named by its registered name (replay never
-imports anything the file names), and the choice stream is a JSON list in which an integer is the
+A schedule is data, never code: the scenario is named by its registered name, with the
+``--module`` that registered it where it came from one (replay never imports anything the file
+names: it tells the user which ``--module`` to give), and the choice stream is a JSON list in which an integer is the
 id of the task that ran and a one-element list ``[v]`` is the value a nondeterministic draw took.
 """
 
@@ -45,6 +46,8 @@ class Recipe(Protocol):
     def data_probs(self) -> Mapping[str, float]: ...
     @property
     def lockdep(self) -> bool: ...
+    @property
+    def module(self) -> str | None: ...
 
 
 @dataclass
@@ -68,6 +71,8 @@ class Schedule:
     #: choice streams of earlier executions that must run first (lockdep edges they contributed)
     prelude: list[list[Choice]] = field(default_factory=list)
     lockdep: bool = True
+    #: the --module that registered the scenario (a module name or a .py path), as data
+    module: str | None = None
     asyncvm_version: str = __version__
 
     @classmethod
@@ -98,6 +103,7 @@ class Schedule:
             data_probs=dict(program.data_probs),
             prelude=[list(p) for p in prelude],
             lockdep=program.lockdep,
+            module=program.module,
             choices=result.choices,
         )
 
@@ -115,7 +121,8 @@ class Schedule:
             "format": FORMAT,
             "version": FORMAT_VERSION,
             "asyncvm": self.asyncvm_version,
-            "scenario": {"name": self.scenario, "params": self.params},
+            "scenario": {"name": self.scenario, "params": self.params}
+            | ({"module": self.module} if self.module else {}),
             "profile": self.profile,
             "bugs": self.bugs,
             "strategy": self.strategy,
@@ -151,6 +158,9 @@ class Schedule:
         try:
             scenario = data["scenario"]
             failure = data.get("failure")
+            module = scenario.get("module")
+            if module is not None and not isinstance(module, str):
+                raise TypeError(f"scenario.module must be a string, not {module!r}")
             return cls(
                 scenario=str(scenario["name"]),
                 params=dict(scenario.get("params") or {}),
@@ -167,6 +177,7 @@ class Schedule:
                 failure=Failure.from_json(failure) if failure else None,
                 prelude=[_decode(p, origin) for p in data.get("prelude") or []],
                 lockdep=bool(data.get("lockdep", True)),
+                module=module or None,
                 choices=_decode(data["choices"], origin),
                 asyncvm_version=str(data.get("asyncvm", "?")),
             )

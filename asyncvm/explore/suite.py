@@ -138,10 +138,9 @@ class Outcome:
 # -- reading and validating a suite file ----------------------------------------------------------
 
 
-def load_suite(path: Path, *, user_modules: bool = False) -> Suite:
+def load_suite(path: Path) -> Suite:
     """Read and validate a suite file; its scenarios must be registered already (entry points, or
-    ``--module`` imports: `user_modules` says there were some, and workers then import the module
-    that registered each scenario)."""
+    ``--module`` imports, which workers then import too)."""
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
@@ -175,7 +174,7 @@ def load_suite(path: Path, *, user_modules: bool = False) -> Suite:
         where = f"{path}: campaign {n}"
         if isinstance(table.get("name"), str):
             where += f" ({table['name']})"
-        campaign = _campaign(where, {**defaults, **table}, user_modules)
+        campaign = _campaign(where, {**defaults, **table})
         if campaign.name in names:
             raise SuiteError(
                 f"{where}: name: {campaign.name!r} is also campaign {names[campaign.name]}'s name; "
@@ -186,7 +185,7 @@ def load_suite(path: Path, *, user_modules: bool = False) -> Suite:
     return Suite(path, campaigns, description)
 
 
-def _campaign(where: str, table: dict[str, Any], user_modules: bool) -> SuiteCampaign:
+def _campaign(where: str, table: dict[str, Any]) -> SuiteCampaign:
     for key, value in table.items():
         _check_key(where, key, value)
     if "scenario" not in table:
@@ -212,8 +211,8 @@ def _campaign(where: str, table: dict[str, Any], user_modules: bool) -> SuiteCam
     time_budget = float(table["time"]) if "time" in table else None
     spec = CampaignSpec(
         scenario=registered.name,
-        # Workers import the module that registered the scenario when it came from --module.
-        module=registered.module if user_modules else None,
+        # Workers import the --module that registered the scenario, if one did.
+        module=registered.source,
         params=params,
         profile=table.get("profile", "6.18"),
         bugs=bugs,
@@ -408,7 +407,6 @@ def run_suite_file(
     jobs: int = 1,
     dask: Any = None,
     do_shrink: bool = True,
-    user_modules: bool = False,
     quiet: bool = False,
 ) -> int:
     """``asyncvm stress --suite FILE``: validate, run, print the table; returns the exit code.
@@ -418,7 +416,7 @@ def run_suite_file(
     """
     from rich.console import Console
 
-    suite = load_suite(path, user_modules=user_modules)
+    suite = load_suite(path)
 
     def note(line: str) -> None:
         print(line, file=sys.stderr, flush=True)

@@ -60,26 +60,27 @@ def test_console_script(tmp_path: Path) -> None:
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
 
 
-def test_scenarios_lists_bundled_with_descriptions_and_params(tmp_path: Path) -> None:
+def test_scenarios_lists_bundled_with_whole_descriptions_and_params(tmp_path: Path) -> None:
     from asyncvm.explore.scenarios import REGISTRY, load_bundled
 
     load_bundled()
     bundled = {name: spec for name, spec in REGISTRY.items() if spec.module.startswith("asyncvm.scenarios.")}
     assert "prefault_vs_punch_hole" in bundled
-    proc = run_cli("scenarios", cwd=tmp_path)
+    env = cli_env()
+    env["COLUMNS"] = "80"
+    proc = run_cli("scenarios", cwd=tmp_path, env=env)
     assert proc.returncode == 0, explain(proc)
+    assert max(len(line) for line in proc.stdout.splitlines()) <= 80
     lines = proc.stdout.splitlines()
+    flat = " ".join(proc.stdout.split())
     for name, spec in bundled.items():
-        row = [i for i, line in enumerate(lines) if line.split() and line.split()[0] == name]
-        assert row, f"{name} not listed\n{proc.stdout}"
-        assert spec.description and spec.description in lines[row[0]], lines[row[0]]
-        if spec.params:
-            params = lines[row[0] + 1].strip()
-            assert params.startswith("params: ")
-            for key, value in spec.params.items():
-                assert f"{key}={value!r}" in params, params
-    punch = next(line for line in lines if line.startswith("prefault_vs_punch_hole"))
-    assert "punch" in punch.lower()
+        head = next((line for line in lines if line.split()[:1] == [name]), None)
+        assert head is not None, f"{name} not listed\n{proc.stdout}"
+        for key, value in spec.params.items():
+            assert f"{key}={value!r}" in head, head
+        # The whole description (every paragraph of the docstring), not just its first line.
+        assert len(spec.description.split("\n\n")) > 1, name
+        assert " ".join(spec.description.split()) in flat, name
 
 
 USER_MODULE = '''
@@ -118,8 +119,7 @@ def test_module_registers_user_scenario(tmp_path: Path, user_module: Path) -> No
     env = cli_env(user_module)
     listed = run_cli("scenarios", "--module", "my_races", cwd=tmp_path, env=env)
     assert listed.returncode == 0, explain(listed)
-    row = next(line for line in listed.stdout.splitlines() if line.startswith("user_lost_update"))
-    assert "Tasks increment a shared counter without a lock" in row
+    assert "Tasks increment a shared counter without a lock" in listed.stdout
     assert "tasks=2" in listed.stdout
     # Without --module the name is unknown.
     assert "user_lost_update" not in run_cli("scenarios", cwd=tmp_path, env=env).stdout
@@ -149,14 +149,49 @@ def test_module_registers_user_scenario(tmp_path: Path, user_module: Path) -> No
     assert summary["runs"] == 200 and summary["failures"], summary
     schedule = folder / summary["failures"][0]["dir"] / "schedule.json"
     data = json.loads(schedule.read_text())
-    assert data["scenario"] == {"name": "user_lost_update", "params": {"tasks": 2}}
-    assert "my_races" not in json.dumps({k: v for k, v in data.items() if k != "failure"})
-
-    replayed = run_cli("replay", schedule, "--module", "my_races", cwd=tmp_path, env=env)
+    # The file records the module that registered its scenario, as data.
+    assert data["scenario"] == {"name": "user_lost_update", "params": {"tasks": 2}, "module": "my_races"}
+    # The replay command the campaign prints works as printed.
+    printed = next(line for line in proc.stdout.splitlines() if "replay: " in line).split("replay: ", 1)[1]
+    assert printed.endswith(" --module my_races"), printed
+    replayed = run_cli(*printed.split()[1:], cwd=tmp_path, env=env)
     assert replayed.returncode == 1, explain(replayed)
     assert "REPRODUCED" in replayed.stdout and "lost update" in replayed.stdout
-    # The file names the scenario, never where its code lives: without --module, replay refuses.
-    assert_one_line_error(run_cli("replay", schedule, cwd=tmp_path, env=env), "unknown scenario 'user_lost_update'")
+    # Without --module, replay imports nothing: it says which --module the file needs.
+    assert_one_line_error(
+        run_cli("replay", schedule, cwd=tmp_path, env=env), "unknown scenario 'user_lost_update'", "--module my_races"
+    )
+
+
+@pytest.mark.parametrize("how", ["name", "relative_path", "absolute_path"])
+def test_module_by_name_from_the_current_directory_or_by_path(how: str, tmp_path: Path) -> None:
+    """No PYTHONPATH needed: a module name is importable from the current directory, and a .py
+    path works too; either is what the schedule records and what replay asks for."""
+    (tmp_path / "my_races.py").write_text(textwrap.dedent(USER_MODULE))
+    given = {"name": "my_races", "relative_path": "./my_races.py", "absolute_path": str(tmp_path / "my_races.py")}[how]
+    recorded = "my_races" if how == "name" else str(tmp_path / "my_races.py")
+    env = cli_env()
+    env.pop("PYTHONPATH", None)
+    listed = run_cli("scenarios", "--module", given, cwd=tmp_path, env=env)
+    assert listed.returncode == 0 and "user_lost_update" in listed.stdout, explain(listed)
+    proc = run_cli(
+        "stress", "user_lost_update", "--module", given, "--runs", "30", "--jobs", "2", "--out", "logs",
+        cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 1, explain(proc)
+    printed = next(line for line in proc.stdout.splitlines() if "replay: " in line).split("replay: ", 1)[1]
+    assert printed.endswith(f" --module {recorded}"), printed
+    schedule = Path(printed.split()[2])
+    if not schedule.is_absolute():
+        schedule = tmp_path / schedule
+    assert json.loads(schedule.read_text())["scenario"]["module"] == recorded
+    replayed = run_cli(*printed.split()[1:], cwd=tmp_path, env=env)
+    assert replayed.returncode == 1 and "REPRODUCED" in replayed.stdout, explain(replayed)
+    assert_one_line_error(run_cli("replay", schedule, cwd=tmp_path, env=env), f"--module {recorded}")
+
+
+def test_a_missing_module_file_is_one_line(tmp_path: Path) -> None:
+    assert_one_line_error(run_cli("scenarios", "--module", "./nope.py", cwd=tmp_path), "nope.py", "no such file")
 
 
 def test_module_that_fails_to_import_is_one_line(tmp_path: Path) -> None:
