@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import operator
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Iterator
 from typing import Generic, Self, TypeVar
 
-from sortedcontainers import SortedDict
+from sortedcontainers import SortedList
 
 __all__ = ["IntervalMap"]
 
 V = TypeVar("V")
 T = TypeVar("T")
+
+_MISSING = object()
 
 
 def _check_range(start: int, end: int) -> tuple[int, int]:
@@ -43,13 +45,16 @@ class IntervalMap(Generic[V]):
     everywhere; ``start == end`` is an empty range (no-op / no results).
     """
 
-    __slots__ = ("_fast", "_keys", "_map")
+    __slots__ = ("_fast", "_map", "_starts")
 
     def __init__(self) -> None:
-        self._map = SortedDict()
-        # Live view; indexing it is O(log n), unlike list(self._map).
-        self._keys = self._map.keys()
-        # A plain sorted list of the starts, rebuilt on the first lookup after a change: point
+        # start -> (end, value): a plain dict, so reading a range is one C-level probe.
+        self._map: dict[int, tuple[int, V]] = {}
+        # The starts in order. Every operation costs O(log n) bisections on it plus a few dict
+        # probes: the maps the model keeps are small (a handful of ranges) and touched on every
+        # fault, so the work per call is kept to a constant number of calls into it.
+        self._starts: SortedList = SortedList()
+        # A plain list copy of the starts, rebuilt on the first lookup after a change: point
         # lookups (the fault path's hot operation) then cost one C bisect and one dict probe.
         self._fast: list[int] | None = None
 
@@ -64,94 +69,153 @@ class IntervalMap(Generic[V]):
     # ------------------------------------------------------------------
     # internal helpers
 
-    def _entry(self, key: int) -> tuple[int, V]:
-        entry: tuple[int, V] = self._map[key]
-        return entry
-
-    def _at(self, idx: int) -> tuple[int, int, V]:
-        start: int = self._keys[idx]
-        end, value = self._entry(start)
-        return start, end, value
-
-    def _containing_index(self, point: int) -> int:
-        """Index of the stored range containing ``point``, or -1."""
-        idx: int = self._map.bisect_right(point) - 1
-        if idx >= 0 and self._at(idx)[1] > point:
-            return idx
-        return -1
-
     def _first_index_ending_after(self, point: int) -> int:
         """Index of the first stored range with end > ``point`` (may be len)."""
-        idx: int = self._map.bisect_right(point) - 1
-        if idx >= 0 and self._at(idx)[1] > point:
+        starts = self._starts
+        idx: int = starts.bisect_right(point) - 1
+        if idx >= 0 and self._map[starts[idx]][0] > point:
             return idx
         return idx + 1
 
     def _split(self, point: int) -> None:
-        idx = self._containing_index(point)
+        """Make ``point`` a range boundary if a stored range strictly contains it."""
+        starts = self._starts
+        idx: int = starts.bisect_right(point) - 1
         if idx < 0:
             return
-        start, end, value = self._at(idx)
+        start = starts[idx]
         if start == point:
             return  # already a boundary
-        self._map[start] = (point, value)
-        self._map[point] = (end, value)
+        end, value = self._map[start]
+        if end > point:
+            self._map[start] = (point, value)
+            self._map[point] = (end, value)
+            starts.add(point)
 
     def _coalesce_at(self, point: int) -> None:
         """Merge the range ending at ``point`` with the one starting there if equal."""
-        if point not in self._map:
+        m = self._map
+        right = m.get(point)
+        if right is None:
             return
-        idx: int = self._map.index(point)
+        starts = self._starts
+        idx: int = starts.bisect_left(point)
         if idx == 0:
             return
-        left_start, left_end, left_value = self._at(idx - 1)
+        left_start = starts[idx - 1]
+        left_end, left_value = m[left_start]
         if left_end != point:
             return
-        right_end, right_value = self._entry(point)
+        right_end, right_value = right
         if left_value == right_value:
-            del self._map[point]
-            self._map[left_start] = (right_end, left_value)
+            del m[point]
+            starts.remove(point)
+            m[left_start] = (right_end, left_value)
 
-    def _delete_keys_in(self, start: int, end: int) -> None:
-        # Materialise first: deleting while iterating irange is unsafe.
-        for key in list(self._map.irange(start, end, inclusive=(True, False))):
-            del self._map[key]
+    def _delete_keys(self, keys: list[int]) -> None:
+        m = self._map
+        remove = self._starts.remove
+        for key in keys:
+            del m[key]
+            remove(key)
+
+    def _keys_in(self, start: int, end: int) -> list[int]:
+        """Stored starts in [start, end), ascending (a snapshot)."""
+        starts = self._starts
+        return starts[starts.bisect_left(start) : starts.bisect_left(end)]
 
     # ------------------------------------------------------------------
     # mutators
 
     def assign(self, start: int, end: int, value: V) -> None:
-        """Set [start, end) to ``value``, splitting and coalescing as needed."""
-        self._fast = None
-        start, end = _check_range(start, end)
+        """Set [start, end) to ``value``, splitting and coalescing as needed.
+
+        One pass over the ranges touching [start, end]: the left neighbour is merged (equal
+        value) or cut at ``start``, everything starting inside is removed, and the last of those
+        (or the range starting at ``end``) is merged or cut at ``end``. The result is what
+        "split at both ends, replace, coalesce at ``end`` then at ``start``" gives, the merged
+        range keeping the value object of its leftmost piece.
+        """
+        if type(start) is not int or type(end) is not int or start > end:
+            start, end = _check_range(start, end)
         if start == end:
             return
-        self._split(start)
-        self._split(end)
-        self._delete_keys_in(start, end)
-        self._map[start] = (end, value)
-        self._coalesce_at(end)
-        self._coalesce_at(start)
+        self._fast = None
+        m = self._map
+        starts = self._starts
+        lo: int = starts.bisect_left(start)
+        hi: int = starts.bisect_right(end)
+        new_start, new_end, new_value = start, end, value
+        tail: tuple[int, V] | None = None  # a remainder [end, e) of a range cut at `end`
+        if lo:
+            s = starts[lo - 1]
+            e, v = m[s]
+            if e >= start:
+                if v == value:
+                    new_start, new_value = s, v
+                    lo -= 1
+                    if e > end:
+                        new_end = e
+                elif e > start:
+                    m[s] = (start, v)
+                    if e > end:
+                        # It covered [start, end) whole: nothing else starts inside.
+                        m[end] = (e, v)
+                        starts.add(end)
+                        m[start] = (end, value)
+                        starts.add(start)
+                        return
+        if hi > lo:
+            s = starts[hi - 1]
+            if s >= start:
+                e, v = m[s]
+                if s == end:
+                    if value == v:
+                        new_end = e
+                    else:
+                        hi -= 1  # touching, different: stays
+                elif e > end:
+                    if value == v:
+                        new_end = e
+                    else:
+                        tail = (e, v)
+        if hi > lo:
+            doomed = starts[lo:hi]
+            for key in doomed:
+                del m[key]
+            if len(doomed) == 1 and doomed[0] == new_start:
+                pass  # the start stays a start
+            else:
+                remove = starts.remove
+                for key in doomed:
+                    remove(key)
+                starts.add(new_start)
+        else:
+            starts.add(new_start)
+        m[new_start] = (new_end, new_value)
+        if tail is not None:
+            m[end] = tail
+            starts.add(end)
 
     def clear(self, start: int, end: int) -> None:
         """Remove any values from [start, end), splitting ranges at the boundaries."""
-        self._fast = None
         start, end = _check_range(start, end)
         if start == end:
             return
+        self._fast = None
         self._split(start)
         self._split(end)
         # Removing can only create gaps, never new equal touching neighbours,
         # and the split pieces inside [start, end) are deleted, so no coalescing.
-        self._delete_keys_in(start, end)
+        self._delete_keys(self._keys_in(start, end))
 
     def clear_all(self) -> None:
         """Remove every range."""
         self._fast = None
         self._map.clear()
+        self._starts.clear()
 
     def update(self, start: int, end: int, fn: Callable[[V], V]) -> None:
-        self._fast = None
         """Replace each covered value ``v`` in [start, end) by ``fn(v)``.
 
         ``fn`` is called once per stored piece (clipped to [start, end)).
@@ -160,12 +224,14 @@ class IntervalMap(Generic[V]):
         start, end = _check_range(start, end)
         if start == end:
             return
+        self._fast = None
         self._split(start)
         self._split(end)
+        m = self._map
         boundaries: list[int] = []
-        for key in list(self._map.irange(start, end, inclusive=(True, False))):
-            piece_end, value = self._entry(key)
-            self._map[key] = (piece_end, fn(value))
+        for key in self._keys_in(start, end):
+            piece_end, value = m[key]
+            m[key] = (piece_end, fn(value))
             boundaries.append(key)
             boundaries.append(piece_end)
         # Each merge only removes the boundary it is called on, so checking
@@ -174,21 +240,21 @@ class IntervalMap(Generic[V]):
             self._coalesce_at(point)
 
     def split_at(self, point: int) -> None:
-        self._fast = None
         """Force a range boundary at ``point``.
 
         The only mutator that may leave the map non-canonical; normally not
         needed because assign/clear/update split themselves.
         """
+        self._fast = None
         self._split(operator.index(point))
 
     def normalize(self) -> None:
         """Coalesce all equal touching neighbours (undo :meth:`split_at`); O(n)."""
-        self._fast = None
         canonical = list(self._canonical_items())
         if len(canonical) != len(self._map):
-            self._map.clear()
-            self._map.update((s, (e, v)) for s, e, v in canonical)
+            self._fast = None
+            self._map = {s: (e, v) for s, e, v in canonical}
+            self._starts = SortedList(self._map)
 
     # ------------------------------------------------------------------
     # point queries
@@ -197,10 +263,10 @@ class IntervalMap(Generic[V]):
         """Value at ``point`` or ``default``; O(log n)."""
         starts = self._fast
         if starts is None:
-            starts = self._fast = list(self._map)
+            starts = self._fast = list(self._starts)
         i = bisect_right(starts, point) - 1
         if i >= 0:
-            end, value = dict.__getitem__(self._map, starts[i])
+            end, value = self._map[starts[i]]
             if point < end:
                 return value
         return default
@@ -208,27 +274,28 @@ class IntervalMap(Generic[V]):
     def __contains__(self, point: object) -> bool:
         if not isinstance(point, int):
             return False
-        return self._containing_index(point) >= 0
+        return self.get(point, _MISSING) is not _MISSING
 
     # ------------------------------------------------------------------
     # range queries
 
     def overlaps_unclipped(self, start: int, end: int) -> list[tuple[int, int, V]]:
         """Stored ranges intersecting [start, end), as stored, ascending."""
-        start, end = _check_range(start, end)
-        out: list[tuple[int, int, V]] = []
+        if type(start) is not int or type(end) is not int or start > end:
+            start, end = _check_range(start, end)
         if start == end:
-            return out
-        idx = self._first_index_ending_after(start)
-        if idx >= len(self._map):
-            return out
-        lo: int = self._keys[idx]
-        # Keys in [lo, end) are exactly the intersecting ranges: idx is the
-        # first range ending after start and ranges are sorted/disjoint.
-        for key in self._map.irange(lo, end, inclusive=(True, False)):
-            range_end, value = self._entry(key)
-            out.append((key, range_end, value))
-        return out
+            return []
+        starts = self._fast
+        if starts is None:
+            starts = self._fast = list(self._starts)
+        m = self._map
+        # The first range that can intersect starts at or before `start`; every later one that
+        # starts before `end` intersects (ranges are sorted and disjoint).
+        lo = bisect_right(starts, start) - 1
+        if lo < 0 or m[starts[lo]][0] <= start:
+            lo += 1
+        hi = bisect_left(starts, end, lo)
+        return [(s, *m[s]) for s in starts[lo:hi]]
 
     def overlaps(self, start: int, end: int) -> list[tuple[int, int, V]]:
         """Stored ranges intersecting [start, end), clipped to it, ascending."""
@@ -246,7 +313,8 @@ class IntervalMap(Generic[V]):
         idx = self._first_index_ending_after(start)
         if idx >= len(self._map):
             return None
-        s, e, v = self._at(idx)
+        s = self._starts[idx]
+        e, v = self._map[s]
         if s >= end:
             return None
         return max(s, start), min(e, end), v
@@ -271,19 +339,22 @@ class IntervalMap(Generic[V]):
         """(lowest start, highest end) over all ranges, or None if empty."""
         if not self._map:
             return None
-        return self._at(0)[0], self._at(-1)[1]
+        return self._starts[0], self._map[self._starts[-1]][0]
 
     # ------------------------------------------------------------------
     # whole-map operations
 
     def items(self) -> list[tuple[int, int, V]]:
         """All stored ranges as ``(start, end, value)``, ascending."""
-        return [(s, e, v) for s, (e, v) in self._map.items()]
+        m = self._map
+        return [(s, *m[s]) for s in self._starts]
 
     def _canonical_items(self) -> Iterator[tuple[int, int, V]]:
         # Coalesce on the fly so equality ignores split_at boundaries.
         pending: tuple[int, int, V] | None = None
-        for s, (e, v) in self._map.items():
+        m = self._map
+        for s in self._starts:
+            e, v = m[s]
             if pending is not None and pending[1] == s and pending[2] == v:
                 pending = (pending[0], e, v)
                 continue
@@ -296,7 +367,8 @@ class IntervalMap(Generic[V]):
     def copy(self) -> Self:
         """Shallow copy (values are shared; they are treated as immutable)."""
         new = type(self)()
-        new._map.update(self._map)
+        new._map = dict(self._map)
+        new._starts = self._starts.copy()
         return new
 
     def __iter__(self) -> Iterator[tuple[int, int, V]]:
