@@ -7,80 +7,215 @@ import os
 import statistics
 import time
 import tracemalloc
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 from .. import uapi
 from ..bugs import BUGS
 from ..check import check_quiescent
+from ..explore.campaign import Report
 from ..explore.driver import explore
 from ..explore.scenarios import REGISTRY, load_bundled
 from ..runtime.executor import Executor
 from ..runtime.strategies import RandomStrategy
+from . import Tick
+from .scheduler import best_bare_send
 
-STRATEGIES = ("pct", "pos", "random", "portfolio")
+#: what `asyncvm stress` and explore() run when no strategy is given (a test keeps them in step)
+DEFAULT_STRATEGY = "pct"
+#: the throughput campaign: pre-fault vs punch hole, 2 vCPUs, 16 pages
+THROUGHPUT = ("prefault_vs_punch_hole", {"vcpus": 2, "pages": 16})
 
 
-def executions_per_second(quick: bool = False) -> dict[str, Any]:
-    """Executions per second on one core: pre-fault vs punch hole, 2 vCPUs, 16 pages."""
+class _Chunks:
+    """A campaign's progress hook that times each chunk and measures a bare send between chunks.
+
+    The time the bare send takes is kept out of the chunks' times, so the campaign's own rate is
+    what it would be without the measurement.
+    """
+
+    def __init__(self, tick: Callable[[int], None]) -> None:
+        self.tick = tick
+        self.rates: list[tuple[float, float]] = []  # (executions/s, steps/s) per chunk
+        self.bares: list[float] = []
+        self.runs = self.steps = 0
+        self.seconds = 0.0
+        self.resumed: float | None = None
+
+    def __call__(self, report: Report) -> None:
+        now = time.perf_counter()
+        dt = now - (self.resumed if self.resumed is not None else now - report.elapsed)
+        runs, steps = report.runs - self.runs, report.steps - self.steps
+        self.runs, self.steps, self.seconds = report.runs, report.steps, self.seconds + dt
+        if runs and dt > 0:
+            self.rates.append((runs / dt, steps / dt))
+        self.tick(report.runs)
+        self.bares.append(best_bare_send())
+        self.resumed = time.perf_counter()
+
+
+def executions_per_second(quick: bool, tick: Tick) -> dict[str, Any]:
+    """Executions/s on one core per strategy, and what one execution costs in bare coro.send()s.
+
+    Each strategy runs one campaign of `runs` executions in chunks; between chunks this process
+    measures a bare coro.send() switch. Both figures are the best of their samples (the best
+    chunk, the fastest send), so load that comes and goes on a shared machine hits both alike and
+    ``sends_per_execution = 1e6 / (executions_per_second * bare_send_us)`` stays comparable
+    across machines. The mean over the whole campaign is reported beside the best chunk.
+    """
     load_bundled()
-    runs = 300 if quick else 2000
-    out: dict[str, Any] = {"scenario": "prefault_vs_punch_hole", "params": {"vcpus": 2, "pages": 16}, "target": 1000}
-    for strategy in ("random", "pct"):
-        t0 = time.perf_counter()
-        report = explore("prefault_vs_punch_hole", strategy=strategy, runs=runs, seed=0, params=out["params"])
-        dt = time.perf_counter() - t0
-        out[strategy] = {
+    runs = 200 if quick else 1000
+    scenario, params = THROUGHPUT
+    strategies = ("random", "pct")
+    bares = [best_bare_send()]
+    rows: dict[str, Any] = {}
+    for i, strategy in enumerate(strategies):
+
+        def done(n: int, i: int = i, strategy: str = strategy) -> None:
+            tick(i * runs + n, len(strategies) * runs, strategy)
+
+        chunks = _Chunks(done)
+        report = explore(scenario, strategy=strategy, runs=runs, seed=0, params=params, progress=chunks)
+        bares += chunks.bares
+        eps, sps = max(chunks.rates)
+        rows[strategy] = {
             "runs": report.runs,
-            "executions_per_second": round(report.runs / dt, 1),
+            "chunks": len(chunks.rates),
+            "executions_per_second": round(eps, 1),
+            "mean_executions_per_second": round(chunks.runs / chunks.seconds, 1),
             "steps_per_execution": round(report.steps / report.runs, 1),
-            "scheduling_steps_per_second": round(report.steps / dt),
+            "scheduling_steps_per_second": round(sps),
         }
-    return out
+    bare_us = min(bares) * 1e6
+    for row in rows.values():
+        row["sends_per_execution"] = round(1e6 / (row["executions_per_second"] * bare_us))
+        row["sends_per_step"] = round(1e6 / (row["scheduling_steps_per_second"] * bare_us), 1)
+    return {
+        "scenario": scenario,
+        "params": params,
+        "jobs": 1,
+        "bare_send_us": round(bare_us, 4),
+        "bare_send_samples": len(bares),
+        "strategies": rows,
+        "target_sends_per_execution": 8000,
+        "target_executions_per_second": 1000,
+    }
 
 
-def live_runs_to_failure(scenario: str, bug: str, runs: int) -> int | None:
-    """Run the scenario uncontrolled on trio (live mode) until an oracle or the scenario fails."""
+def live_runs_to_failure(scenario: str, bug: str, runs: int, deadline: float | None = None) -> tuple[int, bool]:
+    """Run the scenario uncontrolled on trio (live mode) until an oracle or the scenario fails.
+
+    Returns (runs made, whether the last one failed); stops after `runs` runs or at `deadline`
+    (a time.perf_counter() value).
+    """
     import anyio
 
     from ..kvm.kvm import Kvm
 
     spec = REGISTRY[scenario]
     for i in range(runs):
+        if deadline is not None and time.perf_counter() > deadline:
+            return i, False
         kvm = Kvm(bugs=[bug])
         try:
             anyio.run(partial(spec.fn, kvm, **spec.params), backend="trio")
             for vm in kvm.vms:
                 check_quiescent(vm)
         except Exception:  # noqa: BLE001 - any failure counts, as in a controlled run
-            return i
-    return None
+            return i + 1, True
+    return runs, False
 
 
-def runs_to_first_failure(quick: bool = False) -> dict[str, Any]:
-    """Median runs to the first failure per named bug and strategy, next to trio's own scheduling."""
+def _median(found: list[tuple[float, int]], tries: int) -> tuple[float, float] | None:
+    """The median (seconds, runs) over `tries`, counting the tries that found nothing as infinite."""
+    if len(found) * 2 <= tries:
+        return None
+    by_seconds = sorted(s for s, _ in found) + [float("inf")] * (tries - len(found))
+    by_runs = sorted(r for _, r in found) + [1 << 62] * (tries - len(found))
+    return statistics.median(by_seconds), statistics.median(by_runs)
+
+
+def _first_failure_row(found: list[tuple[float, int]], tries: int, runs: int, seconds: float) -> dict[str, Any]:
+    """Medians over `tries` (`runs` runs in `seconds` in all), or how much found nothing."""
+    med = _median(found, tries)
+    seconds_to: str | float
+    runs_to: str | float
+    if med is None:
+        missed = f"not found in {runs} runs / {seconds:.1f} s"
+        seconds_to, runs_to = missed, missed
+    else:
+        seconds_to, runs_to = round(med[0], 4), med[1]
+    return {
+        "median_seconds_to_first_failure": seconds_to,
+        "median_runs_to_first_failure": runs_to,
+        "found": f"{len(found)}/{tries}",
+        "runs": runs,
+        "seconds": round(seconds, 2),
+    }
+
+
+def first_failure(quick: bool, tick: Tick) -> dict[str, Any]:
+    """Per named bug: median wall seconds and runs to the first failure with the default strategy
+    over 20 seeds (one process, as explore() runs it), next to trio's own scheduling of the same
+    scenario (live mode, uncontrolled) tried as many times.
+
+    Caps keep the whole bench short: a campaign stops after `max_runs` runs, and each side of a
+    bug stops trying once it spent `seconds_per_bug`; a median over tries that mostly found
+    nothing reads "not found in N runs / S s".
+    """
     load_bundled()
-    seeds = 5 if quick else 20
-    limit = 300 if quick else 2000
+    seeds = 3 if quick else 20
+    max_runs = 100 if quick else 1000
+    seconds_per_bug = 0.5 if quick else 5.0
     table: dict[str, Any] = {}
-    for name, bug in BUGS.items():
+    for b, (name, bug) in enumerate(BUGS.items()):
+        tick(b, len(BUGS), name)
         row: dict[str, Any] = {"scenario": bug.scenario}
-        for strategy in STRATEGIES:
-            firsts = []
-            for seed in range(seeds):
-                rep = explore(
-                    bug.scenario, strategy=strategy, runs=limit, seed=seed, bugs=[name], stop_on_first_failure=True
-                )
-                firsts.append(rep.failures[0].first_run + 1 if rep.failures else None)
-            found = [f for f in firsts if f is not None]
-            row[strategy] = {
-                "median_runs": statistics.median(found) if len(found) * 2 > len(firsts) else f">{limit}",
-                "found_in_seeds": f"{len(found)}/{len(firsts)}",
-            }
-        live = live_runs_to_failure(bug.scenario, name, limit)
-        row["trio_uncontrolled"] = {"runs_to_failure": live + 1 if live is not None else f">{limit}"}
+        found: list[tuple[float, int]] = []
+        tries = total_runs = 0
+        began = time.perf_counter()
+        for seed in range(seeds):
+            if time.perf_counter() - began > seconds_per_bug:
+                break
+            t0 = time.perf_counter()
+            rep = explore(
+                bug.scenario,
+                strategy=DEFAULT_STRATEGY,
+                runs=max_runs,
+                seed=seed,
+                bugs=[name],
+                stop_on_first_failure=True,
+            )
+            tries += 1
+            total_runs += rep.runs
+            if rep.failures:
+                found.append((time.perf_counter() - t0, rep.failures[0].first_run + 1))
+        row[DEFAULT_STRATEGY] = _first_failure_row(found, tries, total_runs, time.perf_counter() - began)
+        live: list[tuple[float, int]] = []
+        tries = total_runs = 0
+        began = time.perf_counter()
+        deadline = began + seconds_per_bug
+        while tries < seeds and time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            n, failed = live_runs_to_failure(bug.scenario, name, max_runs, deadline)
+            total_runs += n
+            if not failed and n < max_runs and tries:
+                break  # cut short by the deadline: not a try of its own
+            tries += 1
+            if failed:
+                live.append((time.perf_counter() - t0, n))
+        row["trio_uncontrolled"] = _first_failure_row(live, tries, total_runs, time.perf_counter() - began)
         table[name] = row
-    return {"seeds": seeds, "max_runs": limit, "bugs": table}
+    tick(len(BUGS), len(BUGS), "")
+    return {
+        "strategy": DEFAULT_STRATEGY,
+        "jobs": 1,
+        "seeds": seeds,
+        "max_runs": max_runs,
+        "max_seconds_per_bug": seconds_per_bug,
+        "bugs": table,
+    }
 
 
 async def _whole_guest(kvm: Any, gib: int, slots: int, vcpus: int) -> None:
@@ -102,29 +237,43 @@ async def _whole_guest(kvm: Any, gib: int, slots: int, vcpus: int) -> None:
                     raise
 
 
-def scale(quick: bool = False) -> dict[str, Any]:
+def _scale_one(gib: int, repeats: int) -> dict[str, Any]:
+    """The best of `repeats` pre-faults of a `gib` GiB guest: seconds, peak traced bytes, steps."""
+    from ..kvm.kvm import Kvm
+
+    best_t, best_mem, steps = float("inf"), 0, 0
+    for _ in range(repeats):
+        gc.collect()
+        tracemalloc.start()
+        strategy = RandomStrategy(0)
+        strategy.new_execution(0)
+        exe = Executor(strategy, data_probs={"signal": 0.0})
+        t0 = time.perf_counter()
+        result = exe.run(partial(_whole_guest, Kvm(), gib, 1, 2))
+        dt = time.perf_counter() - t0
+        _cur, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        if result.failure is not None:
+            raise RuntimeError(f"scale run failed: {result.failure}")
+        best_t, best_mem, steps = min(best_t, dt), peak, result.steps
+    return {"seconds": round(best_t, 4), "peak_bytes": best_mem, "steps": steps}
+
+
+def scale(quick: bool, tick: Tick) -> dict[str, Any]:
     """Pre-fault a whole guest (1 GiB host pages) at 1, 16 and 256 GiB: time and peak memory."""
     sizes = (1, 16, 256)
     rows = {}
-    for gib in sizes:
-        best_t, best_mem, steps = float("inf"), 0, 0
-        for _ in range(2 if quick else 3):
-            gc.collect()
-            tracemalloc.start()
-            strategy = RandomStrategy(0)
-            strategy.new_execution(0)
-            exe = Executor(strategy, data_probs={"signal": 0.0})
-            t0 = time.perf_counter()
-            from ..kvm.kvm import Kvm
-
-            result = exe.run(partial(_whole_guest, Kvm(), gib, 1, 2))
-            dt = time.perf_counter() - t0
-            _cur, peak = tracemalloc.get_traced_memory()
-            tracemalloc.stop()
-            if result.failure is not None:
-                raise RuntimeError(f"scale run failed: {result.failure}")
-            best_t, best_mem, steps = min(best_t, dt), peak, result.steps
-        rows[f"{gib}GiB"] = {"seconds": round(best_t, 4), "peak_bytes": best_mem, "steps": steps}
+    # What earlier benchmarks left in this process is frozen, so collecting costs the same here
+    # as in a fresh process.
+    gc.collect()
+    gc.freeze()
+    try:
+        for i, gib in enumerate(sizes):
+            tick(i, len(sizes), f"{gib} GiB")
+            rows[f"{gib}GiB"] = _scale_one(gib, 1 if quick else 3)
+    finally:
+        gc.unfreeze()
+    tick(len(sizes), len(sizes), "")
     first, last = rows[f"{sizes[0]}GiB"], rows[f"{sizes[-1]}GiB"]
     return {
         "memslots": 1,
@@ -138,15 +287,15 @@ def scale(quick: bool = False) -> dict[str, Any]:
     }
 
 
-def false_positives(quick: bool = False) -> dict[str, Any]:
-    """Every shipped scenario, no bugs enabled: failures must be zero."""
+def false_positives(quick: bool, tick: Tick) -> dict[str, Any]:
+    """Every shipped scenario, no bugs enabled, on every core: failures must be zero."""
     load_bundled()
-    runs = 300 if quick else 10_000
+    runs = 20 if quick else 250
     jobs = os.cpu_count() or 1
+    names = sorted(n for n, spec in REGISTRY.items() if spec.module.startswith("asyncvm.scenarios."))
     out = {}
-    for name in sorted(REGISTRY):
-        if REGISTRY[name].module.split(".")[0] != "stress":
-            continue
+    for i, name in enumerate(names):
+        tick(i, len(names), name)
         t0 = time.perf_counter()
         rep = explore(name, strategy="portfolio", runs=runs, seed=0, jobs=jobs)
         out[name] = {
@@ -155,4 +304,12 @@ def false_positives(quick: bool = False) -> dict[str, Any]:
             "signatures": rep.signatures,
             "seconds": round(time.perf_counter() - t0, 1),
         }
-    return {"runs_per_scenario": runs, "strategy": "portfolio", "scenarios": out}
+    tick(len(names), len(names), "")
+    return {
+        "runs_per_scenario": runs,
+        "strategy": "portfolio",
+        "jobs": jobs,
+        "executions": sum(r["runs"] for r in out.values()),
+        "failures": sum(r["failures"] for r in out.values()),
+        "scenarios": out,
+    }

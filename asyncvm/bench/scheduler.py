@@ -134,21 +134,41 @@ def anyio_event_handoff(switches: int, backend: str = "asyncio") -> float:
     return out[0] / switches
 
 
-def run(decisions: int = 200_000, repeats: int = 7) -> dict[str, Any]:
+def best_bare_send(switches: int = 200_000, repeats: int = 3) -> float:
+    """Seconds per bare coro.send() switch, best of `repeats`, the collector paused."""
+    return _best_of(repeats, lambda: bare_send(switches))
+
+
+def scheduling_decision(quick: bool, tick: Callable[[int, int, str], None]) -> dict[str, Any]:
+    """The benchmark: a quick run is a smoke test, not a measurement."""
+    return run(decisions=50_000 if quick else 200_000, repeats=3 if quick else 7, tick=tick)
+
+
+def run(
+    decisions: int = 200_000, repeats: int = 7, tick: Callable[[int, int, str], None] | None = None
+) -> dict[str, Any]:
     """Everything measured in this one process, best of `repeats`, with the ratios.
 
     The bare send and the executor are measured alternately, so a change in machine speed
     during the run hits both sides of the ratio alike.
     """
+    total = repeats + 2
     bares, exes = [], []
-    for _ in range(repeats):
+    for i in range(repeats):
+        if tick is not None:
+            tick(i, total, "bare send vs executor")
         bares.append(_best_of(1, lambda: bare_send(decisions)))
         exes.append(_best_of(1, lambda: executor_decision(decisions)))
     bare, exe = min(bares), min(exes)
+    if tick is not None:
+        tick(repeats, total, "trio handoff")
     handoff = _best_of(max(1, repeats // 2), lambda: trio_handoff(decisions // 4))
+    if tick is not None:
+        tick(repeats + 1, total, "anyio handoff")
     event = _best_of(max(1, repeats // 2), lambda: anyio_event_handoff(decisions // 4))
+    if tick is not None:
+        tick(total, total, "")
     return {
-        "benchmark": "scheduling_decision",
         "decisions": decisions,
         "bare_send_us": round(bare * 1e6, 4),
         "executor_decision_us": round(exe * 1e6, 4),
