@@ -79,14 +79,18 @@ class Lockdep:
 
     def check_acquire(self, task: Any, lock: Any, site: Any) -> None:
         """Record the edges from everything `task` holds to `lock`; raise on a closed cycle."""
+        # Almost every acquisition repeats an edge the graph already has: for those this is one
+        # dict probe per held lock, and only a new edge pays for _add (sites, cycle search).
         after = lock.lock_class
+        edges = self.edges
         for held, _mode, held_site in task.held:
-            if not held.lockdep_tracked:
-                continue
-            self._add(held.lock_class, after, held_site, site, task.name)
+            before = held.lock_class
+            if before != after and held.lockdep_tracked and (before, after) not in edges:
+                self._add(before, after, held_site, site, task.name)
         for srcu, _idx, read_site in task.srcu_reads:
-            if srcu is not lock:
-                self._add(srcu.lock_class, after, read_site, site, task.name)
+            before = srcu.lock_class
+            if before != after and srcu is not lock and (before, after) not in edges:
+                self._add(before, after, read_site, site, task.name)
 
     def _add(self, before: str, after: str, before_site: Any, after_site: Any, task: str) -> None:
         # Same-class nesting (all vcpu->mutex instances) needs the kernel's subclass annotations,

@@ -27,12 +27,19 @@ def caller_site() -> Site:
     return None
 
 
+#: formatted sites: each execution's lockdep graph records the same few edges again
+_formatted: dict[tuple[Any, int], str] = {}
+
+
 def fmt_site(site: Site) -> str:
     """``file.py:line (function)``, or ``?``."""
     if site is None:
         return "?"
-    code, line = site
-    return f"{code.co_filename.rsplit('/', 1)[-1]}:{line} ({code.co_name})"
+    text = _formatted.get(site)
+    if text is None:
+        code, line = site
+        text = _formatted[site] = f"{code.co_filename.rsplit('/', 1)[-1]}:{line} ({code.co_name})"
+    return text
 
 
 def model_site(e: BaseException) -> str:

@@ -8,7 +8,8 @@ TryLock). The runtime's own oracles live at these call sites: lockdep sees every
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import types
+from collections.abc import Awaitable, Callable, Generator
 from typing import Any, Generic, TypeVar
 
 from . import traps
@@ -78,18 +79,32 @@ class _Lock(_Waitable):
         super().__init__(name)
         self.lock_class = lock_class or name
 
-    async def _acquire(self, mode: Any, op: str) -> None:
+    @types.coroutine
+    def _acquire(self, mode: Any, op: str) -> Generator[Any, None, None]:
         # Every lock operation of the model passes here: the checks that cost something run
         # only when they can matter (something is held, someone waits, events are recorded).
+        # A generator-based coroutine that yields the wait request itself, and the public
+        # methods return it without a frame of their own: each scheduling step resumes the
+        # whole await chain of the task, so every level less is paid on every step.
         exe = traps._exe
         t: Any = exe.current if exe is not None else traps.current()
+        if mode is WRITE and not self._ready(t, WRITE):
+            # A writer that has to wait takes the slow path: it blocks new readers (_RW only).
+            self._slow_writers.add(t)  # type: ignore[attr-defined]
         if self.sleeping and t.held:
-            might_sleep(f"{op}({self.name})")
+            for held, _mode, _site in t.held:
+                if not held.sleeping:
+                    might_sleep(f"{op}({self.name})")
         site = caller_site()
-        ld = exe.lockdep if exe is not None else None
-        if ld is not None:
-            ld.check_acquire(t, self, site)
-        await traps.wait(self, mode)
+        if exe is not None:
+            ld = exe.lockdep
+            if ld is not None and (t.held or t.srcu_reads):
+                ld.check_acquire(t, self, site)
+            yield (self, mode)
+            # Resumed: the task stops waiting before anything else can re-evaluate it.
+            self._waiters.remove(t)
+        else:
+            yield from traps.wait(self, mode)
         self._take(t, mode)
         t.held.append((self, mode, site))
         if exe is None or self._waiters:  # live mode keeps no waiter list: always wake
@@ -97,9 +112,26 @@ class _Lock(_Waitable):
         if exe is not None and exe.trace is not None:
             exe.emit("lock_acquire", self, {"mode": mode})
 
-    async def _release(self, mode: Any) -> None:
+    @types.coroutine
+    def _release(self, mode: Any) -> Generator[Any, None, None]:
         exe = traps._exe
         t: Any = exe.current if exe is not None else traps.current()
+        held = t.held
+        if held and held[-1][0] is self and held[-1][1] == mode:
+            del held[-1]  # the common case: released in the order taken
+        else:
+            self._unhold(t, mode)
+        self._drop(t, mode)
+        if exe is None or self._waiters:  # live mode keeps no waiter list: always wake
+            traps.notify(self)
+        if exe is not None:
+            if exe.trace is not None:
+                exe.emit("lock_release", self, {"mode": mode})
+            yield self
+        else:
+            yield from traps.point(self).__await__()
+
+    def _unhold(self, t: Any, mode: Any) -> None:
         held = t.held
         for i in range(len(held) - 1, -1, -1):
             entry = held[i]
@@ -113,12 +145,6 @@ class _Lock(_Waitable):
                 signature=f"bad_unlock:{self.lock_class}",
                 lock=self.name,
             )
-        self._drop(t, mode)
-        if exe is None or self._waiters:  # live mode keeps no waiter list: always wake
-            traps.notify(self)
-        if exe is not None and exe.trace is not None:
-            exe.emit("lock_release", self, {"mode": mode})
-        await traps.point(self)
 
     def _take(self, t: Any, mode: Any) -> None:
         raise NotImplementedError
@@ -158,19 +184,19 @@ class Mutex(_Lock):
     def held_by_current(self) -> bool:
         return self.owner is traps.current()
 
-    async def lock(self) -> None:
+    def lock(self) -> Awaitable[None]:
         """mutex_lock()"""
-        await self._acquire(None, "mutex_lock")
+        return self._acquire(None, "mutex_lock")
 
-    async def unlock(self) -> None:
+    def unlock(self) -> Awaitable[None]:
         """mutex_unlock(); only the owner may unlock."""
-        await self._release(None)
+        return self._release(None)
 
-    async def __aenter__(self) -> None:
-        await self._acquire(None, "lock")
+    def __aenter__(self) -> Awaitable[None]:
+        return self._acquire(None, "lock")
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self._release(None)
+    def __aexit__(self, *exc: object) -> Awaitable[None]:
+        return self._release(None)
 
 
 class SpinLock(Mutex):
@@ -225,12 +251,6 @@ class _RW(_Lock):
             else:
                 del self.readers[t]
 
-    async def _acquire_rw(self, mode: str, op: str) -> None:
-        t = traps.current()
-        if mode is WRITE and not self._ready(t, WRITE):
-            self._slow_writers.add(t)
-        await self._acquire(mode, op)
-
     def is_write_locked(self) -> bool:
         return self.writer is not None
 
@@ -249,21 +269,21 @@ class RWLock(_RW):
     __slots__ = ()
     sleeping = False
 
-    async def read_lock(self) -> None:
+    def read_lock(self) -> Awaitable[None]:
         """read_lock()"""
-        await self._acquire_rw(READ, "read_lock")
+        return self._acquire(READ, "read_lock")
 
-    async def read_unlock(self) -> None:
+    def read_unlock(self) -> Awaitable[None]:
         """read_unlock()"""
-        await self._release(READ)
+        return self._release(READ)
 
-    async def write_lock(self) -> None:
+    def write_lock(self) -> Awaitable[None]:
         """write_lock()"""
-        await self._acquire_rw(WRITE, "write_lock")
+        return self._acquire(WRITE, "write_lock")
 
-    async def write_unlock(self) -> None:
+    def write_unlock(self) -> Awaitable[None]:
         """write_unlock()"""
-        await self._release(WRITE)
+        return self._release(WRITE)
 
     def read(self) -> _Guard:
         return _Guard(self.read_lock, self.read_unlock)
@@ -278,21 +298,21 @@ class RWSem(_RW):
     __slots__ = ()
     sleeping = True
 
-    async def down_read(self) -> None:
+    def down_read(self) -> Awaitable[None]:
         """down_read()"""
-        await self._acquire_rw(READ, "down_read")
+        return self._acquire(READ, "down_read")
 
-    async def up_read(self) -> None:
+    def up_read(self) -> Awaitable[None]:
         """up_read()"""
-        await self._release(READ)
+        return self._release(READ)
 
-    async def down_write(self) -> None:
+    def down_write(self) -> Awaitable[None]:
         """down_write()"""
-        await self._acquire_rw(WRITE, "down_write")
+        return self._acquire(WRITE, "down_write")
 
-    async def up_write(self) -> None:
+    def up_write(self) -> Awaitable[None]:
         """up_write()"""
-        await self._release(WRITE)
+        return self._release(WRITE)
 
     def read(self) -> _Guard:
         return _Guard(self.down_read, self.up_read)
@@ -310,11 +330,11 @@ class _Guard:
         self._enter = enter
         self._exit = exit
 
-    async def __aenter__(self) -> None:
-        await self._enter()
+    def __aenter__(self) -> Awaitable[None]:
+        return self._enter()
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self._exit()
+    def __aexit__(self, *exc: object) -> Awaitable[None]:
+        return self._exit()
 
 
 class SRCU(_Waitable):
@@ -349,11 +369,15 @@ class SRCU(_Waitable):
         t = traps.current()
         return any(s is self for s, _i, _site in t.srcu_reads)
 
-    async def read_lock(self) -> int:
+    @types.coroutine
+    def read_lock(self) -> Generator[Any, None, int]:
         """srcu_read_lock(): returns the index to pass to read_unlock."""
         t = traps.current()
         site = caller_site()
-        await traps.point(self)
+        if traps._exe is not None:
+            yield self
+        else:
+            yield from traps.point(self).__await__()
         idx = self._next
         self._next = idx + 1
         self._active[idx] = t
@@ -361,7 +385,8 @@ class SRCU(_Waitable):
         traps.emit("lock_acquire", self, mode="srcu_read")
         return idx
 
-    async def read_unlock(self, idx: int) -> None:
+    @types.coroutine
+    def read_unlock(self, idx: int) -> Generator[Any, None, None]:
         """srcu_read_unlock()"""
         t: Any = traps.current()
         reads = t.srcu_reads
@@ -376,7 +401,10 @@ class SRCU(_Waitable):
         reads[:] = [e for e in reads if not (e[0] is self and e[1] == idx)]
         traps.notify(self)
         traps.emit("lock_release", self, mode="srcu_read")
-        await traps.point(self)
+        if traps._exe is not None:
+            yield self
+        else:
+            yield from traps.point(self).__await__()
 
     async def synchronize(self) -> None:
         """synchronize_srcu(): wait for every read section that started before this call."""
@@ -603,12 +631,19 @@ class Atomic(_Waitable, Generic[T]):
         return cur
 
 
-async def cond_resched() -> None:
+@types.coroutine
+def cond_resched() -> Generator[Any, None, None]:
     """cond_resched() (kernel/sched/core.c: __cond_resched()): reschedule only when need_resched()
     is set, which is a recorded draw; illegal while a spinning lock is held either way."""
-    might_sleep("cond_resched()")
-    if need_resched():
-        await traps.yield_now()
+    exe = traps._exe
+    if exe is None:
+        might_sleep("cond_resched()")
+        return  # live mode: need_resched() is never set
+    t = exe.current
+    if t is not None and t.held:
+        might_sleep("cond_resched()")
+    if exe.draw("need_resched", 2, 0.25):
+        yield traps.YIELDING
 
 
 async def spin_yield() -> None:
@@ -621,20 +656,28 @@ async def spin_yield() -> None:
     await traps.yield_now()
 
 
+# The draws below are traps.draw() inlined: they run on every fault attempt and ioctl, and live
+# mode (no executor) always draws 0, "nothing unusual".
+
+
 def need_resched() -> bool:
     """need_resched(): drawn through the strategy, so a yield-or-not decision replays."""
-    return bool(traps.draw("need_resched", 0.25))
+    exe = traps._exe
+    return exe is not None and exe.draw("need_resched", 2, 0.25) != 0
 
 
 def signal_pending() -> bool:
     """signal_pending(current): a signal arriving now is a recorded, replayable choice."""
-    return bool(traps.draw("signal", 0.02))
+    exe = traps._exe
+    return exe is not None and exe.draw("signal", 2, 0.02) != 0
 
 
 def fatal_signal_pending() -> bool:
-    return bool(traps.draw("fatal_signal", 0.0))
+    exe = traps._exe
+    return exe is not None and exe.draw("fatal_signal", 2, 0.0) != 0
 
 
 def alloc_fails(what: str = "alloc") -> bool:
     """Whether this allocation fails (-ENOMEM); off unless a campaign gives it a probability."""
-    return bool(traps.draw("alloc_fail", 0.0))
+    exe = traps._exe
+    return exe is not None and exe.draw("alloc_fail", 2, 0.0) != 0
