@@ -67,8 +67,11 @@ class VmOracles:
         self.source: dict[Any, str] = {}
         #: gfn -> the last invalidation covering it that ended, per mapping kind
         self.ended_at = {True: IntervalMap[Invalidation](), False: IntervalMap[Invalidation]()}
-        #: fault -> (clock, step) when it snapshot mmu_invalidate_seq
-        self.snapshots: weakref.WeakKeyDictionary[KvmPageFault, tuple[int, int | None]] = weakref.WeakKeyDictionary()
+        #: fault -> (clock, step) when it snapshot mmu_invalidate_seq (a plain dict under a controlled
+        #: execution, which drops it with the oracles; weak in live mode, where faults come and go)
+        self.snapshots: (
+            dict[KvmPageFault, tuple[int, int | None]] | weakref.WeakKeyDictionary[KvmPageFault, tuple[int, int | None]]
+        ) = {} if traps.active() is not None else weakref.WeakKeyDictionary()
         #: pfn -> the step that freed its folio (to name it in a report)
         self.freed_at: dict[int, int | None] = {}
         self.kvm_bugs: list[str] = []

@@ -20,16 +20,17 @@ class Registry(Generic[T]):
     """VM -> its oracles of one kind."""
 
     def __init__(self) -> None:
-        self._by_execution: weakref.WeakKeyDictionary[Any, dict[Any, T]] = weakref.WeakKeyDictionary()
         self._live: weakref.WeakKeyDictionary[Any, T] = weakref.WeakKeyDictionary()
 
     def _table(self, create: bool = False) -> dict[Any, T] | weakref.WeakKeyDictionary[Any, T] | None:
-        exe = traps.active()
+        # Under a controlled execution the table is kept by the executor itself (one dict probe
+        # on the fault path), so it goes with the execution.
+        exe = traps._exe
         if exe is None:
             return self._live
         if create:
-            return self._by_execution.setdefault(exe, {})
-        return self._by_execution.get(exe)
+            return exe.scoped.setdefault(self, {})
+        return exe.scoped.get(self)
 
     def add(self, vm: Any, oracles: T) -> None:
         table = self._table(create=True)

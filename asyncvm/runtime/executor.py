@@ -150,6 +150,8 @@ class Executor:
         #: preemption counting is off the hot path: it is for shrinking and for failure reports.
         self.count_preemptions = count_preemptions or record
         self.data_probs = data_probs or {}
+        #: the strategy's yes/no source when its draws are plain coin flips (see SeededStrategy.coin)
+        self._coin: Callable[[], float] | None = getattr(strategy, "coin", None)
         self.tasks: list[Task] = []
         self.enabled: list[Task] = []
         self.current: Task | None = None
@@ -163,6 +165,8 @@ class Executor:
         self.failure: Failure | None = None
         self.lockdep_edges: list[Any] = []
         self._finalizers: list[Callable[[], None]] = []
+        #: state the layers above keep for this execution only (the oracles' registries)
+        self.scoped: dict[Any, Any] = {}
 
     @property
     def step(self) -> int:
@@ -196,10 +200,15 @@ class Executor:
                     enabled.remove(w)
 
     def draw(self, kind: str, n: int, p: float) -> int:
-        p = self.data_probs.get(kind, p)
-        if p <= 0.0 and n == 2:
-            return 0
-        value = self.strategy.next_value(kind, n, p)
+        if self.data_probs:
+            p = self.data_probs.get(kind, p)
+        if n == 2:
+            if p <= 0.0:
+                return 0
+            coin = self._coin
+            value = (1 if coin() < p else 0) if coin is not None else self.strategy.next_value(kind, n, p)
+        else:
+            value = self.strategy.next_value(kind, n, p)
         self.choices.append((value,))
         self.ndraws += 1
         if self.trace is not None:

@@ -103,6 +103,12 @@ class SeededStrategy:
         """The float source of a uniform random pick, if that is what `next_task` does."""
         return None
 
+    @property
+    def coin(self) -> Callable[[], float] | None:
+        """The float source of a yes/no draw, if `next_value` is this class's: a yes/no draw is then
+        ``1 if coin() < p else 0``, and the executor makes it without a call per draw."""
+        return self.rng.random if type(self).next_value is SeededStrategy.next_value else None
+
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "seed": self.seed}
 

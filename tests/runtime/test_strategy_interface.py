@@ -71,8 +71,9 @@ def test_a_round_robin_strategy_of_three_methods_drives_an_execution() -> None:
 def test_the_executor_asks_a_strategy_only_for_the_three_methods() -> None:
     spy = Spy(RoundRobin())
     Executor(spy, count_preemptions=True, record=True).run(_main(three_counters))  # type: ignore[arg-type]
-    # `uniform` is the optional inline fast path of a uniform random pick; RoundRobin has none.
-    assert spy.asked <= {"next_task", "next_value", "uniform"}
+    # `uniform` and `coin` are the optional inline fast paths of a uniform random pick and of a
+    # yes/no draw; RoundRobin has neither.
+    assert spy.asked <= {"next_task", "next_value", "uniform", "coin"}
     assert {"next_task", "next_value"} <= spy.asked
 
 
