@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from ..intervals import IntervalMap
 from ..runtime.failures import Violation
-from ..uapi import PAGE_SHIFT, PAGE_SIZE
+from ..uapi import KVM_MEM_GUEST_MEMFD, PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:
     from .guest_memfd import GuestMemfd
@@ -54,8 +54,6 @@ class Memslot:
 
     def has_gmem(self) -> bool:
         """kvm_slot_has_gmem() (formerly kvm_slot_can_be_private())"""
-        from ..uapi import KVM_MEM_GUEST_MEMFD
-
         return bool(self.flags & KVM_MEM_GUEST_MEMFD)
 
     def check_live(self, what: str) -> None:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from ... import uapi
 from ...host.pages import Folio
+from ...kvm.guest_memfd import kvm_gmem_get_pfn
 from ...kvm.invalidate import mmu_invalidate_retry_gfn, mmu_invalidate_retry_gfn_unsafe
 from ...kvm.memslots import Memslot
 from ...runtime import traps
@@ -188,8 +189,6 @@ async def kvm_mmu_faultin_pfn(vcpu: Vcpu, fault: KvmPageFault) -> int:
         if not slot.has_gmem():
             kvm_mmu_prepare_memory_fault_exit(vcpu, fault)
             return -uapi.EFAULT
-        from ...kvm.guest_memfd import kvm_gmem_get_pfn
-
         try:
             fault.pfn, fault.folio, _order = await kvm_gmem_get_pfn(vm, slot, fault.gfn)
         except KvmError as e:
