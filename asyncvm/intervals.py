@@ -140,15 +140,20 @@ class IntervalMap(Generic[V]):
             start, end = _check_range(start, end)
         if start == end:
             return
-        self._fast = None
         m = self._map
         starts = self._starts
-        lo: int = starts.bisect_left(start)
-        hi: int = starts.bisect_right(end)
+        # Reads go to the plain-list copy of the starts (C bisect and indexing); the SortedList
+        # and that copy then get the same few changes, so the copy stays valid for the lookups
+        # that follow.
+        fast = self._fast
+        if fast is None:
+            fast = self._fast = list(starts)
+        lo = bisect_left(fast, start)
+        hi = bisect_right(fast, end, lo)
         new_start, new_end, new_value = start, end, value
         tail: tuple[int, V] | None = None  # a remainder [end, e) of a range cut at `end`
         if lo:
-            s = starts[lo - 1]
+            s = fast[lo - 1]
             e, v = m[s]
             if e >= start:
                 if v == value:
@@ -160,13 +165,14 @@ class IntervalMap(Generic[V]):
                     m[s] = (start, v)
                     if e > end:
                         # It covered [start, end) whole: nothing else starts inside.
-                        m[end] = (e, v)
-                        starts.add(end)
                         m[start] = (end, value)
+                        m[end] = (e, v)
                         starts.add(start)
+                        starts.add(end)
+                        fast[lo:lo] = (start, end)
                         return
         if hi > lo:
-            s = starts[hi - 1]
+            s = fast[hi - 1]
             if s >= start:
                 e, v = m[s]
                 if s == end:
@@ -179,23 +185,20 @@ class IntervalMap(Generic[V]):
                         new_end = e
                     else:
                         tail = (e, v)
-        if hi > lo:
-            doomed = starts[lo:hi]
-            for key in doomed:
-                del m[key]
-            if len(doomed) == 1 and doomed[0] == new_start:
-                pass  # the start stays a start
-            else:
-                remove = starts.remove
-                for key in doomed:
-                    remove(key)
-                starts.add(new_start)
+        if hi - lo == 1 and fast[lo] == new_start:
+            pass  # the one range replaced starts where the new one does
         else:
+            remove = starts.remove
+            for key in fast[lo:hi]:
+                del m[key]
+                remove(key)
             starts.add(new_start)
+            fast[lo:hi] = (new_start,)
         m[new_start] = (new_end, new_value)
         if tail is not None:
             m[end] = tail
             starts.add(end)
+            fast.insert(lo + 1, end)
 
     def clear(self, start: int, end: int) -> None:
         """Remove any values from [start, end), splitting ranges at the boundaries."""
