@@ -27,7 +27,7 @@ def _best_of(repeats: int, fn: Callable[[], float]) -> float:
         gc.enable()
 
 
-def bare_send(switches: int) -> float:
+def bare_send(switches: int, clock: Callable[[], float] = time.perf_counter) -> float:
     """Seconds per switch when a loop alternates coro.send() between two coroutines."""
 
     async def body() -> None:
@@ -38,11 +38,11 @@ def bare_send(switches: int) -> float:
     a.send(None)
     b.send(None)
     sa, sb = a.send, b.send
-    t0 = time.perf_counter()
+    t0 = clock()
     for _ in range(switches // 2):
         sa(None)
         sb(None)
-    dt = time.perf_counter() - t0
+    dt = clock() - t0
     a.close()
     b.close()
     return dt / switches
@@ -134,9 +134,9 @@ def anyio_event_handoff(switches: int, backend: str = "asyncio") -> float:
     return out[0] / switches
 
 
-def best_bare_send(switches: int = 200_000, repeats: int = 3) -> float:
+def best_bare_send(switches: int = 200_000, repeats: int = 3, clock: Callable[[], float] = time.perf_counter) -> float:
     """Seconds per bare coro.send() switch, best of `repeats`, the collector paused."""
-    return _best_of(repeats, lambda: bare_send(switches))
+    return _best_of(repeats, lambda: bare_send(switches, clock))
 
 
 def scheduling_decision(quick: bool, tick: Callable[[int, int, str], None]) -> dict[str, Any]:
