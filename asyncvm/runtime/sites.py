@@ -8,22 +8,35 @@ from typing import Any
 _RUNTIME_DIR = __file__.rsplit("/", 1)[0]
 _runtime_files: dict[str, bool] = {}
 
-#: (code object, line) of a call in model code, or None when unknown
+#: (code object, instruction offset) of a call in model code, or None when unknown
 Site = tuple[Any, int] | None
 
 
 def caller_site() -> Site:
-    """(code, line) of the model code that called a primitive; cheap enough for every acquire."""
+    """(code, instruction offset) of the model code that called a primitive; cheap enough for every
+    acquire. The line is worked out only when the site is shown (``f_lineno`` scans the code's
+    line table from its start on every read; ``f_lasti`` is a field)."""
     f: Any = sys._getframe(2)
     files = _runtime_files
     while f is not None:
-        name = f.f_code.co_filename
+        code = f.f_code
+        name = code.co_filename
         inside = files.get(name)
         if inside is None:
             inside = files[name] = name.startswith(_RUNTIME_DIR)
         if not inside:
-            return (f.f_code, f.f_lineno)
+            return (code, f.f_lasti)
         f = f.f_back
+    return None
+
+
+def _line(code: Any, offset: int) -> int | None:
+    """The line of the instruction at `offset` (bytes), as ``frame.f_lineno`` gives it."""
+    if offset < 0:
+        return int(code.co_firstlineno)
+    for start, end, line in code.co_lines():
+        if start <= offset < end:
+            return line
     return None
 
 
@@ -37,7 +50,8 @@ def fmt_site(site: Site) -> str:
         return "?"
     text = _formatted.get(site)
     if text is None:
-        code, line = site
+        code, offset = site
+        line = _line(code, offset)
         text = _formatted[site] = f"{code.co_filename.rsplit('/', 1)[-1]}:{line} ({code.co_name})"
     return text
 
