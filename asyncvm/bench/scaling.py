@@ -47,7 +47,10 @@ def jobs_scaling(quick: bool, tick: Tick) -> dict[str, Any]:
     --jobs 1 and --jobs 2 are measured twice, in the order 1, 2, 2, 1, and the better of each pair
     counts, so other load on the machine that comes or goes during the bench hits both alike. The
     CPU seconds of each (this process and its workers) tell the cost of going parallel apart
-    from the load: equal CPU seconds per execution means the workers did no extra work.
+    from the load: equal CPU seconds per execution means the workers did no extra work, and
+    `cores_used` (CPU seconds over wall seconds) says how much of the machine the campaign got:
+    under Linux's autogroup scheduling a busy machine gives one session about the same share
+    however many workers it runs.
     """
     load_bundled()
     runs = 100 if quick else 600
@@ -73,7 +76,11 @@ def jobs_scaling(quick: bool, tick: Tick) -> dict[str, Any]:
 
             cpu = _cpu_seconds()
             report, _folder = run_campaign(spec, out=Path(tmp), jobs=jobs, do_shrink=False, on_progress=progress)
-            samples[jobs].append(_row(report) | {"cpu_seconds": round(_cpu_seconds() - cpu, 2)})
+            cpu = _cpu_seconds() - cpu
+            # cores_used: how much of the machine the campaign got (1 per worker when idle)
+            samples[jobs].append(
+                _row(report) | {"cpu_seconds": round(cpu, 2), "cores_used": round(cpu / report.elapsed, 2)}
+            )
         for jobs, rows in samples.items():
             best = max(rows, key=lambda r: r["executions_per_second"])
             out[f"jobs{jobs}"] = best | {"samples_executions_per_second": [r["executions_per_second"] for r in rows]}
