@@ -298,11 +298,27 @@ class IntervalMap(Generic[V]):
         if lo < 0 or m[starts[lo]][0] <= start:
             lo += 1
         hi = bisect_left(starts, end, lo)
-        return [(s, *m[s]) for s in starts[lo:hi]]
+        # A loop, not a comprehension: most queries find one or two ranges, and a comprehension
+        # costs a function call of its own.
+        out: list[tuple[int, int, V]] = []
+        for s in starts[lo:hi]:
+            e, v = m[s]
+            out.append((s, e, v))
+        return out
 
     def overlaps(self, start: int, end: int) -> list[tuple[int, int, V]]:
         """Stored ranges intersecting [start, end), clipped to it, ascending."""
-        return [(max(s, start), min(e, end), v) for s, e, v in self.overlaps_unclipped(start, end)]
+        out = self.overlaps_unclipped(start, end)
+        # Only the first range can start before `start`, and only the last end after `end`.
+        if out:
+            s, e, v = out[0]
+            if s < start or e > end:
+                out[0] = (max(s, start), min(e, end), v)
+            if len(out) > 1:
+                s, e, v = out[-1]
+                if e > end:
+                    out[-1] = (s, end, v)
+        return out
 
     def any_overlap(self, start: int, end: int) -> bool:
         """Whether any stored range intersects [start, end); O(log n)."""
