@@ -503,6 +503,8 @@ class _UapiStruct:
             _CHECK_CACHE[cls] = checks
         for name, check in checks:
             value = getattr(self, name)
+            if check is _as_int and type(value) is int:
+                continue  # the common case, without a call
             checked = check(self, name, value)
             if checked is not value:
                 setattr(self, name, checked)

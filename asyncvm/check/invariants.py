@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 def _step() -> int | None:
     """The scheduling step running now (None in live mode)."""
-    exe = traps.active()
+    exe = traps._exe
     return None if exe is None else exe.step
 
 
@@ -155,7 +155,7 @@ class VmOracles:
                         steps=self._race_steps(fault, inv),
                     )
         snapshot = self.snapshots.get(fault, (0, None))[0]
-        for _s, _e, ended in self.ended_at[leaf.private].overlaps(base, base + npages):
+        for _s, _e, ended in self.ended_at[leaf.private].overlaps_unclipped(base, base + npages):
             if ended.ended is not None and ended.ended > snapshot:
                 raise Violation(
                     "stale_install",

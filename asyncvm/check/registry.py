@@ -38,7 +38,11 @@ class Registry(Generic[T]):
         table[vm] = oracles
 
     def get(self, vm: Any) -> T | None:
-        table = self._table()
+        # Every probe starts here: one call, no helper.
+        exe = traps._exe
+        if exe is None:
+            return self._live.get(vm)
+        table: dict[Any, T] | None = exe.scoped.get(self)
         return None if table is None else table.get(vm)
 
     def items(self) -> Iterator[tuple[Any, T]]:

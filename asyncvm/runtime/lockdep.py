@@ -122,6 +122,8 @@ class Lockdep:
         """A path src -> ... -> dst in the graph, if any (breadth-first: the shortest)."""
         if src == dst:
             return [src]
+        if src not in self._succ:
+            return None  # nothing is ordered after src (the usual case for a new edge's target)
         parent: dict[str, str] = {src: src}
         queue = deque([src])
         while queue:

@@ -160,7 +160,11 @@ class Mutex(_Lock):
     sleeping = True
 
     def __init__(self, name: str, lock_class: str | None = None) -> None:
-        super().__init__(name, lock_class)
+        # _Waitable.__init__ and _Lock.__init__ inlined: every folio gets a lock.
+        self.name = name
+        self._waiters: list[Any] = []
+        self._live_event: Any = None
+        self.lock_class = lock_class or name
         self.owner: Any = None
 
     def _ready(self, task: Any, arg: Any) -> bool:
