@@ -7,6 +7,7 @@ on their own. Each entry names the kernel function whose protection it removes.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -66,8 +67,15 @@ BUGS: dict[str, Bug] = {
 }
 
 
+def unknown_bug(name: str) -> str:
+    """The one-line error for an unknown bug name: the closest known names, then all of them."""
+    near = difflib.get_close_matches(name, list(BUGS), n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(repr(n) for n in near)}?" if near else ""
+    return f"unknown bug {name!r}{hint} (known bugs: {', '.join(sorted(BUGS))}; see asyncvm bugs)"
+
+
 def check_bug_names(names: Iterable[str]) -> None:
-    """Unknown bug names are a one-line error naming the known ones."""
+    """Unknown bug names are a one-line error suggesting the closest known ones."""
     unknown = sorted(set(names) - set(BUGS))
     if unknown:
-        raise ValueError(f"unknown bug {', '.join(unknown)}; known bugs: {', '.join(sorted(BUGS))}")
+        raise ValueError(unknown_bug(unknown[0]))

@@ -21,6 +21,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain click help: it fits 80 columns without cutting option names short.
+    rich_markup_mode=None,
 )
 
 EXIT_CLEAN, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
@@ -114,17 +116,18 @@ def _resolve(name: str, modules: list[str] | None) -> Any:
 
 
 def _check_choices(strategy: str, profile: str, bugs: list[str]) -> None:
-    from .bugs import BUGS
+    from .bugs import BUGS, unknown_bug
+    from .explore.scenarios import closest
     from .profile import PROFILES
     from .runtime.strategies import STRATEGIES
 
     if strategy not in STRATEGIES:
-        _die(f"unknown strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
+        _die(f"unknown strategy {strategy!r}{closest(strategy, STRATEGIES)} (choose one of: {', '.join(STRATEGIES)})")
     if profile not in PROFILES:
-        _die(f"unknown profile {profile!r}; choose one of: {', '.join(PROFILES)}")
+        _die(f"unknown profile {profile!r}{closest(profile, PROFILES)} (choose one of: {', '.join(PROFILES)})")
     for b in bugs:
         if b not in BUGS:
-            _die(f"unknown bug {b!r}; known bugs: {', '.join(sorted(BUGS))}")
+            _die(unknown_bug(b))
 
 
 @app.callback()
@@ -139,7 +142,7 @@ def scenarios(
         typer.Option("--module", "-m", metavar="MODULE", help="Also import this module (a name or a .py file)."),
     ] = None,
 ) -> None:
-    """List the registered scenarios: name, parameters and whole description."""
+    """List the registered scenarios, each with its whole description."""
     import shutil
     import textwrap
 
@@ -210,51 +213,124 @@ def _stress_suite(
     raise typer.Exit(rc)
 
 
+def _shown(flag: str, value: Any) -> str:
+    """How the command line says `flag` has `value` (``--no-shrink``, ``--strategy pos``)."""
+    if flag == "--shrink/--no-shrink":
+        return "--shrink" if value else "--no-shrink"
+    if isinstance(value, bool):
+        return flag if value else f"no {flag}"
+    if isinstance(value, list):
+        return " ".join(f"{flag} {v}" for v in value) or f"no {flag}"
+    if flag.startswith("--param "):
+        return f"--param {flag.split()[1]}={json.dumps(value)}"
+    return f"{flag} {value}"
+
+
+def _bug_names() -> str:
+    from .bugs import BUGS
+
+    return ", ".join(BUGS)
+
+
+UNBOUNDED = 10**12
+
+
 @app.command()
 def stress(
     scenario: Annotated[
         str | None,
-        typer.Argument(help="A registered scenario (see `asyncvm scenarios`).", metavar="SCENARIO", show_default=False),
+        typer.Argument(
+            help="A registered scenario (see `asyncvm scenarios`); with --resume, the campaign's own.",
+            metavar="SCENARIO",
+            show_default=False,
+        ),
     ] = None,
     runs: Annotated[
-        int | None, typer.Option(help="Executions to run (default 1000, or unbounded with --time).")
+        int | None,
+        typer.Option(metavar="N", help="Executions to run (default 1000, or unbounded with --time)."),
     ] = None,
-    time_budget: Annotated[float | None, typer.Option("--time", help="Stop after this many seconds.")] = None,
-    strategy: Annotated[str, typer.Option(help="random, pct, idpct, pos, dfs or portfolio.")] = "pct",
-    depth: Annotated[int, typer.Option(help="PCT bug depth (priority change points + 1).")] = 3,
-    preemptions: Annotated[int, typer.Option(help="DFS preemption bound.")] = 2,
-    seed: Annotated[int, typer.Option(help="Campaign seed: the same seed finds the same failures.")] = 0,
-    jobs: Annotated[int, typer.Option(help="Worker processes (default: all cores).")] = 0,
-    dask: Annotated[str | None, typer.Option(help="Address of a Dask distributed scheduler.")] = None,
-    profile: Annotated[str, typer.Option(help="Kernel profile: 6.10, 6.18 or 7.0.")] = "6.18",
-    bug: Annotated[list[str] | None, typer.Option("--bug", help="Inject a named bug (repeatable).")] = None,
-    param: Annotated[list[str] | None, typer.Option("--param", "-p", help="Scenario parameter KEY=VALUE.")] = None,
-    stop_on_first_failure: Annotated[bool, typer.Option(help="Stop at the first failing execution.")] = False,
-    out: Annotated[Path, typer.Option(help="Output folder for campaigns.")] = Path("logs"),
-    shrink: Annotated[bool, typer.Option("--shrink/--no-shrink", help="Shrink each failure.")] = True,
-    resume: Annotated[Path | None, typer.Option(help="Continue the campaign in this folder.")] = None,
-    max_steps: Annotated[int, typer.Option(help="Steps per execution before it counts as a livelock.")] = 200_000,
-    module: Annotated[list[str] | None, typer.Option("--module", "-m", help="Import scenarios from a module.")] = None,
+    time_budget: Annotated[
+        float | None, typer.Option("--time", metavar="SECONDS", help="Stop after this many seconds.")
+    ] = None,
+    strategy: Annotated[
+        str | None,
+        typer.Option(metavar="NAME", help="random, pct, idpct, pos, dfs or portfolio.  [default: pct]"),
+    ] = None,
+    depth: Annotated[
+        int | None, typer.Option(metavar="N", help="PCT bug depth (change points + 1).  [default: 3]")
+    ] = None,
+    preemptions: Annotated[int | None, typer.Option(metavar="N", help="DFS preemption bound.  [default: 2]")] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(metavar="N", help="Campaign seed: the same seed finds the same failures.  [default: 0]"),
+    ] = None,
+    jobs: Annotated[
+        int, typer.Option(metavar="N", show_default=False, help="Worker processes (default: all cores).")
+    ] = 0,
+    dask: Annotated[str | None, typer.Option(metavar="ADDRESS", help="A Dask scheduler to run on.")] = None,
+    profile: Annotated[
+        str | None, typer.Option(metavar="VERSION", help="Kernel profile: 6.10, 6.18 or 7.0.  [default: 6.18]")
+    ] = None,
+    bug: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--bug", metavar="NAME", help=f"Inject a named bug (repeatable): {_bug_names()}; see `asyncvm bugs`."
+        ),
+    ] = None,
+    param: Annotated[
+        list[str] | None, typer.Option("--param", "-p", metavar="KEY=VALUE", help="A scenario parameter.")
+    ] = None,
+    stop_on_first_failure: Annotated[
+        bool, typer.Option("--stop-on-first-failure", help="Stop at the first failing execution.")
+    ] = False,
+    out: Annotated[Path, typer.Option(metavar="DIR", help="Output folder for campaigns.")] = Path("logs"),
+    shrink: Annotated[
+        bool | None, typer.Option("--shrink/--no-shrink", help="Shrink each failure.  [default: shrink]")
+    ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(metavar="DIR", help="Continue the campaign in DIR; --runs and --time extend it to a new budget."),
+    ] = None,
+    max_steps: Annotated[
+        int | None,
+        typer.Option(metavar="N", help="Steps per execution before it is a livelock.  [default: 200000]"),
+    ] = None,
+    module: Annotated[
+        list[str] | None,
+        typer.Option("--module", "-m", metavar="MODULE", help="Import scenarios from a module (a name or a .py file)."),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     suite: Annotated[
-        Path | None, typer.Option(help="Run the campaigns of a suite file (stress/*.toml) instead of SCENARIO.")
+        Path | None,
+        typer.Option(metavar="FILE", help="Run the campaigns of a suite file (stress/*.toml) instead of SCENARIO."),
     ] = None,
 ) -> None:
-    """Run a stress campaign: many schedules of SCENARIO, failures saved with replayable schedules.
+    """Run a stress campaign: many schedules of a scenario.
 
-    With --suite FILE, run every campaign of a suite file and print one table (exit 0 when each
-    campaign found what the file expects, 1 when not).
+    Failures are saved with replayable schedules. With --suite FILE, run every campaign of a
+    suite file and print one table (exit 0 when each campaign found what the file expects, 1
+    when not).
     """
-    if suite is not None or scenario is None:
-        per_campaign = {"--runs": runs is not None, "--time": time_budget is not None, "--strategy": strategy != "pct"}
-        per_campaign |= {"--profile": profile != "6.18", "--bug": bool(bug), "--param": bool(param)}
-        per_campaign |= {"--resume": resume is not None, "--stop-on-first-failure": stop_on_first_failure}
-        given = [flag for flag, on in per_campaign.items() if on]
-        _stress_suite(suite, scenario, given, out, jobs, seed, dask, shrink, module, quiet)
+    options: dict[str, Any] = {
+        "--strategy": strategy,
+        "--depth": depth,
+        "--preemptions": preemptions,
+        "--seed": seed,
+        "--profile": profile,
+        "--max-steps": max_steps,
+        "--bug": sorted(bug) if bug else None,
+        "--stop-on-first-failure": True if stop_on_first_failure else None,
+    }
+    if suite is not None or (scenario is None and resume is None):
+        per_campaign = {"--runs": runs, "--time": time_budget, "--param": param, "--resume": resume, **options}
+        given = [flag for flag, v in per_campaign.items() if v is not None and flag != "--seed"]
+        _stress_suite(
+            suite, scenario, given, out, jobs, seed or 0, dask, True if shrink is None else shrink, module, quiet
+        )
     from concurrent.futures.process import BrokenProcessPool
 
     from .explore.campaign import CampaignSpec
-    from .explore.runner import load_campaign, slug
+    from .explore.runner import Ledger, load_campaign, ran_so_far, slug
     from .explore.scenarios import UnknownScenario
     from .runtime.failures import ToolError
 
@@ -262,15 +338,18 @@ def stress(
         _die("--runs must be positive")
     if time_budget is not None and time_budget <= 0:
         _die("--time must be a positive number of seconds")
-    if depth < 1:
+    if depth is not None and depth < 1:
         _die("--depth must be at least 1")
-    if preemptions < 0:
+    if preemptions is not None and preemptions < 0:
         _die("--preemptions must not be negative")
     if jobs < 0:
         _die("--jobs must be positive (or 0 for all cores)")
-    if max_steps <= 0:
+    if max_steps is not None and max_steps <= 0:
         _die("--max-steps must be positive")
+    do_shrink = True if shrink is None else shrink
     if resume is None:
+        assert scenario is not None  # (the suite branch took the other case)
+        strategy, profile = strategy or "pct", profile or "6.18"
         _check_choices(strategy, profile, list(bug or []))
         spec_fn = _resolve(scenario, module)
         try:
@@ -279,7 +358,6 @@ def stress(
             params = scenario_params(spec_fn.fn, _parse_params(param, spec_fn.params))
         except ValueError as e:
             _die(str(e))
-        total = runs if runs is not None else (10**12 if time_budget else 1000)
         spec = CampaignSpec(
             scenario=scenario,
             # Workers import the --module that registered the scenario (not just the first one).
@@ -287,44 +365,79 @@ def stress(
             params=params,
             profile=profile,
             bugs=list(bug or []),
-            max_steps=max_steps,
+            max_steps=200_000 if max_steps is None else max_steps,
             strategy=strategy,
-            seed=seed,
-            depth=depth,
-            preemptions=preemptions,
-            runs=total,
+            seed=seed or 0,
+            depth=3 if depth is None else depth,
+            preemptions=2 if preemptions is None else preemptions,
+            runs=runs if runs is not None else (UNBOUNDED if time_budget else 1000),
             stop_on_first_failure=stop_on_first_failure,
         )
     else:
         try:
-            spec, _meta = load_campaign(resume)
+            spec, meta = load_campaign(resume)
         except ToolError as e:
             _die(str(e))
-        if spec.scenario != scenario:
+        if scenario is not None and spec.scenario != scenario:
             _die(f"{resume} is a campaign of scenario {spec.scenario!r}, not {scenario!r}")
         _check_choices(spec.strategy, spec.profile, spec.bugs)
         _load_modules(module)
+        kept = {
+            "--strategy": spec.strategy,
+            "--depth": spec.depth,
+            "--preemptions": spec.preemptions,
+            "--seed": spec.seed,
+            "--profile": spec.profile,
+            "--max-steps": spec.max_steps,
+            "--bug": sorted(spec.bugs),
+            "--stop-on-first-failure": spec.stop_on_first_failure,
+            "--shrink/--no-shrink": meta.get("shrink", True),
+            **{f"--param {k}": spec.params.get(k) for k in _parse_params(param, spec.params)},
+        }
+        asked = {
+            **options,
+            "--shrink/--no-shrink": shrink,
+            **{f"--param {k}": v for k, v in _parse_params(param, spec.params).items()},
+        }
+        for flag, value in asked.items():
+            if value is not None and value != kept[flag]:
+                _die(
+                    f"{_shown(flag, value)} conflicts with the campaign in {resume}, started with "
+                    f"{_shown(flag, kept[flag])}; resuming keeps a campaign's options (--runs and --time extend it)"
+                )
+        ran, used = ran_so_far(Ledger.read(resume / "ledger.jsonl"))
+        if runs is not None and runs < ran:
+            _die(f"--runs {runs}: the campaign in {resume} already ran {ran} executions; resuming extends it")
+        if time_budget is not None and time_budget <= used:
+            _die(f"--time {time_budget:g}: the campaign in {resume} already ran {used:.1f} s; resuming extends it")
+        # --runs / --time give the campaign a new budget; neither: finish the budget it had.
+        if runs is not None or time_budget is not None:
+            spec.runs = runs if runs is not None else UNBOUNDED
+        else:
+            time_budget = meta.get("time") if isinstance(meta.get("time"), (int, float)) else None
     jobs = jobs or os.cpu_count() or 1
-    folder_seen: list[Path] = []
 
     def started(folder: Path) -> None:
-        folder_seen.append(folder)
-        typer.echo(f"asyncvm: campaign folder: {folder}", err=True)
+        typer.echo(f"campaign folder: {folder}")
 
     try:
-        report, folder = _run_with_progress(spec, out, jobs, dask, time_budget, shrink, resume, quiet, started)
+        report, folder = _run_with_progress(spec, out, jobs, dask, time_budget, do_shrink, resume, quiet, started)
     except (ToolError, UnknownScenario) as e:
         _die(_one_line(str(e)))
     except BrokenProcessPool as e:
         _die(_one_line(f"a worker process died ({e})"))
     except OSError as e:
         _die(_one_line(f"cannot write the campaign: {e}"))
-    except KeyboardInterrupt:
-        where = f"; continue with: asyncvm stress {scenario} --resume {folder_seen[0]}" if folder_seen else ""
-        typer.echo(f"asyncvm: interrupted{where}", err=True)
+    except KeyboardInterrupt as e:
+        so_far = getattr(e, "report", None)
+        where = getattr(e, "folder", None)
+        if so_far is not None and where is not None:
+            typer.echo(so_far.summary())
+            typer.echo(f"summary so far: {where / 'summary.json'}")
+        resume_with = f"; continue with: asyncvm stress --resume {where}" if where is not None else ""
+        typer.echo(f"asyncvm: interrupted{resume_with}", err=True)
         raise typer.Exit(130) from None
     typer.echo(report.summary())
-    typer.echo(f"campaign folder: {folder}")
     needs = f" --module {spec.module}" if spec.module else ""
     for f in report.failures:
         typer.echo(f"  replay: asyncvm replay {folder / slug(f.signature) / 'schedule.json'}{needs}")
@@ -414,16 +527,35 @@ def _load(file: Path, module: list[str] | None) -> tuple[Any, Any]:
 
 
 @app.command()
+def bugs() -> None:
+    """List the named bugs, each with the scenario that exposes it."""
+    from .bugs import BUGS
+
+    width = max(len(name) for name in BUGS)
+    for name, bug in BUGS.items():
+        typer.echo(f"{name:<{width}}  {bug.scenario}: {bug.changes}")
+
+
+@app.command()
 def replay(
-    file: Annotated[Path, typer.Argument(help="A schedule.json written by a campaign or by Schedule.save().")],
+    file: Annotated[
+        Path, typer.Argument(metavar="FILE", help="A schedule.json written by a campaign or by Schedule.save().")
+    ],
     log_level: Annotated[
-        str, typer.Option(help="info: the failure and the events around it; debug: every event.")
+        str, typer.Option(metavar="LEVEL", help="info: the failure, its causes and the events before it; debug: all.")
     ] = "info",
-    context: Annotated[int, typer.Option(help="Events shown before the failure at --log-level info.")] = 25,
-    force: Annotated[bool, typer.Option(help="Replay even if asyncvm's version or the parameters differ.")] = False,
-    module: Annotated[list[str] | None, typer.Option("--module", "-m", help="Import scenarios from a module.")] = None,
+    context: Annotated[
+        int, typer.Option(metavar="N", help="Events shown before the failure at --log-level info.")
+    ] = 25,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replay even if asyncvm's version or the parameters differ.")
+    ] = False,
+    module: Annotated[
+        list[str] | None,
+        typer.Option("--module", "-m", metavar="MODULE", help="Import scenarios from a module (a name or a .py file)."),
+    ] = None,
 ) -> None:
-    """Replay a schedule exactly and print the failure with the events around it."""
+    """Replay a schedule: the failure, its causes, what led there."""
     from .explore.engine import replay as do_replay
     from .explore.schedule import ScheduleError
     from .runtime.failures import ToolError
@@ -456,14 +588,17 @@ def replay(
 
 @app.command()
 def shrink(
-    file: Annotated[Path, typer.Argument(help="A failing schedule.json.")],
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="A failing schedule.json.")],
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Where to write (default: *.shrunk.json).")
+        Path | None, typer.Option("--output", "-o", metavar="FILE", help="Where to write (default: *.shrunk.json).")
     ] = None,
-    force: Annotated[bool, typer.Option(help="Shrink even if asyncvm's version differs.")] = False,
-    module: Annotated[list[str] | None, typer.Option("--module", "-m", help="Import scenarios from a module.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Shrink even if asyncvm's version differs.")] = False,
+    module: Annotated[
+        list[str] | None,
+        typer.Option("--module", "-m", metavar="MODULE", help="Import scenarios from a module (a name or a .py file)."),
+    ] = None,
 ) -> None:
-    """Shrink a failing schedule to the fewest preemptions (then steps) that keep its failure."""
+    """Shrink a failing schedule: fewest preemptions, then steps."""
     from .explore.schedule import ScheduleError
     from .explore.shrink import shrink as do_shrink
     from .explore.shrink import shrunk_path
@@ -487,13 +622,21 @@ def shrink(
 
 @app.command()
 def show(
-    file: Annotated[Path, typer.Argument(help="A schedule.json.")],
-    html: Annotated[Path | None, typer.Option(help="Also write the HTML timeline here.")] = None,
-    trace: Annotated[Path | None, typer.Option(help="Also write Chrome/Perfetto trace JSON here.")] = None,
-    force: Annotated[bool, typer.Option(help="Show even if asyncvm's version differs.")] = False,
-    module: Annotated[list[str] | None, typer.Option("--module", "-m", help="Import scenarios from a module.")] = None,
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="A schedule.json.")],
+    html: Annotated[Path | None, typer.Option(metavar="FILE", help="Also write the HTML timeline here.")] = None,
+    trace: Annotated[
+        Path | None, typer.Option(metavar="FILE", help="Also write Chrome/Perfetto trace JSON here.")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Show even if asyncvm's version differs.")] = False,
+    module: Annotated[
+        list[str] | None,
+        typer.Option("--module", "-m", metavar="MODULE", help="Import scenarios from a module (a name or a .py file)."),
+    ] = None,
 ) -> None:
-    """Print the schedule's timeline in the terminal (a column per task); optionally write HTML/trace."""
+    """Show a schedule's timeline, optionally as HTML and a trace.
+
+    Prints the timeline in the terminal, a column per task, the failing step and each cause step
+    marked; optionally writes the HTML timeline and the Chrome/Perfetto trace."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table

@@ -7,9 +7,12 @@
         ...                      # one execution's worth of scenario code
 
 The test body runs once per schedule with a fresh emulated ``kvm``. A failing exploration fails
-the test with the failure, saves the shrunk schedule under ``logs/pytest/`` and prints the
-command that replays it (``pytest <nodeid> --asyncvm-replay <file>``). Unmarked tests may still
-take the ``kvm`` fixture: they get a live-mode Kvm for asyncio/trio tests.
+the test with its failures, saves the shrunk schedule of each failure signature under
+``logs/pytest/<test>/<signature>/`` and prints the command that replays it (``pytest <nodeid>
+--asyncvm-replay <file>``). A schedule records the test it belongs to: ``--asyncvm-replay``
+replays it for that test only (the other selected tests run as usual), and refuses a file of a
+test that is not selected. Unmarked tests may still take the ``kvm`` fixture: they get a
+live-mode Kvm for asyncio/trio tests.
 """
 
 from __future__ import annotations
@@ -45,12 +48,39 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--asyncvm-logs", default="logs/pytest", metavar="DIR", help="where failing schedules go")
 
 
+REPLAY = pytest.StashKey[Any]()
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         "asyncvm(runs=1000, strategy='pct', seed=0, profile='6.18', bugs=(), params={}): explore this async "
         "test under the controlled scheduler; it fails if any schedule fails",
     )
+    file = config.getoption("--asyncvm-replay", None)
+    if file:
+        from .explore.schedule import Schedule, ScheduleError
+
+        try:
+            config.stash[REPLAY] = Schedule.load(file)
+        except ScheduleError as e:
+            raise pytest.UsageError(f"--asyncvm-replay: {e}") from None
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """A replay file belongs to one test: it must be among the selected ones."""
+    schedule = session.config.stash.get(REPLAY, None)
+    if schedule is None or any(_belongs(schedule, item) for item in session.items):
+        return
+    file = session.config.getoption("--asyncvm-replay")
+    raise pytest.UsageError(
+        f"--asyncvm-replay {file}: recorded for test {schedule.scenario}, which is not selected "
+        f"(run: pytest '{schedule.scenario}' --asyncvm-replay {file})"
+    )
+
+
+def _belongs(schedule: Any, item: pytest.Item) -> bool:
+    return schedule.scenario == item.nodeid
 
 
 @pytest.fixture
@@ -80,10 +110,12 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
 
     scenario.__qualname__ = pyfuncitem.name
     scenario.__module__ = getattr(fn, "__module__", "?")
+    # Schedules name the test they belong to.
+    scenario.scenario_name = pyfuncitem.nodeid  # type: ignore[attr-defined]
     config = pyfuncitem.config
-    replay_file = config.getoption("--asyncvm-replay")
-    if replay_file:
-        _replay(scenario, replay_file)
+    schedule = config.stash.get(REPLAY, None)
+    if schedule is not None and _belongs(schedule, pyfuncitem):
+        _replay(scenario, schedule)
         return True
     from .explore.driver import explore
 
@@ -91,22 +123,25 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
         options["runs"] = config.getoption("--asyncvm-runs")
     report = explore(scenario, **options)
     if report.failures:
-        found = report.failures[0]
-        path = _save(Path(config.getoption("--asyncvm-logs")), pyfuncitem.nodeid, found, scenario)
-        pytest.fail(
-            f"{len(report.failures)} failure signature(s) in {report.runs} runs; first: {found.failure}\n"
-            f"shrunk schedule: {path}\n"
-            f"replay it with: pytest '{pyfuncitem.nodeid}' --asyncvm-replay {path}",
-            pytrace=False,
-        )
+        lines = [f"{len(report.failures)} failure signature(s) in {report.runs} runs:"]
+        for found in report.failures:
+            path = _save(Path(config.getoption("--asyncvm-logs")), pyfuncitem.nodeid, found, scenario)
+            lines += [
+                f"{found.failure}",
+                f"  shrunk schedule: {path}",
+                f"  replay it with: pytest '{pyfuncitem.nodeid}' --asyncvm-replay {path}",
+            ]
+        pytest.fail("\n".join(lines), pytrace=False)
     return True
 
 
 def _save(folder: Path, nodeid: str, found: Any, scenario: Any) -> Path:
+    """The failure's schedule and its shrunk twin, in a folder of their own per signature."""
+    from .explore.runner import slug
     from .explore.shrink import shrink
 
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", nodeid)[-120:]
-    target = folder / name
+    target = folder / name / slug(found.signature)
     target.mkdir(parents=True, exist_ok=True)
     found.schedule.save(target / "schedule.json")
     try:
@@ -116,15 +151,18 @@ def _save(folder: Path, nodeid: str, found: Any, scenario: Any) -> Path:
     return shrunk.save(target / "schedule.shrunk.json")
 
 
-def _replay(scenario: Any, file: str) -> None:
+def _replay(scenario: Any, schedule: Any) -> None:
+    import io
+
     from .explore.engine import replay
-    from .explore.schedule import ScheduleError
-    from .trace.log import format_event
+    from .runtime.failures import ToolError
+    from .trace.log import print_events
 
     try:
-        result = replay(file, scenario, force=True)
-    except ScheduleError as e:
-        raise pytest.UsageError(str(e)) from None
+        result = replay(schedule, scenario, force=True)
+    except ToolError as e:
+        pytest.fail(f"cannot replay the schedule: {e}", pytrace=False)
     if result.failure is not None:
-        tail = "\n".join(format_event(e) for e in result.events()[-30:])
-        pytest.fail(f"replayed failure: {result.failure}\n{tail}", pytrace=False)
+        out = io.StringIO()
+        print_events(result.events(), out, result.failure, context=30)
+        pytest.fail(f"replayed failure: {result.failure}\n{out.getvalue()}", pytrace=False)

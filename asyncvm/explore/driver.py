@@ -33,13 +33,18 @@ CHUNK = 250
 DEADLINE_SHARE = 1 / 20
 
 
-def chunks(first: int, runs: int, size: int) -> Iterator[tuple[int, int]]:
-    """The campaign's chunk grid: (first, count) pairs covering executions [first, first + runs)."""
+def chunks(first: int, runs: int, size: int, done: Iterable[tuple[int, int]] = ()) -> Iterator[tuple[int, int]]:
+    """The campaign's chunk grid: (first, count) pairs covering executions [first, first + runs)
+    that no `done` chunk (first, count) covers already (a resumed campaign, perhaps extended past
+    a last chunk that was cut short)."""
     end = first + runs
-    while first < end:
-        n = min(size, end - first)
-        yield first, n
-        first += n
+    for done_first, done_count in [*sorted(done), (end, 0)]:
+        stop = min(done_first, end)
+        while first < stop:
+            n = min(size, stop - first)
+            yield first, n
+            first += n
+        first = max(first, done_first + done_count)
 
 
 class Merger:
@@ -155,6 +160,7 @@ class Campaign:
         if parallel and fn is not None and getattr(fn, "scenario_name", None) is None:
             raise ToolError("explore(jobs > 1) needs a registered scenario (@asyncvm.scenario)")
         self.time_budget = time_budget or None
+        self.report: Report | None = None
         self.client = None if dask is None else connect_dask(dask)
         self._own_client = self.client is not None and self.client is not dask
         try:
@@ -208,9 +214,10 @@ class Campaign:
         signature as the merge finds it, `progress` the report after each chunk (and its run count).
         """
         merger = Merger(self.spec, self.program, on_failure)
-        have: set[int] = set()
+        self.report = merger.report  # so far: what a caller interrupted mid-campaign still has
+        have: dict[int, int] = {}
         for chunk in done:
-            have.add(chunk.first)
+            have[chunk.first] = chunk.count
             merger.add(chunk)
         t0 = time.perf_counter()
         deadline = t0 + self.time_budget if self.time_budget else None
@@ -231,7 +238,7 @@ class Campaign:
         merger.report.elapsed = time.perf_counter() - t0
         return merger.report
 
-    def _produce(self, have: set[int], deadline: float | None) -> Generator[ChunkResult, None, None]:
+    def _produce(self, have: dict[int, int], deadline: float | None) -> Generator[ChunkResult, None, None]:
         spec = self.spec
         if spec.strategy == "dfs":
             # DFS keeps its search stack across executions: one sequential chunk in this process,
@@ -239,7 +246,7 @@ class Campaign:
             if spec.first_run not in have:
                 yield run_chunk(spec, spec.first_run, spec.runs, self.program.scenario, deadline=deadline)
             return
-        todo = (c for c in chunks(spec.first_run, spec.runs, self.chunk) if c[0] not in have)
+        todo = chunks(spec.first_run, spec.runs, self.chunk, have.items())
         if self.client is not None:
             yield from run_dask(spec, todo, deadline, self.client)
         elif self.jobs > 1:

@@ -9,7 +9,8 @@ Layout of a campaign folder::
         schedule.json, schedule.shrunk.json, events.jsonl, trace.json, timeline.html
 
 A killed campaign keeps every failure it found; ``--resume`` re-merges the ledger's chunks and runs
-only the chunks it does not have.
+only the chunks it does not have, up to the campaign's runs and time budget, which resuming may
+extend. An interrupted campaign (Ctrl-C) still writes ``summary.json``, of what it ran so far.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+import time
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from datetime import UTC, datetime
@@ -133,6 +135,15 @@ def load_campaign(folder: Path) -> tuple[CampaignSpec, dict[str, Any]]:
     return spec, meta
 
 
+class CampaignInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a campaign: `report` is what it ran so far (also in the folder's summary.json)."""
+
+    def __init__(self, report: Report, folder: Path) -> None:
+        super().__init__(str(folder))
+        self.report = report
+        self.folder = folder
+
+
 def run_campaign(
     spec: CampaignSpec,
     *,
@@ -150,45 +161,74 @@ def run_campaign(
 
     `dask` is a scheduler address, a ``distributed.Client`` or a cluster object; chunks then run
     there. Whatever runs them, the same spec finds the same failures.
+
+    Resuming (`resume`: the campaign's folder) runs what the ledger does not have yet, up to
+    ``spec.runs`` and `time_budget` (the campaign's whole budget, counting the time it already
+    ran): the spec must be the folder's own, but for its runs, which may grow. Ctrl-C writes the
+    summary of what ran so far and raises `CampaignInterrupted`.
     """
     chunk_size: int | None = None
     done_lines: list[dict[str, Any]] = []
+    used = 0.0
+    session_budget = time_budget
     if resume is not None:
-        spec, meta = load_campaign(resume)
+        stored, meta = load_campaign(resume)
+        _check_resumable(resume, stored, spec)
         chunk_size = int(meta.get("chunk", CHUNK))
-        # Finish the campaign the way it was started: shrinking or not, within its time budget.
-        do_shrink = bool(meta.get("shrink", do_shrink))
-        if time_budget is None and isinstance(meta.get("time"), (int, float)):
-            time_budget = float(meta["time"])
+        do_shrink = bool(meta.get("shrink", do_shrink))  # as the campaign started
         done_lines = Ledger.read(resume / "ledger.jsonl")
+        ran, used = ran_so_far(done_lines)
+        if spec.runs < ran:
+            raise ToolError(f"{resume}: the campaign already ran {ran} executions; it cannot stop at {spec.runs}")
+        if time_budget is not None:
+            # What is left of the budget; none left: the deadline passes before anything starts.
+            session_budget = max(time_budget - used, 1e-9)
         # Temporary files of artifacts a kill interrupted (write_atomic names them .NAME.*.tmp).
         for tmp in resume.glob("*/.*.tmp"):
             tmp.unlink(missing_ok=True)
     # The campaign connects to Dask first: an unreachable scheduler must not leave an empty
     # campaign folder behind.
-    with Campaign(spec, jobs=jobs, dask=dask, time_budget=time_budget, chunk=chunk_size) as campaign:
+    with Campaign(spec, jobs=jobs, dask=dask, time_budget=session_budget, chunk=chunk_size) as campaign:
         folder = resume if resume is not None else new_campaign_dir(out, spec)
-        if resume is None:
-            write_atomic(
-                folder / "campaign.json",
-                json.dumps(
-                    {
-                        "asyncvm": __version__,
-                        "chunk": campaign.chunk,
-                        "jobs": jobs,
-                        "shrink": do_shrink,
-                        "time": time_budget,
-                        "spec": spec.to_json(),
-                    },
-                    indent=1,
-                ),
-            )
-        report = _run_into(campaign, folder, done_lines, do_shrink, on_progress, on_failure, on_start)
+        meta = {"asyncvm": __version__, "chunk": campaign.chunk, "jobs": jobs, "shrink": do_shrink}
+        write_atomic(
+            folder / "campaign.json", json.dumps({**meta, "time": time_budget, "spec": spec.to_json()}, indent=1)
+        )
+        t0 = time.perf_counter()
+        try:
+            report = _run_into(campaign, folder, done_lines, do_shrink, used, on_progress, on_failure, on_start)
+        except KeyboardInterrupt:
+            if campaign.report is None:
+                raise
+            campaign.report.elapsed = time.perf_counter() - t0
+            _write_summary(folder, campaign.report, interrupted=True)
+            raise CampaignInterrupted(campaign.report, folder) from None
+    _write_summary(folder, report)
+    return report, folder
+
+
+def ran_so_far(lines: list[dict[str, Any]]) -> tuple[int, float]:
+    """(executions, seconds) a campaign's ledger lines record."""
+    chunks = [line for line in lines if isinstance(line, dict) and line.get("type") == "chunk"]
+    runs = sum(int(line["chunk"].get("runs", 0)) for line in chunks if isinstance(line.get("chunk"), dict))
+    return runs, max((float(line.get("elapsed", 0.0)) for line in chunks), default=0.0)
+
+
+def _check_resumable(folder: Path, stored: CampaignSpec, spec: CampaignSpec) -> None:
+    """Only a campaign's runs may change when it is resumed."""
+    differ = [k for k, v in spec.to_json().items() if k != "runs" and stored.to_json().get(k) != v]
+    if differ:
+        given = ", ".join(f"{k}={getattr(spec, k)!r} (the campaign has {getattr(stored, k)!r})" for k in differ)
+        raise ToolError(f"{folder}: a resumed campaign keeps its options; got {given}")
+
+
+def _write_summary(folder: Path, report: Report, *, interrupted: bool = False) -> None:
     summary = report.to_json()
     summary["folder"] = str(folder)
     summary["failures"] = [dict(f, dir=slug(f["signature"])) for f in summary["failures"]]
+    if interrupted:
+        summary["interrupted"] = True
     write_atomic(folder / "summary.json", json.dumps(summary, indent=1))
-    return report, folder
 
 
 def _run_into(
@@ -196,12 +236,15 @@ def _run_into(
     folder: Path,
     done_lines: list[dict[str, Any]],
     do_shrink: bool,
+    used: float,
     on_progress: Callable[[Report, int], None] | None,
     on_failure: Callable[[FoundFailure, Path], None] | None,
     on_start: Callable[[Path], None] | None,
 ) -> Report:
-    """The campaign with its ledger (each chunk, each failure) and each failure's artifacts."""
+    """The campaign with its ledger (each chunk, with the seconds the campaign has run by then,
+    each failure) and each failure's artifacts; `used`: seconds earlier sessions ran."""
     fn = campaign.program.scenario
+    t0 = time.perf_counter()
     ledger = Ledger(folder / "ledger.jsonl")
     if on_start is not None:
         on_start(folder)
@@ -234,7 +277,9 @@ def _run_into(
     try:
         return campaign.run(
             done=_ledger_chunks(done_lines, ledger.path),
-            on_chunk=lambda chunk: ledger.append({"type": "chunk", "chunk": chunk.to_json()}),
+            on_chunk=lambda chunk: ledger.append(
+                {"type": "chunk", "chunk": chunk.to_json(), "elapsed": round(used + time.perf_counter() - t0, 3)}
+            ),
             on_failure=found_one,
             progress=on_progress,
         )

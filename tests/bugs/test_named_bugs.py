@@ -37,8 +37,10 @@ def test_bug_scenarios_are_clean_without_bugs(scenario: str) -> None:
 
 
 def test_unknown_bug_is_a_one_line_error() -> None:
-    with pytest.raises(ValueError, match="unknown bug no_such_bug; known bugs: "):
+    with pytest.raises(ValueError, match=r"unknown bug 'no_such_bug' \(known bugs: "):
         check_bug_names(["no_such_bug"])
+    with pytest.raises(ValueError, match="did you mean 'drop_invalidate_retry'"):
+        check_bug_names(["drop_invalidate_retyr"])
     with pytest.raises(ValueError, match="unknown bug"):
         asyncvm.explore(REGISTRY["prefault_vs_punch_hole"].fn, bugs=["no_such_bug"], runs=1)
 

@@ -13,7 +13,7 @@ import pytest
 
 from .conftest import assert_one_line_error, cli_env, explain, folder_of, run_cli
 
-COMMANDS = ["stress", "replay", "shrink", "show", "scenarios", "bench"]
+COMMANDS = ["stress", "replay", "shrink", "show", "scenarios", "bugs", "bench"]
 
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])
@@ -42,6 +42,60 @@ def test_help(command: str | None, tmp_path: Path) -> None:
             "--module",
         ):
             assert option in proc.stdout, option
+
+
+@pytest.mark.parametrize("command", [None, *(c for c in COMMANDS if c != "bench")])
+def test_help_fits_80_columns(command: str | None, tmp_path: Path) -> None:
+    """Every line within 80 columns, every option named in full, no type labels on flags."""
+    import typer
+
+    from asyncvm.cli import app
+
+    env = cli_env()
+    env["COLUMNS"] = "80"
+    proc = run_cli(*([command] if command else []), "--help", cwd=tmp_path, env=env)
+    assert proc.returncode == 0, explain(proc)
+    for line in proc.stdout.splitlines():
+        assert len(line) <= 80, line
+        assert "…" not in line and "<bool>" not in line, line
+        if not line.startswith("Usage:") and line.split()[:1] != ["bench"]:
+            assert not line.rstrip().endswith("..."), line  # a command's description cut short
+    group = typer.main.get_command(app)
+    cmd = group.commands[command] if command else group  # type: ignore[attr-defined]
+    for param in cmd.params:
+        for name in [*param.opts, *param.secondary_opts]:
+            if name.startswith("-"):
+                assert f" {name}" in proc.stdout or f"{name}," in proc.stdout, (name, proc.stdout)
+
+
+def test_stress_help_names_the_bugs_and_bugs_lists_them(tmp_path: Path) -> None:
+    from asyncvm.bugs import BUGS
+
+    text = run_cli("stress", "--help", cwd=tmp_path).stdout
+    assert "asyncvm bugs" in text
+    listed = run_cli("bugs", cwd=tmp_path)
+    assert listed.returncode == 0, explain(listed)
+    lines = listed.stdout.splitlines()
+    assert len(lines) == len(BUGS)
+    for name, bug in BUGS.items():
+        assert name in " ".join(text.split())
+        line = next(line for line in lines if line.split()[0] == name)
+        assert f"{bug.scenario}: {bug.changes}" in line
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["stress", "prefault_vs_punchhole"], "did you mean 'prefault_vs_punch_hole'"),
+        (
+            ["stress", "prefault_vs_punch_hole", "--bug", "drop_invalidate_retyr"],
+            "did you mean 'drop_invalidate_retry'",
+        ),
+        (["stress", "prefault_vs_punch_hole", "--strategy", "pcd"], "did you mean 'pct'"),
+    ],
+)
+def test_unknown_names_suggest_the_closest(args: list[str], needle: str, tmp_path: Path) -> None:
+    assert_one_line_error(run_cli(*args, "--out", "logs", cwd=tmp_path), needle)
 
 
 def test_console_script(tmp_path: Path) -> None:

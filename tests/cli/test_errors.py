@@ -27,7 +27,7 @@ STRESS_ERRORS = {
     "unknown_module": (["stress", SCENARIO, "--module", "no_such_module_xyz"], "no_such_module_xyz"),
     "resume_not_a_campaign": (["stress", SCENARIO, "--resume", "."], "not a campaign folder"),
     "unknown_command": (["frobnicate"], "frobnicate"),
-    "replay_missing_file_argument": (["replay"], "file"),
+    "replay_missing_file_argument": (["replay"], "FILE"),
     "replay_bad_log_level": (["replay", "x.json", "--log-level", "loud"], "--log-level"),
 }
 

@@ -11,7 +11,23 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ARTIFACTS, BUGGY, SCENARIO, Campaign, cli_cmd, cli_env, comparable, explain, run_cli
+from asyncvm.explore.runner import ran_so_far
+
+from .conftest import (
+    ARTIFACTS,
+    BUGGY,
+    SCENARIO,
+    Campaign,
+    assert_one_line_error,
+    cli_cmd,
+    cli_env,
+    comparable,
+    explain,
+    folder_of,
+    read_ledger,
+    run_cli,
+    stress,
+)
 
 
 def _children(pid: int) -> list[int]:
@@ -132,13 +148,13 @@ def test_ctrl_c_stops_at_once_and_names_the_folder_to_resume(tmp_path: Path) -> 
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
             ledgers = list(out.glob(f"{SCENARIO}/*/ledger.jsonl"))
-            if ledgers and ledgers[0].read_text().count("\n") >= 1:
+            if ledgers and ledgers[0].read_text().count("\n") >= 3:
                 break
             time.sleep(0.05)
         workers = _children(proc.pid)
         t0 = time.monotonic()
         os.killpg(proc.pid, signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        stdout, err = proc.communicate(timeout=60)
         took = time.monotonic() - t0
     finally:
         if proc.poll() is None:
@@ -149,8 +165,68 @@ def test_ctrl_c_stops_at_once_and_names_the_folder_to_resume(tmp_path: Path) -> 
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if line.strip()]
     assert lines[-1].startswith("asyncvm: interrupted") and "--resume" in lines[-1], err
+    # The summary so far: printed, and in summary.json, counting what the ledger has.
+    folder = next(out.glob(f"{SCENARIO}/*/"))
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["interrupted"] is True
+    # (chunks merge in execution order: one that finished early waits in the ledger for resume)
+    ran = sum(line["chunk"]["runs"] for line in read_ledger(folder) if line["type"] == "chunk")
+    assert 0 < ran and summary["runs"] <= ran
+    assert f"{SCENARIO}: {summary['runs']} runs" in stdout, stdout
     time.sleep(0.5)
     stray = [w for w in workers if _alive(w)]
     for w in stray:
         os.kill(w, signal.SIGKILL)
     assert not stray, "worker processes outlived an interrupted campaign"
+
+
+SMALL = ["--bug", "drop_invalidate_retry", "--param", "pages=8", "--seed", "2", "--no-shrink", "--jobs", "2"]
+
+
+def test_resume_extends_a_finished_campaign_to_new_runs_and_time(tmp_path: Path) -> None:
+    """--runs on a finished campaign runs the executions it did not have (the same ones a campaign
+    asked for that many from the start); the scenario and options come from the folder; --time
+    extends it again, to a new time budget."""
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "part").mkdir()
+    whole = stress(tmp_path / "whole", *SMALL, "--runs", "150")
+    part = stress(tmp_path / "part", *SMALL, "--runs", "100")
+    assert part.summary["runs"] == 100
+    more = run_cli("stress", "--resume", part.folder, "--runs", "150", "--jobs", "1", cwd=tmp_path)
+    assert more.returncode in (0, 1), explain(more)
+    assert comparable(part.summary) == comparable(whole.summary)
+    assert json.loads((part.folder / "campaign.json").read_text())["spec"]["runs"] == 150
+    assert more.stdout.count("campaign folder: ") == 1 and str(part.folder) in more.stdout
+    timed = run_cli("stress", "--resume", part.folder, "--time", "3", "--jobs", "1", cwd=tmp_path)
+    assert timed.returncode in (0, 1), explain(timed)
+    assert part.summary["runs"] > 150
+    assert json.loads((part.folder / "campaign.json").read_text())["time"] == 3
+    _, used = ran_so_far(read_ledger(part.folder))
+    assert 0 < used <= 3 + 2
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--strategy", "pos"], "--strategy pos conflicts"),
+        (["--seed", "7"], "--seed 7 conflicts"),
+        (["--bug", "populate_skips_uptodate_check"], "--bug populate_skips_uptodate_check conflicts"),
+        (["--param", "pages=4"], "--param pages=4 conflicts"),
+        (["--no-shrink"], "--no-shrink conflicts"),
+        (["--profile", "7.0"], "--profile 7.0 conflicts"),
+        (["--runs", "10"], "--runs 10"),
+        (["--time", "0.001"], "--time 0.001"),
+        (["--strategy", "pct", "--seed", "1", "--runs", "599"], "--runs 599"),
+    ],
+)
+def test_resume_refuses_a_conflicting_option(args: list[str], needle: str, campaign: Campaign, tmp_path: Path) -> None:
+    before = (campaign.folder / "ledger.jsonl").read_text()
+    assert_one_line_error(run_cli("stress", "--resume", campaign.folder, *args, cwd=tmp_path), needle)
+    assert (campaign.folder / "ledger.jsonl").read_text() == before
+
+
+def test_resume_with_the_same_options_and_no_scenario(campaign: Campaign, tmp_path: Path) -> None:
+    same = run_cli("stress", "--resume", campaign.folder, "--seed", "1", "--param", "pages=8", cwd=tmp_path)
+    assert same.returncode == 1, explain(same)
+    assert folder_of(same, tmp_path).resolve() == campaign.folder.resolve()
+    assert comparable(json.loads((campaign.folder / "summary.json").read_text())) == comparable(campaign.summary)
