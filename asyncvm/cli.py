@@ -75,23 +75,6 @@ def _parse_params(items: list[str] | None, declared: dict[str, Any]) -> dict[str
     return params
 
 
-def _type_mismatch(value: Any, default: Any) -> str | None:
-    """Why `value` cannot stand for a parameter whose default is `default` (None if it can)."""
-    if default is None:
-        return None
-    if isinstance(default, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(default, float):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    elif isinstance(default, (str, list, dict)):
-        ok = isinstance(value, type(default))
-    else:
-        ok = True
-    return None if ok else f"{value!r} is not a {type(default).__name__} like its default {default!r}"
-
-
 def _load_modules(modules: list[str] | None) -> None:
     """Load the entry points and each --module (a module name or a .py file)."""
     from .explore.scenarios import UnknownScenario, load_bundled, load_module
@@ -502,7 +485,7 @@ def _run_with_progress(
 
 
 def _load(file: Path, module: list[str] | None) -> tuple[Any, Any]:
-    from .explore.scenarios import UnknownScenario, get_scenario
+    from .explore.scenarios import UnknownScenario, get_scenario, param_mismatch
     from .explore.schedule import Schedule, ScheduleError
 
     try:
@@ -520,7 +503,7 @@ def _load(file: Path, module: list[str] | None) -> tuple[Any, Any]:
             )
         _die(f"{file}: {e}")
     for key, value in schedule.params.items():
-        why = _type_mismatch(value, spec.params.get(key))
+        why = param_mismatch(value, spec.params.get(key))
         if why is not None:
             _die(f"{file}: parameter {key} of scenario {schedule.scenario}: {why}")
     return schedule, spec

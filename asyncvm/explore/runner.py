@@ -110,15 +110,20 @@ def _drop_partial_line(path: Path) -> None:
         pass
 
 
-def new_campaign_dir(out: Path, spec: CampaignSpec) -> Path:
-    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    base = out / spec.scenario / f"{spec.strategy}-seed{spec.seed}-{stamp}"
+def stamped_dir(parent: Path, prefix: str) -> Path:
+    """A new folder ``parent/<prefix>-<UTC time>`` (``-2``, ``-3``, ... if that one exists)."""
+    base = parent / f"{prefix}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
     folder, n = base, 1
     while folder.exists():
         n += 1
         folder = base.with_name(f"{base.name}-{n}")
     folder.mkdir(parents=True)
     return folder
+
+
+def new_campaign_dir(out: Path, spec: CampaignSpec) -> Path:
+    """``OUT/<scenario>/<strategy>-seed<seed>-<UTC time>/``."""
+    return stamped_dir(out / spec.scenario, f"{spec.strategy}-seed{spec.seed}")
 
 
 def load_campaign(folder: Path) -> tuple[CampaignSpec, dict[str, Any]]:

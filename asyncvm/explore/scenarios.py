@@ -179,6 +179,23 @@ def _import_failure(module: str, e: BaseException) -> str:
     return " ".join(f"cannot import module {module!r}: {type(e).__name__}: {e}{where}".split())
 
 
+def param_mismatch(value: Any, default: Any) -> str | None:
+    """Why `value` cannot stand for a parameter whose default is `default` (None if it can)."""
+    if default is None:
+        return None
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif isinstance(default, (str, list, dict)):
+        ok = isinstance(value, type(default))
+    else:
+        ok = True
+    return None if ok else f"{value!r} is not a {type(default).__name__} like its default {default!r}"
+
+
 def closest(name: str, known: Iterable[str]) -> str:
     """``; did you mean 'a', 'b'?`` for the known names closest to `name` (difflib), or ``""``."""
     near = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)

@@ -39,14 +39,14 @@ import tomllib
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from ..runtime.failures import ToolError
 from .campaign import CampaignSpec
 from .engine import DEFAULT_MAX_STEPS, scenario_params
-from .scenarios import UnknownScenario, get_scenario
+from .runner import run_campaign, stamped_dir
+from .scenarios import UnknownScenario, get_scenario, param_mismatch
 from .schedule import write_atomic
 
 #: the campaign keys a suite file may set, with what each must be
@@ -199,7 +199,7 @@ def _campaign(where: str, table: dict[str, Any]) -> SuiteCampaign:
     given = table.get("params", {})
     for key, value in given.items():
         if key in registered.params:
-            why = _type_mismatch(value, registered.params[key])
+            why = param_mismatch(value, registered.params[key])
             if why is not None:
                 raise SuiteError(f"{where}: params.{key}: {why}")
     try:
@@ -228,7 +228,7 @@ def _campaign(where: str, table: dict[str, Any]) -> SuiteCampaign:
 
 def _check_key(where: str, key: str, value: Any) -> None:
     """One key of a campaign: known, of the right type, naming something that exists."""
-    from ..bugs import BUGS
+    from ..bugs import BUGS, unknown_bug
     from ..profile import PROFILES
     from ..runtime.strategies import STRATEGIES
 
@@ -256,7 +256,7 @@ def _check_key(where: str, key: str, value: Any) -> None:
             raise bad()
         for b in value:
             if b not in BUGS:
-                raise SuiteError(f"{where}: bugs: unknown bug {b!r}; known bugs: {', '.join(sorted(BUGS))}")
+                raise SuiteError(f"{where}: bugs: {unknown_bug(b)}")
     if key == "params" and not isinstance(value, dict):
         raise bad()
     if key in ("runs", "max_steps") and not (is_int(value) and value > 0):
@@ -273,23 +273,6 @@ def _check_key(where: str, key: str, value: Any) -> None:
         raise bad()
 
 
-def _type_mismatch(value: Any, default: Any) -> str | None:
-    """Why `value` cannot stand for a parameter whose default is `default` (None if it can)."""
-    if default is None:
-        return None
-    if isinstance(default, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(default, float):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    elif isinstance(default, (str, list, dict)):
-        ok = isinstance(value, type(default))
-    else:
-        ok = True
-    return None if ok else f"{value!r} is not a {type(default).__name__} like its default {default!r}"
-
-
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
@@ -299,14 +282,7 @@ def _one_line(text: str) -> str:
 
 def new_suite_dir(out: Path, suite: Suite) -> Path:
     """``OUT/suite-<file stem>-<UTC time>/``: each campaign gets ``<its name>/`` inside."""
-    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    base = out / f"suite-{suite.path.stem}-{stamp}"
-    folder, n = base, 1
-    while folder.exists():
-        n += 1
-        folder = base.with_name(f"{base.name}-{n}")
-    folder.mkdir(parents=True)
-    return folder
+    return stamped_dir(out, f"suite-{suite.path.stem}")
 
 
 def run_suite(
@@ -324,8 +300,6 @@ def run_suite(
     A campaign that cannot run (a worker died, the disk is full) is an outcome with an error; the
     rest still run. Returns the outcomes and the suite folder (which also gets ``suite.json``).
     """
-    from .runner import run_campaign
-
     folder = new_suite_dir(out, suite)
     outcomes: list[Outcome] = []
     t0 = time.perf_counter()
