@@ -727,6 +727,8 @@ def bench(
     progress: Progress = BarProgress() if sys.stderr.isatty() else LineProgress(sys.stderr)
     try:
         if isinstance(progress, BarProgress):
+            if out is None and sys.stdout.isatty():
+                emit = progress.to_terminal  # above the bar, not through it
             with progress:
                 run_benchmarks(names, quick, emit, progress)
         else:
