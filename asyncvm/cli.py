@@ -423,8 +423,19 @@ def stress(
     typer.echo(report.summary())
     needs = f" --module {spec.module}" if spec.module else ""
     for f in report.failures:
+        shrunk = f"; shrunk: {_size(f.shrunk)}" if f.shrunk is not None else ""
+        typer.echo(f"  {f.signature}: {_size(f.schedule)} (run {f.schedule.execution}){shrunk}")
         typer.echo(f"  replay: asyncvm replay {folder / slug(f.signature) / 'schedule.json'}{needs}")
     raise typer.Exit(EXIT_FAILURES if report.failures else EXIT_CLEAN)
+
+
+def _size(schedule: Any) -> str:
+    """A schedule's size as everything reports it: preemptions and steps (and, if it was shrunk,
+    whether it is 1-minimal)."""
+    text = f"{schedule.preemptions} preemptions, {schedule.steps} steps"
+    if schedule.strategy.get("name") == "shrink":
+        text += ", 1-minimal" if schedule.strategy.get("minimal") else ", not 1-minimal (the attempts ran out)"
+    return text
 
 
 def _run_with_progress(
@@ -597,9 +608,10 @@ def shrink(
         small.save(target)
     except OSError as e:
         _die(_one_line(f"cannot write {target}: {e.strerror or e}"))
+    minimal = "1-minimal" if small.strategy.get("minimal") else "not 1-minimal: the attempts ran out"
     typer.echo(
-        f"{schedule.preemptions} -> {small.preemptions} preemptions, {len(schedule.choices)} -> "
-        f"{len(small.choices)} choices: {target}"
+        f"{schedule.preemptions} -> {small.preemptions} preemptions, {schedule.steps} -> {small.steps} steps "
+        f"({minimal}): {target}"
     )
 
 
@@ -638,7 +650,7 @@ def show(
         _die(_one_line(f"{file}: {e}"))
     events = result.events()
     names = result.task_names
-    table = Table(title=f"{schedule.scenario} ({len(schedule.choices)} choices, {result.preemptions} preemptions)")
+    table = Table(title=f"{schedule.scenario} ({result.preemptions} preemptions, {result.steps} steps)")
     table.add_column("step", justify="right")
     for n in names:
         table.add_column(n)
@@ -662,6 +674,7 @@ def show(
         typer.echo(f"failure: {result.failure}")
         for role, step in cause_steps(result.failure):
             typer.echo(f"  step {step:>5}  {role}")
+    typer.echo(_show_size(file, schedule))
     title = f"{schedule.scenario}: {result.failure.signature}" if result.failure else schedule.scenario
     outputs = []
     if html is not None:
@@ -674,6 +687,24 @@ def show(
         except OSError as e:
             _die(_one_line(f"cannot write {path}: {e.strerror or e}"))
         typer.echo(f"{what}: {path}")
+
+
+def _show_size(file: Path, schedule: Any) -> str:
+    """`show`'s size line: the schedule's, and what it was shrunk from or what it shrinks to."""
+    from .explore.schedule import Schedule, ScheduleError
+    from .explore.shrink import shrunk_path
+
+    line = f"size: {_size(schedule)}"
+    original = schedule.strategy.get("original") if schedule.strategy.get("name") == "shrink" else None
+    if isinstance(original, dict):
+        return f"{line}; shrunk from {original.get('preemptions')} preemptions, {original.get('steps')} steps"
+    sibling = shrunk_path(file)
+    if sibling.is_file():
+        try:
+            return f"{line}; shrunk: {_size(Schedule.load(sibling))} ({sibling.name})"
+        except ScheduleError:
+            pass
+    return line
 
 
 class _BenchCommand(TyperCommand):

@@ -11,7 +11,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..runtime.failures import Failure
+from ..runtime.executor import ExecutionResult
+from ..runtime.failures import Failure, ToolError
 from ..runtime.lockdep import Edge
 from ..runtime.strategies import make_strategy
 from .engine import DEFAULT_MAX_STEPS, Program, ScenarioFn, scenario_params
@@ -21,12 +22,18 @@ from .schedule import Schedule
 
 @dataclass
 class FoundFailure:
-    """A distinct failure signature found by a campaign, with its first failing schedule."""
+    """A distinct failure signature found by a campaign.
+
+    `first_run` is the first execution that failed this way; `schedule` is the smallest witness
+    the campaign saw (fewest preemptions, then fewest steps, then the earliest), the one to shrink,
+    and `failure` is as that execution reported it. `shrunk` is its shrunk schedule, once made.
+    """
 
     failure: Failure
     schedule: Schedule
     count: int = 1
     first_run: int = 0
+    shrunk: Schedule | None = None
 
     @property
     def signature(self) -> str:
@@ -103,12 +110,22 @@ class Report:
                     "task": f.task,
                     "first_run": f.first_run,
                     "count": f.count,
+                    "witness_run": f.schedule.execution,
                     "preemptions": f.schedule.preemptions,
                     "steps": f.schedule.steps,
+                    "shrunk": None if f.shrunk is None else _size(f.shrunk),
                 }
                 for f in self.failures
             ],
         }
+
+
+def _size(shrunk: Schedule) -> dict[str, Any]:
+    return {
+        "preemptions": shrunk.preemptions,
+        "steps": shrunk.steps,
+        "minimal": bool(shrunk.strategy.get("minimal", False)),
+    }
 
 
 @dataclass
@@ -168,6 +185,9 @@ class ChunkResult:
     failures: list[tuple[int, Failure, list[Any]]] = field(default_factory=list)
     #: (index, edges new to this chunk, choices)
     edges: list[tuple[int, list[Edge], list[Any]]] = field(default_factory=list)
+    #: index -> (preemptions, steps) of the failing executions that may be their signature's
+    #: smallest witness (see run_chunk)
+    sizes: dict[int, tuple[int, int]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -179,6 +199,7 @@ class ChunkResult:
             "stopped": self.stopped,
             "failures": [[i, f.to_json(), _enc(c)] for i, f, c in self.failures],
             "edges": [[i, [asdict(e) for e in es], _enc(c)] for i, es, c in self.edges],
+            "sizes": [[i, p, s] for i, (p, s) in self.sizes.items()],
         }
 
     @classmethod
@@ -192,6 +213,7 @@ class ChunkResult:
             stopped=d.get("stopped", False),
             failures=[(i, Failure.from_json(f), _dec(c)) for i, f, c in d["failures"]],
             edges=[(i, [Edge(**e) for e in es], _dec(c)) for i, es, c in d["edges"]],
+            sizes={int(i): (int(p), int(s)) for i, p, s in d.get("sizes", [])},
         )
 
 
@@ -209,6 +231,11 @@ def run_chunk(
     """Run executions first .. first+count-1 of the campaign (in a worker or in-process).
 
     With a `deadline` the chunk ends early once it passed (for DFS, whose one chunk is the campaign).
+
+    Hunting does not count preemptions (it would slow every execution down). A failing execution
+    is replayed once with counting when it may be its signature's smallest witness: unless this
+    chunk already has one of that signature with no preemptions and no more steps. The smallest of
+    the chunk is always measured, so the campaign finds the same smallest witness for any chunking.
     """
     program = spec.program(fn)
     strat = make_strategy(
@@ -216,6 +243,7 @@ def run_chunk(
     )
     res = ChunkResult(first, count)
     seen: set[tuple[str, str]] = set()
+    smallest: dict[str, tuple[int, int]] = {}
     for index in range(first, first + count):
         if deadline is not None and time.perf_counter() > deadline:
             break
@@ -235,7 +263,26 @@ def run_chunk(
             if spec.stop_on_first_failure:
                 res.stopped = True
                 break
+            size = _measure(program, r, index, smallest.get(r.failure.signature))
+            if size is not None:
+                res.sizes[index] = size
+                smallest[r.failure.signature] = min(size, smallest.get(r.failure.signature, size))
     return res
+
+
+def _measure(
+    program: Program, r: ExecutionResult, index: int, smallest: tuple[int, int] | None
+) -> tuple[int, int] | None:
+    """(preemptions, steps) of failing execution `index`, unless it cannot beat `smallest`."""
+    if smallest is not None and smallest[0] == 0 and smallest[1] <= r.steps:
+        return None
+    try:
+        again = program.rerun(r.choices, execution=index)
+    except ToolError:
+        return None  # the merge's own replay reports it if this one is ever kept
+    if again.failure is None or r.failure is None or again.failure.signature != r.failure.signature:
+        return None
+    return (again.preemptions, again.steps)
 
 
 def _with_execution(e: Edge, index: int) -> Edge:

@@ -7,9 +7,10 @@ tells its callers' hooks (progress, a ledger, failure artifacts) about each step
 
 Execution i depends only on (seed, i), and the merge visits executions in index order, so a
 campaign finds the same failures, with the same representative schedules, however its chunks were
-sized and spread. Lock-order inversions whose two halves lie in different executions are found by
-the merge: each execution reports the lockdep edges it added, and the campaign graph takes them in
-order.
+sized and spread. A signature's representative is the smallest witness the campaign saw (fewest
+preemptions, then fewest steps, then the earliest): the best place for shrinking to start.
+Lock-order inversions whose two halves lie in different executions are found by the merge: each
+execution reports the lockdep edges it added, and the campaign graph takes them in order.
 """
 
 from __future__ import annotations
@@ -102,15 +103,37 @@ class Merger:
                 if index not in failing:
                     failing.add(index)
                     rep.failing_runs += 1
-                self._record(index, failure, choices)
+                self._record(index, failure, choices, size=chunk.sizes.get(index))
 
-    def _record(self, index: int, failure: Failure, choices: list[Any], merged: bool = False) -> None:
+    def _record(
+        self,
+        index: int,
+        failure: Failure,
+        choices: list[Any],
+        merged: bool = False,
+        size: tuple[int, int] | None = None,
+    ) -> None:
+        """Count a failing execution; a new signature's first, or a smaller witness of a known one
+        (`size`: its (preemptions, steps), when the chunk measured it), is replayed and kept."""
         found = self.by_sig.get(failure.signature)
         if found is not None:
             found.count += 1
+            if size is not None and size < (found.schedule.preemptions, found.schedule.steps):
+                found.schedule, found.failure = self._witness(index, failure, choices, merged)
             return
+        schedule, kept = self._witness(index, failure, choices, merged)
+        found = FoundFailure(kept, schedule, 1, index)
+        self.by_sig[failure.signature] = found
+        self.report.failures.append(found)
+        if self.on_failure is not None:
+            self.on_failure(found)
+
+    def _witness(self, index: int, failure: Failure, choices: list[Any], merged: bool) -> tuple[Schedule, Failure]:
+        """Execution `index`'s schedule, replayed once to confirm it and count its preemptions."""
         prelude: list[list[Any]] = []
-        if failure.kind == "lockdep":
+        if merged:
+            # The executions whose lockdep edges close the cycle run first. (An execution that
+            # failed lockdep on its own did so with its own graph: it needs no prelude.)
             prelude = [
                 self.contributors[i]
                 for i in failure.evidence.get("executions", [])
@@ -124,11 +147,7 @@ class Merger:
         schedule = Schedule.from_execution(
             self.program, again, strategy=self.report.strategy, seed=self.spec.seed, execution=index, prelude=prelude
         )
-        found = FoundFailure(again.failure or failure, schedule, 1, index)
-        self.by_sig[failure.signature] = found
-        self.report.failures.append(found)
-        if self.on_failure is not None:
-            self.on_failure(found)
+        return schedule, again.failure or failure
 
 
 class Campaign:

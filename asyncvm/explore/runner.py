@@ -3,7 +3,8 @@
 Layout of a campaign folder::
 
     campaign.json            what was asked (spec, chunk size, asyncvm version)
-    ledger.jsonl             one line per merged chunk and per new failure, flushed and fsynced
+    ledger.jsonl             one line per merged chunk, per new failure and, at the end, per
+                             failure's final artifacts (see _run_into); each flushed and fsynced
     summary.json             written at the end
     <signature>/             one folder per distinct failure signature:
         schedule.json, schedule.shrunk.json, events.jsonl, trace.json, timeline.html
@@ -31,8 +32,12 @@ from ..runtime.failures import ToolError
 from .campaign import CampaignSpec, ChunkResult, FoundFailure, Report
 from .driver import CHUNK, Campaign
 from .engine import replay
-from .schedule import ScheduleError, write_atomic
-from .shrink import shrink
+from .schedule import Schedule, ScheduleError, write_atomic
+from .shrink import DEFAULT_ATTEMPTS, shrink
+
+#: The shrink attempts spent on a failure when it is found; once the campaign ends, its smallest
+#: witness gets the whole DEFAULT_ATTEMPTS.
+FOUND_ATTEMPTS = 100
 
 
 def slug(signature: str) -> str:
@@ -41,8 +46,11 @@ def slug(signature: str) -> str:
     return f"{base}-{hashlib.sha1(signature.encode()).hexdigest()[:8]}"
 
 
-def write_failure_artifacts(folder: Path, found: FoundFailure, fn: Any, *, do_shrink: bool = True) -> Path:
-    """schedule(.shrunk).json, events.jsonl, trace.json and timeline.html for one failure."""
+def write_failure_artifacts(
+    folder: Path, found: FoundFailure, fn: Any, *, do_shrink: bool = True, max_attempts: int = DEFAULT_ATTEMPTS
+) -> Path:
+    """schedule(.shrunk).json, events.jsonl, trace.json and timeline.html for one failure
+    (its smallest witness so far, and that shrunk within `max_attempts`: `found.shrunk`)."""
     from ..trace.chrome import chrome_trace
     from ..trace.log import render_jsonl
     from ..trace.timeline import timeline_html
@@ -52,7 +60,7 @@ def write_failure_artifacts(folder: Path, found: FoundFailure, fn: Any, *, do_sh
     shown = found.schedule
     if do_shrink:
         try:
-            shown = shrink(found.schedule, fn, max_attempts=400)
+            shown = found.shrunk = shrink(found.schedule, fn, max_attempts=max_attempts)
             shown.save(folder / "schedule.shrunk.json")
         except ToolError:  # shrinking is best effort: the found schedule still stands
             shown = found.schedule
@@ -254,24 +262,31 @@ def _run_into(
     if on_start is not None:
         on_start(folder)
     written: set[str] = set()
-    # A failure line is appended only after all of its artifacts were written, so a failure
-    # without one (the kill came while writing them) gets its artifacts written again.
-    complete = {
-        line.get("signature") for line in done_lines if isinstance(line, dict) and line.get("type") == "failure"
-    }
+    # What each signature's artifacts on disk show: (witness execution, final). A failure line is
+    # appended once the artifacts of a new signature are written (shrunk in FOUND_ATTEMPTS), so a
+    # failure without one (the kill came while writing them) gets them written again. When the
+    # campaign ends, each signature's artifacts are rewritten for its smallest witness, shrunk in
+    # full, and a witness line says so: a resumed campaign that ends the same way skips that.
+    on_disk: dict[str, tuple[int, bool]] = {}
+    for line in done_lines:
+        if isinstance(line, dict) and line.get("type") in ("failure", "witness"):
+            witness = int(line.get("witness", line.get("run")) or 0)
+            on_disk[str(line.get("signature"))] = (witness, line["type"] == "witness" or not do_shrink)
 
     def found_one(found: FoundFailure) -> None:
         target = folder / slug(found.signature)
         if found.signature not in written:
             written.add(found.signature)
-            if found.signature not in complete:
-                write_failure_artifacts(target, found, fn, do_shrink=do_shrink)
+            if found.signature not in on_disk:
+                write_failure_artifacts(target, found, fn, do_shrink=do_shrink, max_attempts=FOUND_ATTEMPTS)
+                on_disk[found.signature] = (found.schedule.execution, not do_shrink)
                 ledger.append(
                     {
                         "type": "failure",
                         "signature": found.signature,
                         "kind": found.kind,
                         "run": found.first_run,
+                        "witness": found.schedule.execution,
                         "message": found.message,
                         "dir": target.name,
                     }
@@ -279,8 +294,30 @@ def _run_into(
             if on_failure is not None:
                 on_failure(found, target)
 
+    def settle(found: FoundFailure) -> None:
+        """At the end: the artifacts show the campaign's smallest witness, shrunk in full."""
+        target = folder / slug(found.signature)
+        if on_disk.get(found.signature) != (found.schedule.execution, True):
+            write_failure_artifacts(target, found, fn, do_shrink=do_shrink)
+            on_disk[found.signature] = (found.schedule.execution, True)
+            ledger.append(
+                {
+                    "type": "witness",
+                    "signature": found.signature,
+                    "witness": found.schedule.execution,
+                    "preemptions": found.schedule.preemptions,
+                    "steps": found.schedule.steps,
+                    "dir": target.name,
+                }
+            )
+        elif found.shrunk is None and do_shrink and (target / "schedule.shrunk.json").is_file():
+            try:  # written by the session this one resumes
+                found.shrunk = Schedule.load(target / "schedule.shrunk.json")
+            except ScheduleError:
+                pass
+
     try:
-        return campaign.run(
+        report = campaign.run(
             done=_ledger_chunks(done_lines, ledger.path),
             on_chunk=lambda chunk: ledger.append(
                 {"type": "chunk", "chunk": chunk.to_json(), "elapsed": round(used + time.perf_counter() - t0, 3)}
@@ -288,6 +325,9 @@ def _run_into(
             on_failure=found_one,
             progress=on_progress,
         )
+        for found in report.failures:
+            settle(found)
+        return report
     except BrokenProcessPool as e:
         raise ToolError(
             f"a worker process died ({e}); the campaign so far is in {folder}: continue it with --resume {folder}"

@@ -25,7 +25,7 @@ def test_default_campaign_finds_and_shrinks_the_bug(name: str) -> None:
     shrunk = asyncvm.shrink(found.schedule, fn, max_attempts=300)
     assert shrunk.failure is not None and shrunk.failure.signature == found.signature
     # Fewer preemptions first, then fewer steps.
-    assert (shrunk.preemptions, len(shrunk.choices)) <= (found.schedule.preemptions, len(found.schedule.choices))
+    assert (shrunk.preemptions, shrunk.steps) <= (found.schedule.preemptions, found.schedule.steps)
     again = asyncvm.replay(shrunk, fn)
     assert again.failure is not None and again.failure.signature == found.signature
 

@@ -60,11 +60,20 @@ def test_failing_campaign_exits_1_with_artifacts(campaign: Campaign) -> None:
         assert schedule["format"] == "asyncvm-schedule"
         assert schedule["scenario"]["name"] == SCENARIO and schedule["scenario"]["params"]["pages"] == 8
         assert schedule["bugs"] == ["drop_invalidate_retry"] and schedule["seed"] == 1
-        assert schedule["execution"] == failure["first_run"]
+        # The schedule is the campaign's smallest witness of the signature, not necessarily its first.
+        assert schedule["execution"] == failure["witness_run"] and failure["first_run"] <= failure["witness_run"]
         assert schedule["failure"]["signature"] == failure["signature"]
         shrunk = campaign.schedule(failure, "schedule.shrunk.json")
         assert shrunk["failure"]["signature"] == failure["signature"]
-        assert shrunk["preemptions"] <= schedule["preemptions"]
+        assert (shrunk["preemptions"], shrunk["steps"]) <= (schedule["preemptions"], schedule["steps"])
+        # The summary and the output report both sizes, in preemptions and steps.
+        assert (failure["preemptions"], failure["steps"]) == (schedule["preemptions"], schedule["steps"])
+        minimal = shrunk["strategy"]["minimal"]
+        assert failure["shrunk"] == {"preemptions": shrunk["preemptions"], "steps": shrunk["steps"], "minimal": minimal}
+        assert (
+            f"{failure['signature']}: {schedule['preemptions']} preemptions, {schedule['steps']} steps "
+            f"(run {failure['witness_run']}); shrunk: {shrunk['preemptions']} preemptions, {shrunk['steps']} steps"
+        ) in campaign.proc.stdout
         events = [json.loads(line) for line in (d / "events.jsonl").read_text().splitlines()]
         assert events and all("event" in e and "step" in e for e in events)
         # The failure event stands at its own step (the failing task's cleanup may come after it).
@@ -85,7 +94,7 @@ def test_same_seed_same_failures_for_jobs_1_and_2(campaign: Campaign, tmp_path: 
         for name in ("schedule.json", "schedule.shrunk.json"):
             a, b = campaign.schedule(failure, name), two.schedule(failure, name)
             assert a["choices"] == b["choices"] and a["failure"] == b["failure"], (failure["signature"], name)
-            assert a["execution"] == b["execution"] == failure["first_run"]
+            assert a["execution"] == b["execution"] == failure["witness_run"]
 
 
 def test_stop_on_first_failure_without_shrink(campaign: Campaign, tmp_path: Path) -> None:

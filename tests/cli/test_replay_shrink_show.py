@@ -90,7 +90,9 @@ def test_replay_of_every_failure_and_its_shrunk_schedule(campaign: Campaign, tmp
         for name in ("schedule.json", "schedule.shrunk.json"):
             proc = run_cli("replay", campaign.dir(failure) / name, cwd=tmp_path)
             assert proc.returncode == 1, explain(proc)
-            assert "REPRODUCED" in proc.stdout and failure["message"].split(" (")[0][:20] in proc.stdout
+            # The same signature; a shrunk schedule may fail it in another task or page.
+            message = campaign.schedule(failure, name)["failure"]["message"]
+            assert "REPRODUCED" in proc.stdout and message.split(" (")[0][:20] in proc.stdout
 
 
 def test_replay_of_a_clean_schedule_exits_0(clean_schedule: Path, tmp_path: Path) -> None:
@@ -106,10 +108,15 @@ def test_shrink_writes_the_shrunk_schedule(campaign: Campaign, first_failure: di
     proc = run_cli("shrink", copy, cwd=tmp_path)
     assert proc.returncode == 0, explain(proc)
     shrunk_path = tmp_path / "found.shrunk.json"
-    assert str(shrunk_path.name) in proc.stdout and "preemptions" in proc.stdout
     shrunk = json.loads(shrunk_path.read_text())
     assert shrunk["failure"]["signature"] == original["failure"]["signature"]
-    assert (shrunk["preemptions"], len(shrunk["choices"])) <= (original["preemptions"], len(original["choices"]))
+    assert (shrunk["preemptions"], shrunk["steps"]) <= (original["preemptions"], original["steps"])
+    sizes = (
+        f"{original['preemptions']} -> {shrunk['preemptions']} preemptions, "
+        f"{original['steps']} -> {shrunk['steps']} steps"
+    )
+    assert proc.stdout.startswith(sizes) and str(shrunk_path.name) in proc.stdout, proc.stdout
+    assert ("(1-minimal)" if shrunk["strategy"]["minimal"] else "not 1-minimal") in proc.stdout
     # The campaign's own shrunk schedule is the same one.
     assert shrunk["choices"] == campaign.schedule(first_failure, "schedule.shrunk.json")["choices"]
     out = tmp_path / "elsewhere" / "small.json"
@@ -136,6 +143,18 @@ def test_show_prints_timeline_and_writes_html_and_trace(
     for task in schedule["tasks"]:
         assert task in proc.stdout
     assert "FAILURE" in proc.stdout and f"failure: {first_failure['kind']}" in proc.stdout
+    # Its size and its shrunk schedule's, as the summary reports them; the shrunk one names both.
+    shrunk = first_failure["shrunk"]
+    assert (
+        f"size: {schedule['preemptions']} preemptions, {schedule['steps']} steps; "
+        f"shrunk: {shrunk['preemptions']} preemptions, {shrunk['steps']} steps"
+    ) in proc.stdout
+    small = run_cli("show", campaign.dir(first_failure) / "schedule.shrunk.json", cwd=tmp_path)
+    assert small.returncode == 0, explain(small)
+    assert (
+        f"size: {shrunk['preemptions']} preemptions, {shrunk['steps']} steps, 1-minimal; "
+        f"shrunk from {schedule['preemptions']} preemptions, {schedule['steps']} steps"
+    ) in small.stdout
     page = html.read_text()
     assert 'id="failing-step"' in page and f"failing step {schedule['failure']['step']}" in page
     assert "<script src" not in page and "http://" not in page.replace("http://www.w3.org/2000/svg", "")
