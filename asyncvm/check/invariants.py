@@ -12,7 +12,6 @@ from __future__ import annotations
 import re
 import weakref
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +21,6 @@ from ..intervals import IntervalMap
 from ..kvm import trace as kvm_trace
 from ..runtime import traps
 from ..runtime.failures import Violation
-from ..runtime.tracepoint import Tracepoint
 from ..x86 import trace as x86_trace
 from ..x86.mmu.tdp_mmu import PAGES, Leaf
 from .registry import Registry, watched
@@ -332,33 +330,10 @@ def _on_create_vm(vm: Vm) -> None:
     ORACLES.add(vm, VmOracles(vm))
 
 
-def _probe(method: Callable[..., None]) -> Callable[..., None]:
-    """A probe on a tracepoint whose first argument is the VM: run `method` of its oracles."""
-
-    def probe(vm: Vm, *args: Any) -> None:
-        oracles = ORACLES.get(vm)
-        if oracles is not None:
-            method(oracles, *args)
-
-    return probe
-
-
-def _on_fault_snapshot(vcpu: Vcpu, fault: KvmPageFault) -> None:
-    oracles = ORACLES.get(vcpu.vm)
-    if oracles is not None:
-        oracles.fault_snapshot(fault)
-
-
 def _on_set_spte(vcpu: Vcpu, fault: KvmPageFault, root: Root, level: int, base: int, leaf: Leaf) -> None:
     oracles = ORACLES.get(vcpu.vm)
     if oracles is not None:
         oracles.check_install(vcpu, fault, root, base, PAGES[level], leaf)
-
-
-def _on_page_free(allocator: Any, folio: Any) -> None:
-    for vm, oracles in ORACLES.items():
-        if vm.kvm.allocator is allocator:
-            oracles.page_freed(folio)
 
 
 def _on_spte_changed(vm: Vm, root: Root, level: int, gfn: int, old: Any, new: Any) -> None:
@@ -368,30 +343,24 @@ def _on_spte_changed(vm: Vm, root: Root, level: int, gfn: int, old: Any, new: An
             oracles.spte_changed(root, gfn, PAGES[level], new)
 
 
-_attached = False
-
-
 def attach() -> None:
-    """Register the probes once: every VM created from then on is watched."""
-    global _attached
-    if _attached:
-        return
-    _attached = True
-    probes: list[tuple[Tracepoint, Callable[..., None]]] = [
-        (kvm_trace.trace_kvm_create_vm, _on_create_vm),
-        (kvm_trace.trace_kvm_unmap_hva_range, _probe(lambda o, s, e: o.announce("mmu_notifier"))),
-        (kvm_trace.trace_kvm_gmem_invalidate, _probe(lambda o, s, e: o.announce("guest_memfd"))),
-        (kvm_trace.trace_kvm_vm_set_mem_attributes, _probe(lambda o, s, e, a: o.announce("set_memory_attributes"))),
-        (kvm_trace.trace_kvm_mmu_invalidate_begin, _probe(VmOracles.invalidate_begin)),
-        (kvm_trace.trace_kvm_mmu_invalidate_range_add, _probe(VmOracles.invalidate_range_add)),
-        (kvm_trace.trace_kvm_mmu_invalidate_end, _probe(VmOracles.invalidate_end)),
-        (kvm_trace.trace_kvm_gmem_populate, _probe(VmOracles.populate)),
-        (kvm_trace.trace_kvm_vm_bugged, _probe(VmOracles.kvm_bug)),
-        (kvm_trace.trace_kvm_warn, _probe(VmOracles.warn)),
-        (x86_trace.trace_kvm_mmu_fault_snapshot, _on_fault_snapshot),
-        (x86_trace.trace_kvm_mmu_set_spte, _on_set_spte),
-        (x86_trace.trace_kvm_tdp_mmu_spte_changed, _on_spte_changed),
-        (trace_mm_page_free, _on_page_free),
-    ]
-    for tracepoint, probe in probes:
-        tracepoint.register(probe)
+    """Register the memory-model oracles' probes (once)."""
+    probe = ORACLES.probe
+    ORACLES.attach(
+        [
+            (kvm_trace.trace_kvm_create_vm, _on_create_vm),
+            (kvm_trace.trace_kvm_unmap_hva_range, probe(lambda o, s, e: o.announce("mmu_notifier"))),
+            (kvm_trace.trace_kvm_gmem_invalidate, probe(lambda o, s, e: o.announce("guest_memfd"))),
+            (kvm_trace.trace_kvm_vm_set_mem_attributes, probe(lambda o, s, e, a: o.announce("set_memory_attributes"))),
+            (kvm_trace.trace_kvm_mmu_invalidate_begin, probe(VmOracles.invalidate_begin)),
+            (kvm_trace.trace_kvm_mmu_invalidate_range_add, probe(VmOracles.invalidate_range_add)),
+            (kvm_trace.trace_kvm_mmu_invalidate_end, probe(VmOracles.invalidate_end)),
+            (kvm_trace.trace_kvm_gmem_populate, probe(VmOracles.populate)),
+            (kvm_trace.trace_kvm_vm_bugged, probe(VmOracles.kvm_bug)),
+            (kvm_trace.trace_kvm_warn, probe(VmOracles.warn)),
+            (x86_trace.trace_kvm_mmu_fault_snapshot, ORACLES.vcpu_probe(VmOracles.fault_snapshot)),
+            (x86_trace.trace_kvm_mmu_set_spte, _on_set_spte),
+            (x86_trace.trace_kvm_tdp_mmu_spte_changed, _on_spte_changed),
+            (trace_mm_page_free, ORACLES.page_free_probe(VmOracles.page_freed)),
+        ]
+    )

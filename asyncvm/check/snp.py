@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..host.pages import Folio, PageAllocator, trace_mm_page_free
+from ..host.pages import Folio, trace_mm_page_free
 from ..kvm import trace as kvm_trace
 from ..runtime import traps
 from ..runtime.failures import Violation
@@ -18,7 +18,6 @@ from ..x86.sev.snp import sev_snp_guest, to_kvm_sev
 from .registry import Registry, watched
 
 if TYPE_CHECKING:
-    from ..kvm.vcpu import Vcpu
     from ..kvm.vm import Vm
 
 
@@ -86,34 +85,13 @@ def _on_create_vm(vm: Vm) -> None:
         ORACLES.add(vm, SnpOracles(vm))
 
 
-def _on_guest_access(vcpu: Vcpu, gfn: int, pfn: int, private: bool) -> None:
-    oracles = ORACLES.get(vcpu.vm)
-    if oracles is not None:
-        oracles.guest_access(gfn, pfn, private)
-
-
-def _on_prepare(vm: Vm, pfn: int, gfn: int) -> None:
-    oracles = ORACLES.get(vm)
-    if oracles is not None:
-        oracles.prepare(pfn, gfn)
-
-
-def _on_page_free(allocator: PageAllocator, folio: Folio) -> None:
-    for vm, oracles in ORACLES.items():
-        if vm.kvm.allocator is allocator:
-            oracles.page_freed(folio)
-
-
-_attached = False
-
-
 def attach() -> None:
-    """Register the probes once: every SNP guest created from then on is watched."""
-    global _attached
-    if _attached:
-        return
-    _attached = True
-    kvm_trace.trace_kvm_create_vm.register(_on_create_vm)
-    x86_trace.trace_kvm_guest_access.register(_on_guest_access)
-    x86_trace.trace_sev_gmem_prepare.register(_on_prepare)
-    trace_mm_page_free.register(_on_page_free)
+    """Register the SNP oracles' probes (once)."""
+    ORACLES.attach(
+        [
+            (kvm_trace.trace_kvm_create_vm, _on_create_vm),
+            (x86_trace.trace_kvm_guest_access, ORACLES.vcpu_probe(SnpOracles.guest_access)),
+            (x86_trace.trace_sev_gmem_prepare, ORACLES.probe(SnpOracles.prepare)),
+            (trace_mm_page_free, ORACLES.page_free_probe(SnpOracles.page_freed)),
+        ]
+    )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..host.pages import Folio, PageAllocator, trace_mm_page_free
+from ..host.pages import Folio, trace_mm_page_free
 from ..kvm import trace as kvm_trace
 from ..runtime import traps
 from ..runtime.failures import Violation
@@ -136,48 +136,15 @@ def _on_create_vm(vm: Vm) -> None:
         ORACLES.add(vm, TdxOracles(vm))
 
 
-def _on_populate(vm: Vm, gfn: int) -> None:
-    oracles = ORACLES.get(vm)
-    if oracles is not None:
-        oracles.populate(gfn)
-
-
-def _on_populated(vm: Vm, gfn: int, pfn: int, r: int) -> None:
-    oracles = ORACLES.get(vm)
-    if oracles is not None:
-        oracles.populated_one(gfn, pfn, r)
-
-
-def _on_init_mem_region_page(vm: Vm, gfn: int) -> None:
-    oracles = ORACLES.get(vm)
-    if oracles is not None:
-        oracles.init_mem_region_page(gfn)
-
-
-def _on_sept_set_private_spte(vm: Vm, gfn: int, level: int, pfn: int) -> None:
-    oracles = ORACLES.get(vm)
-    if oracles is not None:
-        oracles.private_leaf_before_finalize(gfn, level, pfn)
-
-
-def _on_page_free(allocator: PageAllocator, folio: Folio) -> None:
-    for vm, oracles in ORACLES.items():
-        if vm.kvm.allocator is allocator:
-            oracles.page_freed(folio)
-
-
-_attached = False
-
-
 def attach() -> None:
-    """Register the probes once: every TD created from then on is watched."""
-    global _attached
-    if _attached:
-        return
-    _attached = True
-    kvm_trace.trace_kvm_create_vm.register(_on_create_vm)
-    kvm_trace.trace_kvm_gmem_populate.register(_on_populate)
-    kvm_trace.trace_kvm_gmem_populated.register(_on_populated)
-    x86_trace.trace_tdx_init_mem_region_page.register(_on_init_mem_region_page)
-    x86_trace.trace_tdx_sept_set_private_spte.register(_on_sept_set_private_spte)
-    trace_mm_page_free.register(_on_page_free)
+    """Register the TDX oracles' probes (once)."""
+    ORACLES.attach(
+        [
+            (kvm_trace.trace_kvm_create_vm, _on_create_vm),
+            (kvm_trace.trace_kvm_gmem_populate, ORACLES.probe(TdxOracles.populate)),
+            (kvm_trace.trace_kvm_gmem_populated, ORACLES.probe(TdxOracles.populated_one)),
+            (x86_trace.trace_tdx_init_mem_region_page, ORACLES.probe(TdxOracles.init_mem_region_page)),
+            (x86_trace.trace_tdx_sept_set_private_spte, ORACLES.probe(TdxOracles.private_leaf_before_finalize)),
+            (trace_mm_page_free, ORACLES.page_free_probe(TdxOracles.page_freed)),
+        ]
+    )
