@@ -15,10 +15,18 @@ Sources followed (values checked against the headers, not copied from them):
 - ``include/linux/kvm_host.h`` and ``arch/x86/include/asm/kvm_host.h`` for the few
   kernel-internal limits userspace can observe (memslots, pages per slot, vCPUs).
 
-The structs check Python types only (ints are ints, byte arrays are bytes). Semantic
-checks (alignment, flags, overflow) belong to the ioctl implementations, which report
-them as the kernel does: by raising :class:`KvmError` with the kernel's errno. Numbers
-are plain Python ints; C ``u64`` wrap-around is modelled explicitly with :func:`u64`.
+The structs check Python types only, on construction: an int field takes an int (a bool
+or an ``IntEnum`` is stored as the plain int it is), a byte array takes bytes, an embedded
+struct takes that struct; anything else is a ``TypeError`` naming the struct and field.
+Semantic checks (alignment, flags, overflow) belong to the ioctl implementations, which
+report them as the kernel does: by raising :class:`KvmError` with the kernel's errno.
+Numbers are plain Python ints and are not range-checked: the kernel sees the value a C
+``__u64``/``__u32`` field would hold, so an ioctl reads a negative or too-large int modulo
+``2**64`` (``2**32``), with :func:`u64`/:func:`u32`, as ``copy_from_user()`` of the C
+struct would give it (``-4096`` is ``2**64 - 4096``, which then wraps or fails alignment).
+The ioctl methods check what they are handed the same way: the wrong struct, a tuple or
+a float where an int belongs is a ``TypeError`` naming the struct or argument expected
+(:func:`check_struct`, :func:`check_int`), raised before any lock is taken.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import errno as _errno
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 # --------------------------------------------------------------------------------------
 # errno values and KvmError
@@ -456,12 +464,15 @@ def exit_reason_name(reason: int) -> str:
 # --------------------------------------------------------------------------------------
 
 _Check = Callable[[object, str, object], object]
+_S = TypeVar("_S")
 
 
 def _as_int(owner: object, name: str, value: object) -> object:
     if not isinstance(value, int):
         raise TypeError(f"{type(owner).__name__}.{name} must be an int, not {type(value).__name__}")
-    return value
+    # A bool or IntEnum is the int it stands for, as C would copy it; store that, so logs,
+    # schedule files and equality see one spelling.
+    return int(value)
 
 
 def _as_bytes(owner: object, name: str, value: object) -> object:
@@ -486,6 +497,60 @@ _CHECKS_BY_TYPE: Final[dict[str, _Check]] = {
 _CHECK_CACHE: dict[type, tuple[tuple[str, _Check], ...]] = {}
 
 
+def _struct_field_check(annotation: str) -> _Check | None:
+    """The check of a field whose type is another uAPI struct (``Cpuid2``) or a list of them."""
+    inner = annotation[5:-1] if annotation.startswith("list[") else annotation
+    cls = globals().get(inner)
+    if not (isinstance(cls, type) and issubclass(cls, _UapiStruct)):
+        return None
+    want: type = cls
+    if inner is annotation:
+
+        def as_struct(owner: object, name: str, value: object) -> object:
+            if not isinstance(value, want):
+                raise TypeError(f"{type(owner).__name__}.{name} must be a {want.__name__}, not {type(value).__name__}")
+            return value
+
+        return as_struct
+
+    def as_struct_list(owner: object, name: str, value: object) -> object:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, want) for v in value):
+            raise TypeError(f"{type(owner).__name__}.{name} must be a list of {want.__name__}, not {value!r}")
+        return list(value)
+
+    return as_struct_list
+
+
+def _field_checks(cls: type) -> tuple[tuple[str, _Check], ...]:
+    """The precomputed (field name, check) table of a struct class, built on first use."""
+    checks = []
+    for f in dataclasses.fields(cls):
+        annotation = str(f.type)
+        check = _CHECKS_BY_TYPE.get(annotation) or _struct_field_check(annotation)
+        if check is not None:
+            checks.append((f.name, check))
+    table = tuple(checks)
+    _CHECK_CACHE[cls] = table
+    return table
+
+
+def check_struct(value: Any, cls: type[_S], call: str) -> _S:
+    """`value` if it is a `cls` struct, else the ``TypeError`` an ioctl method raises for it
+    (a tuple or another struct handed to ``call``)."""
+    if isinstance(value, cls):
+        return value
+    raise TypeError(f"{call}() needs a uapi.{cls.__name__}, not {type(value).__name__}")
+
+
+def check_int(value: Any, name: str, call: str) -> int:
+    """`value` as a plain int, or the ``TypeError`` naming argument `name` of ``call``."""
+    if type(value) is int:
+        return value
+    if isinstance(value, int):
+        return int(value)
+    raise TypeError(f"{call}() argument {name!r} must be an int, not {type(value).__name__}")
+
+
 class _UapiStruct:
     """Base of the uAPI dataclasses: checks and normalises field types after init."""
 
@@ -495,12 +560,7 @@ class _UapiStruct:
         cls = type(self)
         checks = _CHECK_CACHE.get(cls)
         if checks is None:
-            checks = tuple(
-                (f.name, _CHECKS_BY_TYPE[str(f.type)])
-                for f in dataclasses.fields(self)  # type: ignore[arg-type]
-                if str(f.type) in _CHECKS_BY_TYPE
-            )
-            _CHECK_CACHE[cls] = checks
+            checks = _field_checks(cls)
         for name, check in checks:
             value = getattr(self, name)
             if check is _as_int and type(value) is int:

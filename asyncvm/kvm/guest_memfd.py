@@ -6,6 +6,13 @@ bindings (page offset -> memslot). Everything that changes which memslot a page 
 to, or frees a page, holds the inode's ``invalidate_lock`` for write; allocation holds it for
 read; faults (``kvm_gmem_get_pfn``) hold neither it nor ``mmu_lock`` and rely on the
 invalidation sequence instead.
+
+Since 6.18 a guest_memfd created with ``GUEST_MEMFD_FLAG_MMAP`` can be mapped by the VMM
+(``kvm.mm.mmap(length, fd=gmem, shared=True)``); with ``GUEST_MEMFD_FLAG_INIT_SHARED`` its pages
+are shared with the host, so host faults get them (``kvm_gmem_fault_user_mapping``), a memslot
+bound to it is "guest_memfd only" (shared guest faults resolve through the file too), and
+truncation unmaps the host mappings before the page leaves the cache. The in-place conversion
+design profile adds per-page shareability in the inode and conversion through the file.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from .. import uapi
+from ..host.mm import Mm, Vma, VmFaultSigbus
 from ..host.pages import Folio
 from ..intervals import IntervalMap
 from ..runtime import traps
@@ -25,12 +33,20 @@ from ..uapi import PAGE_SHIFT, KvmError
 from .attributes import kvm_range_has_memory_attributes
 from .invalidate import (
     KVM_FILTER_PRIVATE,
+    KVM_FILTER_SHARED,
     GfnRange,
     kvm_mmu_invalidate_begin,
     kvm_mmu_invalidate_end,
     kvm_mmu_unmap_gfn_range,
 )
-from .trace import WARN, trace_kvm_gmem_invalidate, trace_kvm_gmem_populate, trace_kvm_gmem_populated
+from .trace import (
+    WARN,
+    trace_kvm_gmem_invalidate,
+    trace_kvm_gmem_populate,
+    trace_kvm_gmem_populated,
+    trace_kvm_gmem_set_attributes,
+    trace_kvm_gmem_truncate_folio,
+)
 
 if TYPE_CHECKING:
     from .memslots import Memslot
@@ -46,6 +62,9 @@ FALLOC_FL_MODE_MASK = (
     | uapi.FALLOC_FL_WRITE_ZEROES
 )
 MAX_LFS_FILESIZE = (1 << 63) - 1
+#: include/linux/kvm_host.h: KVM_MEMSLOT_GMEM_ONLY (6.18): the slot's memory, shared included,
+#: comes from its guest_memfd (set by kvm_gmem_bind() when the file supports mmap)
+KVM_MEMSLOT_GMEM_ONLY = 1 << 17
 
 PostPopulate = Callable[["Vm", int, int, "int | None", int, Any], Awaitable[int]]
 
@@ -59,6 +78,11 @@ class GmemInode:
         self.folios: IntervalMap[Folio] = IntervalMap()
         self.invalidate_lock = RWSem("mapping->invalidate_lock")
         self.files: list[GuestMemfd] = []
+        #: mapping->i_mmap: (mm, vma) of every host mapping of this inode
+        self.i_mmap: list[tuple[Mm, Vma]] = []
+        #: [design gmem-inplace-conversion] per-page shareability (page offset -> True if shared);
+        #: None in the kernel profiles, where INIT_SHARED alone says whether the host may fault
+        self.shared: IntervalMap[bool] | None = None
 
 
 class GuestMemfd:
@@ -109,6 +133,9 @@ class GuestMemfd:
 
         The syscall takes an int mode and loff_t offset/len: Python ints are narrowed as C would.
         """
+        mode = uapi.check_int(mode, "mode", "gmem.fallocate")
+        offset = uapi.check_int(offset, "offset", "gmem.fallocate")
+        len = uapi.check_int(len, "len", "gmem.fallocate")
         await kvm_gmem_fallocate(self, uapi.s32(mode), uapi.s64(offset), uapi.s64(len))
 
     def read(self, length: int, offset: int = 0) -> bytes:
@@ -122,9 +149,27 @@ class GuestMemfd:
     pread = read
     pwrite = write
 
-    def mmap(self, length: int, offset: int = 0) -> int:
-        """mmap(): only files created with GUEST_MEMFD_FLAG_MMAP (not modeled) can be mapped."""
-        raise KvmError(uapi.ENODEV, "guest_memfd was not created with GUEST_MEMFD_FLAG_MMAP")
+    def mmap(self, length: int, offset: int = 0, shared: bool = True) -> int:
+        """mmap(fd) into the VMM's address space (``kvm.mm.mmap(length, fd=self, ...)``)."""
+        return self.vm.kvm.mm.mmap(length, fd=self, offset=offset, shared=shared)
+
+    # -- what the host mm calls (host/mm.py: MappableFile) ---------------------------------
+    @property
+    def i_mmap(self) -> list[tuple[Mm, Vma]]:
+        return self.inode.i_mmap
+
+    def mmap_check(self, shared: bool) -> None:
+        """virt/kvm/guest_memfd.c: kvm_gmem_mmap() (6.18)."""
+        kvm_gmem_mmap(self, shared)
+
+    async def fault_user_mapping(self, pgoff: int, write: bool) -> Folio:
+        """vm_ops->fault: kvm_gmem_fault_user_mapping()."""
+        return await kvm_gmem_fault_user_mapping(self, pgoff)
+
+    async def set_memory_attributes2(self, attrs: uapi.MemoryAttributes2) -> None:
+        """KVM_SET_MEMORY_ATTRIBUTES2 on the guest_memfd ([design gmem-inplace-conversion] only):
+        convert [offset, offset + size) of the file; on -EAGAIN ``attrs.error_offset`` says where."""
+        await kvm_gmem_set_attributes(self, attrs)
 
     def truncate(self, size: int) -> None:
         """ftruncate()/setattr: kvm_gmem_setattr() refuses any size change."""
@@ -141,18 +186,100 @@ class GuestMemfd:
 # -- creation and binding --------------------------------------------------------------------
 
 
+def kvm_arch_supports_gmem_init_shared(vm: Vm) -> bool:
+    """arch/x86/kvm/x86.c: kvm_arch_supports_gmem_init_shared() (6.18): not for a VM with private
+    memory, whose shared/private state lives in the VM's attributes; [design
+    gmem-inplace-conversion] yes, shareability then lives in guest_memfd.
+
+    x86 implements it from kvm_arch_has_private_mem(), which generic code reaches through its slot.
+    """
+    return vm.profile.gmem_in_place_conversion or not vm.ops.has_private_mem(vm)
+
+
+def kvm_gmem_get_supported_flags(vm: Vm | None, supported: int) -> int:
+    """include/linux/kvm_host.h: kvm_gmem_get_supported_flags() (6.18): MMAP always, INIT_SHARED
+    where the arch supports it (always for /dev/kvm, vm None); `supported` is what the profile's
+    kernel knows at all (0 before 6.18)."""
+    flags = supported & uapi.GUEST_MEMFD_FLAG_MMAP
+    if vm is None or kvm_arch_supports_gmem_init_shared(vm):
+        flags |= supported & uapi.GUEST_MEMFD_FLAG_INIT_SHARED
+    return flags
+
+
 def kvm_gmem_create(vm: Vm, args: uapi.CreateGuestMemfd) -> GuestMemfd:
-    """virt/kvm/guest_memfd.c: kvm_gmem_create() (6.8+; flags per profile).
+    """virt/kvm/guest_memfd.c: kvm_gmem_create() (6.8+; flags per profile and VM type, 6.18).
 
     flags is the __u64 field; size is read into a loff_t, so a size with bit 63 set is negative.
     """
-    supported = vm.profile.gmem_supported_flags
+    supported = kvm_gmem_get_supported_flags(vm, vm.profile.gmem_supported_flags)
     flags, size = uapi.u64(args.flags), uapi.s64(args.size)
     if flags & ~supported:
         raise KvmError(uapi.EINVAL, f"unsupported guest_memfd flags {flags:#x}")
     if size <= 0 or size % uapi.PAGE_SIZE:
         raise KvmError(uapi.EINVAL, "guest_memfd size must be a positive multiple of the page size")
-    return GuestMemfd(vm, GmemInode(size, flags))
+    inode = GmemInode(size, flags)
+    if vm.profile.gmem_in_place_conversion:
+        # [design] kvm_gmem_init_inode(): every page starts as INIT_SHARED says
+        inode.shared = IntervalMap()
+        inode.shared.assign(0, size >> PAGE_SHIFT, bool(flags & uapi.GUEST_MEMFD_FLAG_INIT_SHARED))
+    return GuestMemfd(vm, inode)
+
+
+def kvm_gmem_mmap(file: GuestMemfd, shared: bool) -> None:
+    """virt/kvm/guest_memfd.c: kvm_gmem_mmap() (6.18): -ENODEV without GUEST_MEMFD_FLAG_MMAP,
+    -EINVAL unless the mapping is MAP_SHARED (no copy-on-write copies of guest memory)."""
+    if not file.inode.flags & uapi.GUEST_MEMFD_FLAG_MMAP:
+        raise KvmError(uapi.ENODEV, "guest_memfd was not created with GUEST_MEMFD_FLAG_MMAP")
+    if not shared:
+        raise KvmError(uapi.EINVAL, "guest_memfd can only be mapped MAP_SHARED")
+
+
+def kvm_gmem_is_shared_mem(inode: GmemInode, index: int) -> bool:
+    """May the host fault page `index`? [6.18] iff the file is INIT_SHARED; [design
+    gmem-inplace-conversion] per the page's shareability."""
+    if inode.shared is not None:
+        return bool(inode.shared.get(index))
+    return bool(inode.flags & uapi.GUEST_MEMFD_FLAG_INIT_SHARED)
+
+
+async def kvm_gmem_fault_user_mapping(file: GuestMemfd, index: int) -> Folio:
+    """virt/kvm/guest_memfd.c: kvm_gmem_fault_user_mapping() (6.18; [design] shareability under
+    the invalidate lock): SIGBUS beyond the size or on memory not shared with the host, else the
+    folio, zeroed if new, returned locked with a reference for the PTE (VM_FAULT_LOCKED)."""
+    inode = file.inode
+    vm = file.vm
+    if index << PAGE_SHIFT >= inode.size:
+        raise VmFaultSigbus(f"guest_memfd page {index:#x} is beyond the file size {inode.size:#x}")
+    bugs = vm.bugs
+    if inode.shared is not None and vm.profile.gmem_fault_takes_invalidate_lock:
+        lock = inode.invalidate_lock
+        if "gmem_fault_skips_invalidate_lock" in bugs:
+            # bug: shareability read with no lock; a conversion can pass between check and map
+            await traps.point(lock)
+            shared = kvm_gmem_is_shared_mem(inode, index)
+            await traps.point(lock)
+            if not shared:
+                raise VmFaultSigbus(f"guest_memfd page {index:#x} is private")
+            folio = await kvm_gmem_get_folio(vm, inode, index)
+        else:
+            await lock.down_read()
+            try:
+                if not kvm_gmem_is_shared_mem(inode, index):
+                    raise VmFaultSigbus(f"guest_memfd page {index:#x} is private")
+                folio = await kvm_gmem_get_folio(vm, inode, index)
+            finally:
+                await lock.up_read()
+    else:
+        if not kvm_gmem_is_shared_mem(inode, index) and "gmem_fault_ignores_init_shared" not in bugs:
+            raise VmFaultSigbus(f"guest_memfd page {index:#x} is not shared with the host")
+        folio = await kvm_gmem_get_folio(vm, inode, index)
+    if not folio.uptodate:
+        folio.zero()
+        folio.uptodate = True
+    if "gmem_fault_unlocks_early" in bugs:
+        # bug: the folio is unlocked before the PTE is set, so truncation can remove it first
+        await folio_unlock(folio)
+    return folio
 
 
 async def kvm_gmem_bind(vm: Vm, slot: Memslot, fd: object, offset: int) -> None:
@@ -178,6 +305,8 @@ async def kvm_gmem_bind(vm: Vm, slot: Memslot, fd: object, offset: int) -> None:
                 raise KvmError(getattr(uapi, vm.profile.gmem_bind_overlap_errno), "guest_memfd range already bound")
             slot.gmem_file = file
             slot.gmem_pgoff = start
+            if file.inode.flags & uapi.GUEST_MEMFD_FLAG_MMAP:
+                slot.flags |= KVM_MEMSLOT_GMEM_ONLY
             file.bindings.assign(start, end, slot)
         finally:
             await file.inode.invalidate_lock.up_write()
@@ -201,8 +330,19 @@ async def kvm_gmem_unbind(slot: Memslot) -> None:
 # -- invalidation ----------------------------------------------------------------------------
 
 
+def kvm_gmem_get_invalidate_filter(inode: GmemInode) -> int:
+    """virt/kvm/guest_memfd.c: kvm_gmem_get_invalidate_filter() (6.18): an INIT_SHARED file's pages
+    are mapped shared; [design gmem-inplace-conversion] either kind may be mapped."""
+    if inode.shared is not None:
+        return KVM_FILTER_SHARED | KVM_FILTER_PRIVATE
+    if inode.flags & uapi.GUEST_MEMFD_FLAG_INIT_SHARED:
+        return KVM_FILTER_SHARED
+    return KVM_FILTER_PRIVATE
+
+
 async def kvm_gmem_invalidate_begin(inode: GmemInode, start: int, end: int) -> None:
     """virt/kvm/guest_memfd.c: kvm_gmem_invalidate_begin() (6.8+): begin per VM with bindings in range."""
+    attr_filter = kvm_gmem_get_invalidate_filter(inode) if inode.flags else KVM_FILTER_PRIVATE
     for file in inode.files:
         vm = file.vm
         found = False
@@ -215,7 +355,7 @@ async def kvm_gmem_invalidate_begin(inode: GmemInode, start: int, end: int) -> N
                 await vm.mmu_lock.write_lock()
                 kvm_mmu_invalidate_begin(vm)
             gfn0 = slot.base_gfn + s - slot.gmem_pgoff
-            flush |= await kvm_mmu_unmap_gfn_range(vm, GfnRange(gfn0, gfn0 + (e - s), slot, KVM_FILTER_PRIVATE, True))
+            flush |= await kvm_mmu_unmap_gfn_range(vm, GfnRange(gfn0, gfn0 + (e - s), slot, attr_filter, True))
         if found:
             if flush:
                 vm.ops.flush_remote_tlbs(vm)
@@ -236,14 +376,29 @@ async def truncate_inode_pages_range(inode: GmemInode, vm: Vm, start: int, end: 
     """mm/truncate.c: truncate_inode_pages_range(): each folio leaves the page cache under its
     folio lock (so never while kvm_gmem_get_pfn() is preparing it), then loses the cache's ref."""
     victims = [(s, e, f) for s, e, f in inode.folios.overlaps(start, end)]
+    mapped = bool(inode.i_mmap)
     for s, e, folio in victims:
         await folio.lock.lock()
         if inode.folios.get(s) is folio:
+            if mapped and "punch_hole_skips_unmap_mapping" not in vm.bugs:
+                # truncate_inode_folio() -> unmap_mapping_folio(): host PTEs go first
+                await unmap_mapping_pages(inode, s, e)
             inode.folios.clear(s, e)
             traps.emit("folio_truncate", None, index=s, pfn=folio.pfn)
+            if mapped:
+                trace_kvm_gmem_truncate_folio(inode, s, folio)
         await folio.lock.unlock()
         vm.kvm.allocator.put(folio)
     return len(victims)
+
+
+async def unmap_mapping_pages(inode: GmemInode, start: int, end: int) -> int:
+    """mm/memory.c: unmap_mapping_pages(): zap every host PTE of file pages [start, end), in every
+    mm that maps the file (each zap fires that mm's MMU notifiers); returns the pages zapped."""
+    n = 0
+    for mm, vma in list(inode.i_mmap):
+        n += await mm.unmap_file_range(vma, start, end)
+    return n
 
 
 # -- fallocate -------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ class Kvm:
 
     def check_extension(self, cap: int) -> int:
         """KVM_CHECK_EXTENSION on /dev/kvm."""
+        cap = uapi.check_int(cap, "cap", "kvm.check_extension")
         if cap == uapi.KVM_CAP_VM_TYPES:
             return sum(1 << t for t in self.ops.vm_types)
         if cap in (uapi.KVM_CAP_PRE_FAULT_MEMORY, uapi.KVM_CAP_USER_MEMORY2, uapi.KVM_CAP_GUEST_MEMFD):
@@ -47,6 +48,7 @@ class Kvm:
 
     async def create_vm(self, vm_type: int = uapi.KVM_X86_DEFAULT_VM) -> Vm:
         """KVM_CREATE_VM: unsupported types are -EINVAL, as kvm_arch_init_vm() says."""
+        vm_type = uapi.check_int(vm_type, "vm_type", "kvm.create_vm")
         if vm_type not in self.ops.vm_types:
             raise KvmError(uapi.EINVAL, f"VM type {vm_type} is not supported")
         vm = Vm(self, vm_type, len(self.vms))

@@ -84,6 +84,7 @@ class Vcpu:
 
     async def pre_fault_memory(self, r: uapi.PreFaultMemory) -> None:
         """KVM_PRE_FAULT_MEMORY: updates r.gpa/r.size in place; raises KvmError like the ioctl's -errno."""
+        uapi.check_struct(r, uapi.PreFaultMemory, "vcpu.pre_fault_memory")
         await self._ioctl_enter()
         try:
             ret = await kvm_vcpu_pre_fault_memory(self, r)
@@ -130,10 +131,12 @@ class Vcpu:
 
     async def tdx_init_mem_region(self, region: uapi.TdxInitMemRegion, flags: int = 0) -> None:
         """KVM_TDX_INIT_MEM_REGION: `region` advances past the pages done, even on error."""
+        uapi.check_struct(region, uapi.TdxInitMemRegion, "vcpu.tdx_init_mem_region")
         await self._mem_enc_op(uapi.TdxCmd(uapi.KVM_TDX_INIT_MEM_REGION, flags), region)
 
     async def tdx_get_cpuid(self, cpuid: uapi.Cpuid2) -> None:
         """KVM_TDX_GET_CPUID"""
+        uapi.check_struct(cpuid, uapi.Cpuid2, "vcpu.tdx_get_cpuid")
         await self._mem_enc_op(uapi.TdxCmd(uapi.KVM_TDX_GET_CPUID), cpuid)
 
 

@@ -134,6 +134,7 @@ class Vm:
     # -- VM ioctls ------------------------------------------------------------------------
     def check_extension(self, cap: int) -> int:
         """KVM_CHECK_EXTENSION on the VM fd (the capabilities the model implements)."""
+        cap = uapi.check_int(cap, "cap", "vm.check_extension")
         if cap == uapi.KVM_CAP_MEMORY_ATTRIBUTES:
             return attrs_mod.kvm_supported_mem_attributes(self)
         if cap == uapi.KVM_CAP_GUEST_MEMFD:
@@ -154,6 +155,7 @@ class Vm:
         """KVM_CREATE_VCPU: virt/kvm/kvm_main.c: kvm_vm_ioctl_create_vcpu() (6.8+)."""
         from .vcpu import Vcpu
 
+        vcpu_id = uapi.check_int(vcpu_id, "vcpu_id", "vm.create_vcpu")
         self.check_alive()
         if vcpu_id < 0 or vcpu_id >= KVM_MAX_VCPU_IDS:
             raise KvmError(uapi.EINVAL, f"vcpu id {vcpu_id} out of range")
@@ -183,22 +185,26 @@ class Vm:
         self, args: uapi.CreateGuestMemfd | None = None, *, size: int | None = None, flags: int = 0
     ) -> GuestMemfd:
         """KVM_CREATE_GUEST_MEMFD: returns the guest_memfd file (what the fd refers to)."""
-        self.check_alive()
         if args is None:
             if size is None:
-                raise TypeError("create_guest_memfd() needs a CreateGuestMemfd or size=")
+                raise TypeError("vm.create_guest_memfd() needs a uapi.CreateGuestMemfd or size=")
             args = uapi.CreateGuestMemfd(size, flags)
+        else:
+            uapi.check_struct(args, uapi.CreateGuestMemfd, "vm.create_guest_memfd")
+        self.check_alive()
         file = kvm_gmem_create(self, args)
         await traps.point(self)
         return file
 
     async def set_memory_attributes(self, attrs: uapi.MemoryAttributes) -> None:
         """KVM_SET_MEMORY_ATTRIBUTES"""
+        uapi.check_struct(attrs, uapi.MemoryAttributes, "vm.set_memory_attributes")
         self.check_alive()
         await attrs_mod.kvm_vm_ioctl_set_mem_attributes(self, attrs)
 
     async def set_user_memory_region(self, region: uapi.UserspaceMemoryRegion) -> None:
         """KVM_SET_USER_MEMORY_REGION (v1: only LOG_DIRTY_PAGES and READONLY flags)."""
+        uapi.check_struct(region, uapi.UserspaceMemoryRegion, "vm.set_user_memory_region")
         self.check_alive()
         if region.flags & ~(uapi.KVM_MEM_LOG_DIRTY_PAGES | uapi.KVM_MEM_READONLY):
             raise KvmError(uapi.EINVAL, "v1 memory region flags")
@@ -210,6 +216,7 @@ class Vm:
         The struct is input only (_IOW): KVM checks its own copy, whose fields are __u32/__u64, so
         out-of-range Python ints are taken modulo 2**32 / 2**64 as the C struct would hold them.
         """
+        uapi.check_struct(region, uapi.UserspaceMemoryRegion2, "vm.set_user_memory_region2")
         self.check_alive()
         mem = dataclasses.replace(
             region,
@@ -370,6 +377,8 @@ class Vm:
 
     async def tdx_init_vm(self, params: uapi.TdxInitVm | None = None, *, flags: int = 0) -> None:
         """KVM_TDX_INIT_VM"""
+        if params is not None:
+            uapi.check_struct(params, uapi.TdxInitVm, "vm.tdx_init_vm")
         await self._mem_enc_op(uapi.TdxCmd(uapi.KVM_TDX_INIT_VM, flags), params)
 
     async def tdx_finalize_vm(self, *, flags: int = 0) -> None:
@@ -384,14 +393,18 @@ class Vm:
 
     async def snp_launch_start(self, params: uapi.SevSnpLaunchStart) -> None:
         """KVM_SEV_SNP_LAUNCH_START"""
+        uapi.check_struct(params, uapi.SevSnpLaunchStart, "vm.snp_launch_start")
         await self._mem_enc_op(uapi.SevCmd(uapi.KVM_SEV_SNP_LAUNCH_START), params)
 
     async def snp_launch_update(self, params: uapi.SevSnpLaunchUpdate) -> None:
         """KVM_SEV_SNP_LAUNCH_UPDATE: gfn_start/uaddr/len advance only on success."""
+        uapi.check_struct(params, uapi.SevSnpLaunchUpdate, "vm.snp_launch_update")
         await self._mem_enc_op(uapi.SevCmd(uapi.KVM_SEV_SNP_LAUNCH_UPDATE), params)
 
     async def snp_launch_finish(self, params: uapi.SevSnpLaunchFinish | None = None) -> None:
         """KVM_SEV_SNP_LAUNCH_FINISH"""
+        if params is not None:
+            uapi.check_struct(params, uapi.SevSnpLaunchFinish, "vm.snp_launch_finish")
         await self._mem_enc_op(uapi.SevCmd(uapi.KVM_SEV_SNP_LAUNCH_FINISH), params or uapi.SevSnpLaunchFinish())
 
     @property
