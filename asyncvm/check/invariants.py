@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 def _step() -> int | None:
     """The scheduling step running now (None in live mode)."""
-    exe = traps._exe
+    exe = traps._get_exe()
     return None if exe is None else exe.step
 
 

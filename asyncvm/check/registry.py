@@ -27,7 +27,7 @@ class Registry(Generic[T]):
     def _table(self, create: bool = False) -> dict[Any, T] | weakref.WeakKeyDictionary[Any, T] | None:
         # Under a controlled execution the table is kept by the executor itself (one dict probe
         # on the fault path), so it goes with the execution.
-        exe = traps._exe
+        exe = traps._get_exe()
         if exe is None:
             return self._live
         if create:
@@ -41,7 +41,7 @@ class Registry(Generic[T]):
 
     def get(self, vm: Any) -> T | None:
         # Every probe starts here: one call, no helper.
-        exe = traps._exe
+        exe = traps._get_exe()
         if exe is None:
             return self._live.get(vm)
         table: dict[Any, T] | None = exe.scoped.get(self)

@@ -223,16 +223,18 @@ class Executor:
     # -- running ----------------------------------------------------------------------------
     def run(self, main: Callable[[], Coroutine[Any, Any, Any]], name: str = "main") -> ExecutionResult:
         """Run `main()` as task 0 and everything it spawns to completion or to the first failure."""
-        if traps._exe is not None:
+        if traps._get_exe() is not None:
             raise ToolError("a controlled execution is already running in this thread")
-        traps._exe = self
+        # Bound once per execution, in this context only: live code in other threads (or other
+        # contexts of an event loop) still sees live mode while this runs.
+        token = traps._current_exe.set(self)
         try:
             self.spawn(main(), name)
             self._loop()
             if self.failure is None:
                 self._quiesce()
         finally:
-            traps._exe = None
+            traps._current_exe.reset(token)
             self._close_all()
         return ExecutionResult(
             raw_choices=self.choices,

@@ -27,7 +27,7 @@ class Violation(Exception):
 
 
 def _exe_step() -> int | None:
-    exe = traps._exe
+    exe = traps._get_exe()
     return None if exe is None else exe.step
 
 

@@ -15,6 +15,7 @@ from typing import Any, Generic, TypeVar
 from . import traps
 from .failures import Violation
 from .sites import caller_site, fmt_site
+from .traps import _get_exe
 
 T = TypeVar("T")
 
@@ -23,7 +24,7 @@ WRITE = "write"
 
 
 def _lockdep() -> Any:
-    exe = traps._exe
+    exe = _get_exe()
     return exe.lockdep if exe is not None else None
 
 
@@ -86,7 +87,7 @@ class _Lock(_Waitable):
         # A generator-based coroutine that yields the wait request itself, and the public
         # methods return it without a frame of their own: each scheduling step resumes the
         # whole await chain of the task, so every level less is paid on every step.
-        exe = traps._exe
+        exe = _get_exe()
         t: Any = exe.current if exe is not None else traps.current()
         if mode is WRITE and not self._ready(t, WRITE):
             # A writer that has to wait takes the slow path: it blocks new readers (_RW only).
@@ -114,7 +115,7 @@ class _Lock(_Waitable):
 
     @types.coroutine
     def _release(self, mode: Any) -> Generator[Any, None, None]:
-        exe = traps._exe
+        exe = _get_exe()
         t: Any = exe.current if exe is not None else traps.current()
         held = t.held
         if held and held[-1][0] is self and held[-1][1] == mode:
@@ -378,7 +379,7 @@ class SRCU(_Waitable):
         """srcu_read_lock(): returns the index to pass to read_unlock."""
         t = traps.current()
         site = caller_site()
-        if traps._exe is not None:
+        if _get_exe() is not None:
             yield self
         else:
             yield from traps.point(self).__await__()
@@ -405,7 +406,7 @@ class SRCU(_Waitable):
         reads[:] = [e for e in reads if not (e[0] is self and e[1] == idx)]
         traps.notify(self)
         traps.emit("lock_release", self, mode="srcu_read")
-        if traps._exe is not None:
+        if _get_exe() is not None:
             yield self
         else:
             yield from traps.point(self).__await__()
@@ -522,7 +523,7 @@ class Word(_Waitable):
     def write(self) -> None:
         """Something a spinner may be waiting for changed."""
         self.version += 1
-        if self._waiters or traps._exe is None:
+        if self._waiters or _get_exe() is None:
             traps.notify(self)
 
 
@@ -639,7 +640,7 @@ class Atomic(_Waitable, Generic[T]):
 def cond_resched() -> Generator[Any, None, None]:
     """cond_resched() (kernel/sched/core.c: __cond_resched()): reschedule only when need_resched()
     is set, which is a recorded draw; illegal while a spinning lock is held either way."""
-    exe = traps._exe
+    exe = _get_exe()
     if exe is None:
         might_sleep("cond_resched()")
         return  # live mode: need_resched() is never set
@@ -666,22 +667,22 @@ async def spin_yield() -> None:
 
 def need_resched() -> bool:
     """need_resched(): drawn through the strategy, so a yield-or-not decision replays."""
-    exe = traps._exe
+    exe = _get_exe()
     return exe is not None and exe.draw("need_resched", 2, 0.25) != 0
 
 
 def signal_pending() -> bool:
     """signal_pending(current): a signal arriving now is a recorded, replayable choice."""
-    exe = traps._exe
+    exe = _get_exe()
     return exe is not None and exe.draw("signal", 2, 0.02) != 0
 
 
 def fatal_signal_pending() -> bool:
-    exe = traps._exe
+    exe = _get_exe()
     return exe is not None and exe.draw("fatal_signal", 2, 0.0) != 0
 
 
 def alloc_fails(what: str = "alloc") -> bool:
     """Whether this allocation fails (-ENOMEM); off unless a campaign gives it a probability."""
-    exe = traps._exe
+    exe = _get_exe()
     return exe is not None and exe.draw("alloc_fail", 2, 0.0) != 0
