@@ -18,15 +18,24 @@ from typing import TYPE_CHECKING, Any
 
 from . import traps
 from .failures import Failure, ToolError, Violation
-from .sites import fmt_site, model_site
+from .sites import Site, fmt_site, model_site, short_site
 from .traps import YIELDING
 
 if TYPE_CHECKING:
+    from .hb import Observer
     from .lockdep import Lockdep
     from .strategies import Strategy
     from .traps import Waitable
 
 _by_tid = attrgetter("tid")
+
+#: Forced re-check rounds in a row, with no write and nobody but the spinners running, after which
+#: a spin loop is reported as a hang without waiting for the step bound (a draw such as a BUSY from
+#: an agent outside the model may end such a loop by itself, but not this many times in a row).
+HANG_ROUNDS = 200
+#: Forced rounds in a row after which a signal that ends the loop counts as the only way out: a loop
+#: that a draw could still end has ended long before (a BUSY at 5% three times in a row is 1e-4).
+HANG_SIGNAL_ROUNDS = 4
 
 #: A choice in the stream: an int is a task id, a 1-tuple ``(value,)`` is a data draw.
 Choice = int | tuple[int]
@@ -142,11 +151,17 @@ class Executor:
         record: bool = False,
         count_preemptions: bool = False,
         data_probs: dict[str, float] | None = None,
+        hb: Observer | None = None,
     ) -> None:
         self.strategy = strategy
+        #: the happens-before observer (a race detector) that sees every synchronization, or None
+        self.hb = hb
         self.max_steps = max_steps
         self.lockdep = lockdep
         self.trace: list[tuple[Any, ...]] | None = [] if record else None
+        #: whether a lock operation has anyone to tell (events recorded or an observer): the one
+        #: test the lock paths make, so neither costs anything when off
+        self.observed = record or hb is not None
         #: preemption counting is off the hot path: it is for shrinking and for failure reports.
         self.count_preemptions = count_preemptions or record
         self.data_probs = data_probs or {}
@@ -158,6 +173,8 @@ class Executor:
         #: the stream as it is made: Task objects for task choices, (value,) for draws.
         self.choices: list[Any] = []
         self.ndraws = 0
+        #: scheduling points passed without a decision because no other task could run (see alone())
+        self.forced = 0
         self.preemptions = 0
         #: indices into `choices` where the strategy switched away from a still-enabled task.
         self.preempted_at: list[int] = []
@@ -167,6 +184,14 @@ class Executor:
         self._finalizers: list[Callable[[], None]] = []
         #: state the layers above keep for this execution only (the oracles' registries)
         self.scoped: dict[Any, Any] = {}
+        # Hangs (see _unstick): the spinners last re-enabled with nothing else able to run, where
+        # in the stream that happened, what they were waiting on, and how many such rounds in a row.
+        self._stuck_tasks: frozenset[Task] = frozenset()
+        self._stuck_at = 0
+        self._stuck_key: tuple[Any, ...] = ()
+        self._stuck_rounds = 0
+        #: the spin loop each forced spinner is in (its spin_wait call site)
+        self.spin_sites: dict[Task, Site] = {}
 
     @property
     def step(self) -> int:
@@ -179,6 +204,8 @@ class Executor:
         t = Task(len(self.tasks), name or f"task{len(self.tasks)}", coro, group)
         self.tasks.append(t)
         self.enabled.append(t)  # the newest task has the largest id: the list stays sorted
+        if self.hb is not None:
+            self.hb.spawn(self.current, t)
         if self.trace is not None:
             self.trace.append((self.step, self.current.tid if self.current else -1, "spawn", t.name, {}))
         return t
@@ -188,6 +215,20 @@ class Executor:
         self._finalizers.append(check)
 
     # -- the hooks traps call ---------------------------------------------------------------
+    def alone(self) -> bool:
+        """Whether the running task may pass its next scheduling point without yielding.
+
+        When it is the only enabled task the strategy has nothing to choose: every schedule goes
+        on with it, and blocked, sleeping or spin-waiting tasks can only be woken by what it does
+        next. Such a forced step is not a decision, so it is neither yielded nor recorded (a
+        task's set-up before it spawns, the last vCPU finishing alone). A lone task that never
+        blocks still meets the step bound: after max_steps forced steps every point yields.
+        """
+        if len(self.enabled) == 1 and self.forced < self.max_steps:
+            self.forced += 1
+            return True
+        return False
+
     def recheck(self, obj: Waitable) -> None:
         enabled = self.enabled
         for w in obj._waiters:
@@ -214,6 +255,18 @@ class Executor:
         if self.trace is not None:
             self.trace.append((self.step, self.current.tid if self.current else -1, "draw", kind, {"value": value}))
         return value
+
+    def sync_event(self, kind: str, obj: Any, mode: Any) -> None:
+        """A lock was taken or released (`kind` is ``lock_acquire`` / ``lock_release``): tell the
+        happens-before observer and record it; called only when `observed`."""
+        hb = self.hb
+        if hb is not None:
+            if kind == "lock_acquire":
+                hb.acquire(self.current, obj, mode)
+            else:
+                hb.release(self.current, obj, mode)
+        if self.trace is not None:
+            self.emit(kind, obj, {"mode": mode})
 
     def emit(self, kind: str, obj: object | None, fields: dict[str, Any]) -> None:
         assert self.trace is not None
@@ -370,8 +423,19 @@ class Executor:
         spinners = [t for t in blocked if getattr(t.pending[0], "spin", False)]
         if spinners:
             # Nobody is left to write what the spinners wait for: they re-check on their own now,
-            # as a spin loop does (a signal may still end it); if nothing ever does, the step
-            # bound reports the livelock.
+            # as a spin loop does. Rounds of this with nothing written and nobody else running are
+            # a hang: Linux reports the task as hung until a signal (or nothing) ends the loop.
+            key = tuple((t.tid, t.pending[1]) for t in spinners)
+            if key == self._stuck_key and self._only_stuck_ran():
+                self._stuck_rounds += 1
+            else:
+                self._stuck_rounds = 1
+            self._stuck_key = key
+            self._stuck_at = len(self.choices)
+            self._stuck_tasks = frozenset(spinners)
+            if self._stuck_rounds > HANG_ROUNDS:
+                self._hang(spinners, f"{HANG_ROUNDS} re-checks of unchanged state with nobody else able to run")
+                return False
             for t in spinners:
                 t.enabled = True
                 insort(self.enabled, t, key=_by_tid)
@@ -400,7 +464,44 @@ class Executor:
             {"blocked": lines, "cycle": [t.name for t in cycle]},
         )
 
+    def _only_stuck_ran(self) -> bool:
+        """Whether only the spinners last re-enabled by `_unstick` have run since (cold path)."""
+        stuck = self._stuck_tasks
+        return bool(stuck) and all(type(c) is not Task or c in stuck for c in self.choices[self._stuck_at :])
+
+    def stuck_signal(self, site: Site) -> None:
+        """A signal was drawn true at `site` (a signal_pending() check): if the running task is a
+        spinner that has re-checked unchanged state for rounds with nobody else able to run, the
+        signal is the only thing ending its loop, and the execution is a hang."""
+        t = self.current
+        if (
+            t is not None
+            and self._stuck_rounds >= HANG_SIGNAL_ROUNDS
+            and t in self._stuck_tasks
+            and self._only_stuck_ran()
+        ):
+            self._hang([t], f"a signal drawn at {fmt_site(site)} is all that ends it", signal_site=site)
+
+    def _hang(self, tasks: list[Task], how: str, signal_site: Site = None) -> None:
+        sites = [self.spin_sites.get(t) for t in tasks]
+        where = sorted({short_site(s) for s in sites if s is not None}) or ["?"]
+        lines = [f"{t.name} in the loop at {fmt_site(s)}" for t, s in zip(tasks, sites, strict=True)]
+        evidence: dict[str, Any] = {"loop": [fmt_site(s) for s in sites], "tasks": [t.name for t in tasks]}
+        if signal_site is not None:
+            evidence["signal"] = fmt_site(signal_site)
+        self._fail(
+            "hang",
+            "hang:" + ",".join(where),
+            "hung task: " + "; ".join(lines) + f" re-checks unchanged state ({how})",
+            tasks[0] if len(tasks) == 1 else None,
+            evidence,
+        )
+
     def _livelock(self) -> None:
+        if self._stuck_tasks and self._only_stuck_ran():
+            # The step bound ended forced re-checks: the spinners' loop never ended by itself.
+            self._hang(sorted(self._stuck_tasks, key=_by_tid), f"the {self.max_steps}-step bound ended it")
+            return
         # The spinners are the tasks still running in the last fifth of the bound.
         span = max(10, min(1000, self.max_steps // 5))
         window = [c.tid for c in self.choices[-span:] if type(c) is Task]
@@ -531,6 +632,9 @@ class TaskGroup:
         if exc_type is None:
             self.name = "join(" + ",".join(c.name for c in self.children) + ")"
             await traps.wait(self, None)
+            exe = self._exe
+            if exe is not None and exe.hb is not None:
+                exe.hb.join(exe.current, self.children)
         return None
 
     def _ready(self, task: Any, arg: Any) -> bool:

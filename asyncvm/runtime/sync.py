@@ -12,7 +12,7 @@ import types
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any, Generic, TypeVar
 
-from . import traps
+from . import hb, traps
 from .failures import Violation
 from .sites import caller_site, fmt_site
 from .traps import _get_exe
@@ -101,17 +101,18 @@ class _Lock(_Waitable):
             ld = exe.lockdep
             if ld is not None and (t.held or t.srcu_reads):
                 ld.check_acquire(t, self, site)
-            yield (self, mode)
-            # Resumed: the task stops waiting before anything else can re-evaluate it.
-            self._waiters.remove(t)
+            if not (len(exe.enabled) == 1 and self._ready(t, mode) and exe.alone()):
+                yield (self, mode)
+                # Resumed: the task stops waiting before anything else can re-evaluate it.
+                self._waiters.remove(t)
         else:
             yield from traps.wait(self, mode)
         self._take(t, mode)
         t.held.append((self, mode, site))
         if exe is None or self._waiters:  # live mode keeps no waiter list: always wake
             traps.notify(self)
-        if exe is not None and exe.trace is not None:
-            exe.emit("lock_acquire", self, {"mode": mode})
+        if exe is not None and exe.observed:
+            exe.sync_event("lock_acquire", self, mode)
 
     @types.coroutine
     def _release(self, mode: Any) -> Generator[Any, None, None]:
@@ -126,9 +127,10 @@ class _Lock(_Waitable):
         if exe is None or self._waiters:  # live mode keeps no waiter list: always wake
             traps.notify(self)
         if exe is not None:
-            if exe.trace is not None:
-                exe.emit("lock_release", self, {"mode": mode})
-            yield self
+            if exe.observed:
+                exe.sync_event("lock_release", self, mode)
+            if not exe.alone():
+                yield self
         else:
             yield from traps.point(self).__await__()
 
@@ -379,15 +381,18 @@ class SRCU(_Waitable):
         """srcu_read_lock(): returns the index to pass to read_unlock."""
         t = traps.current()
         site = caller_site()
-        if _get_exe() is not None:
-            yield self
+        exe = _get_exe()
+        if exe is not None:
+            if not exe.alone():
+                yield self
         else:
             yield from traps.point(self).__await__()
         idx = self._next
         self._next = idx + 1
         self._active[idx] = t
         t.srcu_reads.append((self, idx, site))
-        traps.emit("lock_acquire", self, mode="srcu_read")
+        if exe is not None and exe.observed:
+            exe.sync_event("lock_acquire", self, hb.SRCU_READ)
         return idx
 
     @types.coroutine
@@ -405,9 +410,12 @@ class SRCU(_Waitable):
         del self._active[idx]
         reads[:] = [e for e in reads if not (e[0] is self and e[1] == idx)]
         traps.notify(self)
-        traps.emit("lock_release", self, mode="srcu_read")
-        if _get_exe() is not None:
-            yield self
+        exe = _get_exe()
+        if exe is not None:
+            if exe.observed:
+                exe.sync_event("lock_release", self, hb.SRCU_READ)
+            if not exe.alone():
+                yield self
         else:
             yield from traps.point(self).__await__()
 
@@ -427,6 +435,10 @@ class SRCU(_Waitable):
         if ld is not None:
             ld.check_acquire(t, self, caller_site())
         await traps.wait(self, self._next)
+        # The read sections it waited for happen before it returns; it happens before the
+        # read sections that start after it (the grace-period guarantee).
+        hb.acquire(self, hb.SRCU_SYNC)
+        hb.release(self, hb.SRCU_SYNC)
 
 
 class Completion(_Waitable):
@@ -449,6 +461,7 @@ class Completion(_Waitable):
         """wait_for_completion()"""
         might_sleep(f"wait_for_completion({self.name})")
         await traps.wait(self, None)
+        hb.acquire(self)
         if self.done != self.ALL:
             self.done -= 1
         traps.notify(self)
@@ -457,9 +470,11 @@ class Completion(_Waitable):
         """Wait without consuming: for completions used as "this has happened" flags."""
         might_sleep(f"wait_for_completion({self.name})")
         await traps.wait(self, None)
+        hb.acquire(self)
 
     async def complete(self) -> None:
         """complete(): wake one waiter (or let the next wait pass)."""
+        hb.release(self)
         if self.done != self.ALL:
             self.done += 1
         traps.notify(self)
@@ -467,6 +482,7 @@ class Completion(_Waitable):
 
     async def complete_all(self) -> None:
         """complete_all(): every current and future waiter passes."""
+        hb.release(self)
         self.done = self.ALL
         traps.notify(self)
         await traps.point(self)
@@ -487,9 +503,11 @@ class WaitQueue(_Waitable):
         """wait_event()"""
         might_sleep(f"wait_event({self.name})")
         await traps.wait(self, cond)
+        hb.acquire(self)
 
     async def wake_up(self) -> None:
         """wake_up(): waiters re-evaluate their conditions."""
+        hb.release(self)
         traps.notify(self)
         await traps.point(self)
 
@@ -534,6 +552,11 @@ async def spin_wait(word: Word, seen: int) -> None:
     task is left to write: the caller's loop re-checks, as it would spinning."""
     if word.version == seen:
         await traps.wait(word, seen)
+        if word.version == seen:
+            # Returned unwritten: nobody else could run (Executor._unstick). Note the loop.
+            exe = _get_exe()
+            if exe is not None and exe.current is not None:
+                exe.spin_sites[exe.current] = caller_site()
 
 
 class TryLock(_Waitable):
@@ -573,6 +596,7 @@ class TryLock(_Waitable):
         self.mode = mode
         self.owner = t
         t.held.append((self, mode, None))
+        hb.acquire(self, mode)
         return True
 
     async def unlock(self) -> None:
@@ -588,6 +612,7 @@ class TryLock(_Waitable):
                 signature=f"bad_unlock:{self.name}",
                 lock=self.name,
             )
+        hb.release(self, self.mode)
         self.count -= 1
         if not self.count:
             self.owner = None
@@ -609,15 +634,19 @@ class Atomic(_Waitable, Generic[T]):
 
     async def load(self) -> T:
         await traps.point(self)
+        hb.acquire(self)
         return self.value
 
     async def store(self, value: T) -> None:
         await traps.point(self)
+        hb.release(self)
         self.value = value
 
     async def cmpxchg(self, old: T, new: T) -> T:
         """Store `new` if the cell holds `old`; return what it held (success iff that == old)."""
         await traps.point(self)
+        hb.acquire(self)
+        hb.release(self)
         cur = self.value
         if cur == old:
             self.value = new
@@ -625,12 +654,16 @@ class Atomic(_Waitable, Generic[T]):
 
     async def xchg(self, new: T) -> T:
         await traps.point(self)
+        hb.acquire(self)
+        hb.release(self)
         cur = self.value
         self.value = new
         return cur
 
     async def fetch_add(self, delta: Any) -> T:
         await traps.point(self)
+        hb.acquire(self)
+        hb.release(self)
         cur = self.value
         self.value = cur + delta
         return cur
@@ -647,7 +680,8 @@ def cond_resched() -> Generator[Any, None, None]:
     t = exe.current
     if t is not None and t.held:
         might_sleep("cond_resched()")
-    if exe.draw("need_resched", 2, 0.25):
+    # Alone, a reschedule would pick this task again: need_resched() is not even drawn.
+    if len(exe.enabled) > 1 and exe.draw("need_resched", 2, 0.25):
         yield traps.YIELDING
 
 
@@ -674,12 +708,21 @@ def need_resched() -> bool:
 def signal_pending() -> bool:
     """signal_pending(current): a signal arriving now is a recorded, replayable choice."""
     exe = _get_exe()
-    return exe is not None and exe.draw("signal", 2, 0.02) != 0
+    if exe is None or not exe.draw("signal", 2, 0.02):
+        return False
+    if exe._stuck_rounds:
+        exe.stuck_signal(caller_site())
+    return True
 
 
 def fatal_signal_pending() -> bool:
+    """fatal_signal_pending(current): as signal_pending(), for SIGKILL."""
     exe = _get_exe()
-    return exe is not None and exe.draw("fatal_signal", 2, 0.0) != 0
+    if exe is None or not exe.draw("fatal_signal", 2, 0.0):
+        return False
+    if exe._stuck_rounds:
+        exe.stuck_signal(caller_site())
+    return True
 
 
 def alloc_fails(what: str = "alloc") -> bool:

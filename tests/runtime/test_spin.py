@@ -68,3 +68,36 @@ def test_a_spinner_nobody_releases_is_a_livelock() -> None:
 
     r = run(main, 0, max_steps=500)
     assert r.failure is not None and r.failure.kind == "livelock", r.failure
+
+
+def test_a_task_alone_passes_its_points_without_a_decision() -> None:
+    """Scheduling points with one enabled task are forced: not yielded, not recorded as choices."""
+    done: list[str] = []
+
+    async def worker(name: str, points: int) -> None:
+        for _ in range(points):
+            await traps.point(None)
+        done.append(name)
+
+    async def main() -> None:
+        for _ in range(50):  # set-up alone: no decisions
+            await traps.point(None)
+        async with TaskGroup() as tg:
+            tg.spawn(worker, "short", 2, name="short")
+            tg.spawn(worker, "long", 200, name="long")
+
+    for seed in range(5):
+        r = run(main, seed)
+        assert r.failure is None and sorted(done) == ["long", "short"]
+        done.clear()
+        # Two workers contend for a few steps; once the short one is done the long one runs alone.
+        assert r.steps < 20, r.steps
+
+
+def test_a_lone_task_that_never_blocks_still_meets_the_step_bound() -> None:
+    async def forever() -> None:
+        while True:
+            await traps.point(None)
+
+    r = run(forever, 0, max_steps=500)
+    assert r.failure is not None and r.failure.kind == "livelock"
