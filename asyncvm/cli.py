@@ -1,12 +1,14 @@
-"""The asyncvm command line: stress, replay, shrink, show, scenarios, bench.
+"""The asyncvm command line: stress, compare, replay, shrink, show, scenarios, profiles, bench.
 
-Exit codes: 0 clean, 1 failures found (or the replayed execution failed), 2 usage or input error.
-Every input problem is one line on stderr, never a traceback.
+Exit codes: 0 clean, 1 failures found (or the replayed execution failed), 2 usage or input error,
+3 internal error (one line naming the crash report with its traceback). Every input problem is one
+line on stderr, never a traceback.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -86,6 +88,20 @@ def _load_modules(modules: list[str] | None) -> None:
             load_module(m)
         except UnknownScenario as e:
             _die(str(e))
+
+
+def _file_scenario(path: str, modules: list[str] | None) -> tuple[str, list[str]]:
+    """The one scenario a ``.py`` file registers, and the --module list that loads it."""
+    from .explore.scenarios import REGISTRY, UnknownScenario, load_module
+
+    try:
+        source = load_module(path)
+    except UnknownScenario as e:
+        _die(str(e))
+    names = sorted(n for n, spec in REGISTRY.items() if spec.source == source)
+    if len(names) != 1:
+        _die(f"{path} registers {len(names)} scenarios ({', '.join(names) or 'none'}); name one with --module {path}")
+    return names[0], [*(modules or []), path]
 
 
 def _resolve(name: str, modules: list[str] | None) -> Any:
@@ -319,8 +335,8 @@ def stress(
 
     if runs is not None and runs <= 0:
         _die("--runs must be positive")
-    if time_budget is not None and time_budget <= 0:
-        _die("--time must be a positive number of seconds")
+    if time_budget is not None and not (math.isfinite(time_budget) and time_budget > 0):
+        _die("--time must be a positive, finite number of seconds")
     if depth is not None and depth < 1:
         _die("--depth must be at least 1")
     if preemptions is not None and preemptions < 0:
@@ -334,6 +350,8 @@ def stress(
         assert scenario is not None  # (the suite branch took the other case)
         strategy, profile = strategy or "pct", profile or "6.18"
         _check_choices(strategy, profile, list(bug or []))
+        if scenario.endswith(".py"):  # a scenario file, e.g. a program `asyncvm fuzz` wrote
+            scenario, module = _file_scenario(scenario, module)
         spec_fn = _resolve(scenario, module)
         try:
             from .explore.engine import scenario_params
@@ -365,6 +383,8 @@ def stress(
             _die(f"{resume} is a campaign of scenario {spec.scenario!r}, not {scenario!r}")
         _check_choices(spec.strategy, spec.profile, spec.bugs)
         _load_modules(module)
+        _check_resume_module(resume, spec, module)
+        _check_resume_params(resume, spec)
         kept = {
             "--strategy": spec.strategy,
             "--depth": spec.depth,
@@ -388,7 +408,10 @@ def stress(
                     f"{_shown(flag, value)} conflicts with the campaign in {resume}, started with "
                     f"{_shown(flag, kept[flag])}; resuming keeps a campaign's options (--runs and --time extend it)"
                 )
-        ran, used = ran_so_far(Ledger.read(resume / "ledger.jsonl"))
+        try:
+            ran, used = ran_so_far(Ledger.read(resume / "ledger.jsonl"))
+        except ToolError as e:
+            _die(_one_line(str(e)))
         if runs is not None and runs < ran:
             _die(f"--runs {runs}: the campaign in {resume} already ran {ran} executions; resuming extends it")
         if time_budget is not None and time_budget <= used:
@@ -426,7 +449,38 @@ def stress(
         shrunk = f"; shrunk: {_size(f.shrunk)}" if f.shrunk is not None else ""
         typer.echo(f"  {f.signature}: {_size(f.schedule)} (run {f.schedule.execution}){shrunk}")
         typer.echo(f"  replay: asyncvm replay {folder / slug(f.signature) / 'schedule.json'}{needs}")
-    raise typer.Exit(EXIT_FAILURES if report.failures else EXIT_CLEAN)
+    # A failure the scenario declares as its profile's known kernel behaviour is not a finding.
+    raise typer.Exit(EXIT_FAILURES if report.findings else EXIT_CLEAN)
+
+
+def _check_resume_module(resume: Path, spec: Any, modules: list[str] | None) -> None:
+    """A campaign of a --module scenario resumes only when the user names that module again:
+    nothing a campaign.json names is imported on its say-so."""
+    from .explore.scenarios import REGISTRY, load_module
+
+    given = [load_module(m) for m in modules or []]  # (loaded already: this returns its source)
+    if spec.module is None:
+        return
+    if spec.module not in given:
+        _die(
+            f"{resume}: the campaign's scenario {spec.scenario!r} comes from module {spec.module!r}; "
+            f"asyncvm imports it only when you name it: add --module {spec.module}"
+        )
+    registered = REGISTRY.get(spec.scenario)
+    if registered is None or registered.source != spec.module:
+        where = "no module" if registered is None or registered.source is None else repr(registered.source)
+        _die(f"{resume}: scenario {spec.scenario!r} is registered by {where}, not by {spec.module!r}")
+
+
+def _check_resume_params(resume: Path, spec: Any) -> None:
+    """The campaign's parameters against the scenario's declarations (campaign.json is input too)."""
+    from .explore.engine import scenario_params
+    from .explore.scenarios import UnknownScenario, get_scenario
+
+    try:
+        scenario_params(get_scenario(spec.scenario).fn, spec.params)
+    except (ValueError, UnknownScenario) as e:
+        _die(_one_line(f"{resume / 'campaign.json'}: spec.params: {e}"))
 
 
 def _size(schedule: Any) -> str:
@@ -496,7 +550,7 @@ def _run_with_progress(
 
 
 def _load(file: Path, module: list[str] | None) -> tuple[Any, Any]:
-    from .explore.scenarios import UnknownScenario, get_scenario, param_mismatch
+    from .explore.scenarios import UnknownScenario, get_scenario
     from .explore.schedule import Schedule, ScheduleError
 
     try:
@@ -513,11 +567,95 @@ def _load(file: Path, module: list[str] | None) -> tuple[Any, Any]:
                 f"{schedule.module!r}; add --module {schedule.module}"
             )
         _die(f"{file}: {e}")
-    for key, value in schedule.params.items():
-        why = param_mismatch(value, spec.params.get(key))
-        if why is not None:
-            _die(f"{file}: parameter {key} of scenario {schedule.scenario}: {why}")
+    from .explore.engine import scenario_params
+
+    try:
+        # Even --force cannot run a scenario with a parameter it does not take.
+        scenario_params(spec.fn, schedule.params)
+    except ValueError as e:
+        _die(_one_line(f"{file}: {e}"))
     return schedule, spec
+
+
+@app.command()
+def fuzz(
+    vm_type: Annotated[
+        str, typer.Option("--vm-type", metavar="TYPE", help="tdx, snp, sw, default, or any (drawn per program).")
+    ] = "any",
+    profile: Annotated[str, typer.Option(metavar="VERSION", help="Kernel profile.")] = "6.18",
+    bug: Annotated[
+        list[str] | None, typer.Option("--bug", metavar="NAME", help="Inject a named bug (repeatable).")
+    ] = None,
+    time_budget: Annotated[
+        float | None, typer.Option("--time", metavar="SECONDS", help="Stop after this many seconds.")
+    ] = None,
+    programs: Annotated[
+        int | None, typer.Option(metavar="N", help="Programs to run, each with its own schedule (default 1000).")
+    ] = None,
+    jobs: Annotated[int, typer.Option(metavar="N", help="Worker processes (0: all cores).")] = 0,
+    dask: Annotated[str | None, typer.Option(metavar="ADDRESS", help="A Dask scheduler to run on.")] = None,
+    strategy: Annotated[str, typer.Option(metavar="NAME", help="The schedule strategy.")] = "pct",
+    seed: Annotated[int, typer.Option(metavar="N", help="Campaign seed.")] = 0,
+    stop_on_first_failure: Annotated[bool, typer.Option("--stop-on-first-failure")] = False,
+    out: Annotated[Path, typer.Option(metavar="DIR", help="Output folder for campaigns.")] = Path("logs"),
+    corpus: Annotated[
+        Path | None, typer.Option(metavar="DIR", help="Corpus of failing programs (default OUT/fuzz/corpus).")
+    ] = None,
+    shrink: Annotated[bool, typer.Option("--shrink/--no-shrink", help="Shrink each failure.")] = True,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Generate concurrent ioctl programs and explore their schedules (asyncvm/fuzz).
+
+    Each failure's folder gets the program as a standalone Python file with its schedule;
+    `asyncvm stress FILE.py` hunts that program again. The corpus is replayed first.
+    """
+    from .fuzz.run import fuzz_spec, replay_corpus, run_fuzz
+    from .runtime.failures import ToolError
+
+    _check_choices(strategy, profile, list(bug or []))
+    if programs is not None and programs <= 0:
+        _die("--programs must be positive")
+    if time_budget is not None and not time_budget > 0:
+        _die("--time must be a positive number of seconds")
+    if jobs < 0:
+        _die("--jobs must be positive (or 0 for all cores)")
+    try:
+        spec = fuzz_spec(
+            vm_type=vm_type,
+            profile=profile,
+            bugs=list(bug or []),
+            strategy=strategy,
+            seed=seed,
+            programs=programs,
+            timed=time_budget is not None,
+            stop_on_first_failure=stop_on_first_failure,
+        )
+    except ValueError as e:
+        _die(str(e))
+    corpus = corpus or out / "fuzz" / "corpus"
+    before = replay_corpus(corpus, profile, list(bug or []))
+    if before.failing or before.fixed:
+        typer.echo(f"corpus {corpus}: {len(before.failing)} programs still fail, {len(before.fixed)} no longer do")
+    try:
+        report, _folder, files = run_fuzz(
+            spec,
+            out=out,
+            jobs=jobs or os.cpu_count() or 1,
+            dask=dask,
+            time_budget=time_budget,
+            do_shrink=shrink,
+            corpus=corpus,
+            on_start=None if quiet else lambda f: typer.echo(f"campaign folder: {f}"),
+        )
+    except ToolError as e:
+        _die(_one_line(str(e)))
+    typer.echo(report.summary())
+    for f in report.failures:
+        typer.echo(f"  {f.signature}: {_size(f.shrunk or f.schedule)} (run {f.first_run})")
+        if f.signature in files:
+            typer.echo(f"  program: {files[f.signature]}  (asyncvm stress {files[f.signature]})")
+    # A failure the scenario declares as its profile's known kernel behaviour is not a finding.
+    raise typer.Exit(EXIT_FAILURES if report.findings else EXIT_CLEAN)
 
 
 @app.command()
@@ -528,6 +666,100 @@ def bugs() -> None:
     width = max(len(name) for name in BUGS)
     for name, bug in BUGS.items():
         typer.echo(f"{name:<{width}}  {bug.scenario}: {bug.changes}")
+
+
+@app.command()
+def profiles() -> None:
+    """List the profiles: kernel versions and design profiles (proposals argued on the lists)."""
+    from .profile import PROFILES
+
+    width = max(len(name) for name in PROFILES)
+    for name, p in PROFILES.items():
+        typer.echo(f"{name:<{width}}  {p.kind:<6}  {p.summary}")
+
+
+@app.command()
+def compare(
+    scenario: Annotated[str, typer.Argument(help="A registered scenario (see `asyncvm scenarios`).", metavar="SCENARIO")],
+    profiles: Annotated[
+        str, typer.Option("--profiles", metavar="A,B,...", help="The profiles to compare (see `asyncvm profiles`).")
+    ],
+    runs: Annotated[int | None, typer.Option(metavar="N", help="Executions per profile (default 1000).")] = None,
+    time_budget: Annotated[
+        float | None, typer.Option("--time", metavar="SECONDS", help="Stop each profile's campaign after this long.")
+    ] = None,
+    strategy: Annotated[str, typer.Option(metavar="NAME", help="random, pct, idpct, pos, dfs or portfolio.")] = "pct",
+    seed: Annotated[int, typer.Option(metavar="N", help="The seed every profile's campaign uses.")] = 0,
+    jobs: Annotated[int, typer.Option(metavar="N", help="Worker processes per campaign.")] = 1,
+    bug: Annotated[
+        list[str] | None, typer.Option("--bug", metavar="NAME", help="Inject a named bug in every profile.")
+    ] = None,
+    param: Annotated[
+        list[str] | None, typer.Option("--param", "-p", metavar="KEY=VALUE", help="A scenario parameter.")
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", metavar="FORMAT", help="table, markdown or json.")] = "table",
+    out: Annotated[Path, typer.Option(metavar="DIR", help="Output folder for the campaigns.")] = Path("logs"),
+    shrink: Annotated[bool, typer.Option("--shrink/--no-shrink", help="Shrink each failure.")] = True,
+    module: Annotated[
+        list[str] | None,
+        typer.Option("--module", "-m", metavar="MODULE", help="Import scenarios from a module (a name or a .py file)."),
+    ] = None,
+) -> None:
+    """Run SCENARIO under each profile with the same seeds and budget; print one table.
+
+    Exit 0 when every profile ran (failures are the comparison's result, not an error), 2 on bad
+    input. Each profile's campaign folder keeps replayable schedules of its signatures.
+    """
+    from .explore.compare import FORMATS, CompareError, compare, print_rows
+    from .explore.scenarios import UnknownScenario
+    from .runtime.failures import ToolError
+
+    if fmt not in FORMATS:
+        _die(f"--format {fmt}: choose one of: {', '.join(FORMATS)}")
+    if runs is not None and runs <= 0:
+        _die("--runs must be positive")
+    if time_budget is not None and time_budget <= 0:
+        _die("--time must be a positive number of seconds")
+    if jobs < 1:
+        _die("--jobs must be at least 1")
+    _check_choices(strategy, "6.18", list(bug or []))
+    spec = _resolve(scenario, module)
+    try:
+        from .explore.engine import scenario_params
+
+        params = scenario_params(spec.fn, _parse_params(param, spec.params))
+    except ValueError as e:
+        _die(str(e))
+
+    def started(n: int, name: str) -> None:
+        if fmt == "table":
+            typer.echo(f"asyncvm: [{n}] {scenario} under profile {name}", err=True)
+
+    try:
+        rows, folder = compare(
+            spec,
+            profiles.split(","),
+            out=out,
+            runs=runs if runs is not None else (UNBOUNDED if time_budget else 1000),
+            seed=seed,
+            strategy=strategy,
+            params=params,
+            bugs=list(bug or []),
+            time_budget=time_budget,
+            jobs=jobs,
+            do_shrink=shrink,
+            on_profile=started,
+        )
+    except CompareError as e:
+        _die(str(e))
+    except (ToolError, UnknownScenario) as e:
+        _die(_one_line(str(e)))
+    except OSError as e:
+        _die(_one_line(f"cannot write the comparison: {e}"))
+    except KeyboardInterrupt:
+        typer.echo("asyncvm: interrupted", err=True)
+        raise typer.Exit(130) from None
+    print_rows(scenario, rows, folder, fmt)
 
 
 @app.command()
@@ -785,8 +1017,46 @@ def _click_errors() -> tuple[type[Exception], type[Exception], type[Exception] |
     return base, usage, no_args, aborts
 
 
+EXIT_INTERNAL = 3
+
+
+def _crash_report(e: BaseException, argv: list[str] | None) -> str:
+    """Write the traceback of an internal error to a crash report; one line saying where."""
+    import platform
+    import tempfile
+    import traceback
+    from datetime import UTC, datetime
+
+    from . import __version__
+    from .explore.schedule import write_atomic
+
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    path = Path(tempfile.gettempdir()) / f"asyncvm-crash-{stamp}-{os.getpid()}.txt"
+    text = (
+        f"asyncvm {__version__} internal error\n"
+        f"command: asyncvm {' '.join(sys.argv[1:] if argv is None else argv)}\n"
+        f"python: {sys.version.split()[0]} on {platform.platform()}\n\n"
+        + "".join(traceback.format_exception(e))
+    )
+    try:
+        write_atomic(path, text)
+    except OSError as err:
+        return f"could not write a crash report: {err.strerror or err}"
+    return f"crash report: {path}"
+
+
 def main(argv: list[str] | None = None) -> None:
-    """The console script: usage errors are one line on stderr and exit 2, like input errors."""
+    """The console script: usage errors are one line on stderr and exit 2, like input errors;
+    an internal error (a bug in asyncvm) is one line naming its crash report, exit 3."""
+    try:
+        _main(argv)
+    except Exception as e:  # noqa: BLE001 - every escaping exception is asyncvm's own bug
+        where = _crash_report(e, argv)
+        typer.echo(f"asyncvm: internal error: {_one_line(f'{type(e).__name__}: {e}')} ({where})", err=True)
+        sys.exit(EXIT_INTERNAL)
+
+
+def _main(argv: list[str] | None) -> None:
     click_exception, usage_error, no_args_is_help, aborts = _click_errors()
     try:
         rc = app(args=argv, prog_name="asyncvm", standalone_mode=False)
