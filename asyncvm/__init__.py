@@ -15,6 +15,7 @@ from .explore import (
     scenario,
     shrink,
 )
+from .host.mm import SigBus
 from .kvm.kvm import Kvm
 from .kvm.vcpu import GuestAccess
 from .profile import PROFILES, Profile
@@ -35,6 +36,7 @@ __all__ = [
     "Report",
     "Schedule",
     "ScheduleError",
+    "SigBus",
     "TaskGroup",
     "ToolError",
     "Violation",

@@ -1,16 +1,28 @@
-"""Kernel profiles: the named, version-dependent behaviours the model switches between."""
+"""Profiles: the named behaviours the model switches between.
+
+A *kernel* profile is a released version (6.10, 6.18, 7.0). A *design* profile is a proposal that
+was argued on the mailing lists, merged or not, made runnable so a debate can be settled with
+schedules: it starts from the kernel profile it was proposed against and flips the switches where
+the proposal differs, and its `description` says what was proposed, by whom (in words) and which
+parts the model carries. A named bug (bugs.py) is a mistake against a design; a design profile is
+a coherent alternative. `asyncvm profiles` lists both kinds.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 
 @dataclass(frozen=True)
 class Profile:
-    """One kernel version's behaviour, as named switches (each says where it changed)."""
+    """One kernel version's (or one design's) behaviour, as named switches (each says where it changed)."""
 
     name: str
+    #: "kernel" (a released version) or "design" (a proposal argued on the lists)
+    kind: str = "kernel"
+    #: what the profile is; for a design: the proposal, who argued it (in words), what is modeled
+    description: str = ""
     #: [6.8-6.10] fallocate(allocate) zeroes new folios and marks them uptodate; [6.10] it also
     #: runs the arch prepare hook (the behaviour that broke SNP launch). [>=6.11] it does neither.
     gmem_fallocate_prepares: bool = False
@@ -21,8 +33,13 @@ class Profile:
     gmem_populate_eexist: bool = True
     #: [>=7.0] populate takes the invalidate lock per page and GUPs the source before it.
     gmem_populate_per_page_lock: bool = False
-    #: guest_memfd flags KVM_CREATE_GUEST_MEMFD accepts (mmap-able guest_memfd is not modeled).
-    gmem_supported_flags: int = 0
+    #: guest_memfd flags the kernel knows ([>=6.18] GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED);
+    #: per VM, kvm_gmem_get_supported_flags() drops INIT_SHARED where the arch refuses it (x86: VMs
+    #: with private memory), and KVM_CAP_GUEST_MEMFD_FLAGS reports the result.
+    gmem_supported_flags: int = 3
+    #: [>=6.18] KVM_MEM_GUEST_MEMFD and KVM_CAP_GUEST_MEMFD for every VM type (CONFIG_KVM_GUEST_MEMFD),
+    #: not only those with private memory (a default VM can run on guest_memfd alone).
+    gmem_all_vm_types: bool = True
     #: errno for binding a guest_memfd page that is already bound ([<=7.1] EINVAL, [7.2] EEXIST).
     gmem_bind_overlap_errno: str = "EINVAL"
     #: [~6.18] KVM_PRE_FAULT_MEMORY returns -EAGAIN on a KVM_MEMSLOT_INVALID slot (else it retries).
@@ -36,13 +53,47 @@ class Profile:
     #: TDX flow: "T16" (6.16-6.18: nr_premapped, PAGE.ADD in post-populate) or "T19" (6.19+).
     tdx_flow: str = "T16"
 
+    # -- design switches: every kernel profile leaves them off -----------------------------------
+    #: [design map-memory-v2] KVM_PRE_FAULT_MEMORY behaves as the KVM_MAP_MEMORY RFC v2 did
+    map_memory_v2: bool = False
+    #: [design tdx-init-mem-region-vcpu0] INIT_MEM_REGION maps through vCPU 0 with a per-VM source field
+    tdx_init_mem_region_vcpu0: bool = False
+    #: [design prefault-before-finalize] pre-fault is allowed on a TD from INIT_VM on
+    prefault_before_finalize: bool = False
+    #: [design gmem-*] what a guest_memfd is before it is bound: "" (mainline: private from creation),
+    #: "shared" (starts shared, keeps data written before binding) or "unbound" (only bind or close)
+    gmem_initial_state: str = ""
+    #: [design gmem-inplace-conversion] per-page shareability lives in guest_memfd and changes
+    #: through KVM_SET_MEMORY_ATTRIBUTES2 on the file; INIT_SHARED is allowed on every VM type.
+    gmem_in_place_conversion: bool = False
+    #: [design gmem-inplace-conversion, settled in the series] the host fault checks shareability
+    #: and takes the folio under filemap_invalidate_lock_shared() (mmap_lock -> invalidate_lock),
+    #: so a conversion, which holds it for write, cannot pass between the check and the mapping.
+    gmem_fault_takes_invalidate_lock: bool = True
+    #: [design, under discussion] shared->private first unmaps every host mapping of the range
+    #: (unmap_mapping_pages), so only pins block it; off: a page the host still maps refuses the
+    #: conversion too (userspace must munmap first), as earlier revisions asked of the VMM.
+    gmem_conversion_unmaps_host: bool = True
+    #: [design, under discussion] shared->private is refused with -EAGAIN (error_offset set) while a
+    #: folio holds references beyond the page cache's (host mapping, GUP pin, a fault in flight);
+    #: off: nothing stops the conversion (the "just convert, the host will SIGBUS" position).
+    gmem_conversion_checks_refcount: bool = True
+
     def describe(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @property
+    def summary(self) -> str:
+        """The description's first line."""
+        return self.description.strip().splitlines()[0] if self.description.strip() else ""
 
 
 PROFILES: dict[str, Profile] = {
     "6.10": Profile(
         "6.10",
+        gmem_supported_flags=0,
+        gmem_all_vm_types=False,
+        description="Linux 6.10: fallocate() prepares guest_memfd folios; no -EEXIST from populate.",
         gmem_fallocate_prepares=True,
         gmem_prepare_tracking=False,
         gmem_populate_eexist=False,
@@ -51,9 +102,13 @@ PROFILES: dict[str, Profile] = {
         mmu_reload_frees_obsolete_roots=False,
         prefault_rejects_alias=False,
     ),
-    "6.18": Profile("6.18"),
+    "6.18": Profile(
+        "6.18",
+        description="Linux 6.18: TDX populate through kvm_tdp_map_page() (nr_premapped); uptodate = prepared.",
+    ),
     "7.0": Profile(
         "7.0",
+        description="Linux 7.0: TDX state ioctls take all the locks, PAGE.ADD in the S-EPT hook; per-page populate.",
         gmem_prepare_tracking=False,
         gmem_populate_eexist=False,
         gmem_populate_per_page_lock=True,
@@ -62,6 +117,35 @@ PROFILES: dict[str, Profile] = {
 }
 
 DEFAULT_PROFILE = "6.18"
+
+
+def design(name: str, base: str, description: str, **switches: Any) -> Profile:
+    """A design profile: kernel profile `base` with the switches where the proposal differs."""
+    return replace(PROFILES[base], name=name, kind="design", description=description, **switches)
+
+
+def register(profile: Profile) -> Profile:
+    """Add a profile to PROFILES (design profiles register themselves this way, one each)."""
+    PROFILES[profile.name] = profile
+    return profile
+
+
+register(
+    design(
+        "gmem-inplace-conversion",
+        "7.0",
+        """In-place shared/private conversion through guest_memfd (the guest_memfd conversion series
+of 2025-26, built on 6.18's mmap-able guest_memfd): shareability is tracked per page in the
+guest_memfd inode and changed with KVM_SET_MEMORY_ATTRIBUTES2 on the file; host faults on private
+pages get SIGBUS; shared->private unmaps the host and is refused (-EAGAIN, error_offset) while a
+page is still mapped or pinned. Based on 7.0 because the series relies on populate pinning its
+source before the invalidate lock (else mmap_lock and the invalidate lock are taken in both
+orders). Modeled: per-page shareability, the fault and conversion locking, the refcount check,
+invalidation of both mapping kinds. Not modeled: guest faults consulting the file's shareability
+(VM attributes still decide them), huge folios and their splitting.""",
+        gmem_in_place_conversion=True,
+    )
+)
 
 
 def get_profile(profile: str | Profile | None) -> Profile:

@@ -596,6 +596,19 @@ class MemoryAttributes(_UapiStruct):
 
 
 @dataclass(slots=True)
+class MemoryAttributes2(_UapiStruct):
+    """struct kvm_memory_attributes2 as the in-place conversion series proposes it (not in a
+    released kernel): on a guest_memfd, `offset` is the file offset (a union with `address`);
+    `error_offset` is out: where a conversion refused with -EAGAIN stopped."""
+
+    offset: int
+    size: int
+    attributes: int
+    flags: int = 0
+    error_offset: int = 0
+
+
+@dataclass(slots=True)
 class UserspaceMemoryRegion(_UapiStruct):
     """struct kvm_userspace_memory_region (include/uapi/linux/kvm.h), memslot v1."""
 

@@ -4,7 +4,7 @@ Importing this package attaches them, as loading a module registers its probes; 
 every VM created is watched. The model never imports it.
 """
 
-from . import invariants, snp, tdx
+from . import gmem_mmap, invariants, snp, tdx
 
 
 def attach() -> None:
@@ -12,6 +12,7 @@ def attach() -> None:
     invariants.attach()
     tdx.attach()
     snp.attach()
+    gmem_mmap.attach()
 
 
 attach()
@@ -24,3 +25,7 @@ def check_quiescent(vm: object) -> None:
         oracles = registry.get(vm)
         if oracles is not None:
             oracles.at_quiescence()
+    kvm = getattr(vm, "kvm", None)
+    host = gmem_mmap.ORACLES.get(kvm.mm) if kvm is not None else None
+    if host is not None:
+        host.at_quiescence()

@@ -19,6 +19,7 @@ from .. import uapi
 from ..host.pages import trace_mm_page_free
 from ..intervals import IntervalMap
 from ..kvm import trace as kvm_trace
+from ..kvm.guest_memfd import KVM_MEMSLOT_GMEM_ONLY
 from ..runtime import traps
 from ..runtime.failures import Violation
 from ..x86 import trace as x86_trace
@@ -215,7 +216,7 @@ class VmOracles:
         slot = vm.gfn_to_memslot(gfn, root.as_id)
         if slot is None:
             return None
-        if private:
+        if private or slot.flags & KVM_MEMSLOT_GMEM_ONLY:  # [6.18] shared memory from guest_memfd too
             file = slot.gmem_file
             if file is None:
                 return None

@@ -5,6 +5,13 @@ munmap() and madvise(MADV_DONTNEED) bracket the removal of host PTEs with
 using this mm), as ``mmu_notifier_invalidate_range_start/end`` do, while holding mmap_lock for
 write. KVM never holds a reference on a page it maps through a memslot; the notifier is all that
 stops it from mapping a freed page.
+
+A file can be mapped too (``mmap(length, fd=file, shared=True)``, for guest_memfd since 6.18): the
+VMA keeps a reference on the file and the file's ``i_mmap`` lists the VMAs that map it, so the
+file can unmap its pages from every process (``unmap_mapping_range``). A fault on such a VMA asks
+the file's fault handler for the page (``vm_ops->fault``), which either returns it locked with a
+reference for the PTE (VM_FAULT_LOCKED) or answers SIGBUS; a userspace access then raises
+``SigBus``, GUP fails with -EFAULT.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from ..intervals import IntervalMap
 from ..runtime import traps
 from ..runtime.failures import Violation
 from ..runtime.sync import RWSem, might_sleep
-from .pages import PAGE_SIZE, Folio, PageAllocator
+from .pages import PAGE_SIZE, Folio, PageAllocator, trace_mm_file_fault, trace_mm_host_access
 
 #: Host mappings start here (page number), like a typical x86-64 mmap base.
 MMAP_BASE_PAGE = 0x7F0000000
@@ -31,14 +38,54 @@ class MmuNotifier(Protocol):
     async def invalidate_range_end(self, start: int, end: int) -> None: ...
 
 
+class SigBus(Exception):
+    """SIGBUS delivered to the VMM for a userspace access the fault handler refused (VM_FAULT_SIGBUS)."""
+
+    def __init__(self, addr: int, reason: str) -> None:
+        super().__init__(f"SIGBUS at {addr:#x}: {reason}")
+        self.addr = addr
+        self.reason = reason
+
+
+class VmFaultSigbus(Exception):
+    """A file's fault handler returning VM_FAULT_SIGBUS (the mm turns it into SigBus or -EFAULT)."""
+
+
+class MappableFile(Protocol):
+    """What a file mapped into an mm provides (``file->f_op->mmap`` and ``vma->vm_ops->fault``)."""
+
+    @property
+    def i_mmap(self) -> list[tuple[Mm, Vma]]:
+        """``mapping->i_mmap``: (mm, vma) of every mapping of this file."""
+        ...
+
+    def mmap_check(self, shared: bool) -> None:
+        """f_op->mmap(): raise KvmError(errno) to refuse the mapping."""
+        ...
+
+    def get_file_active(self) -> Any:
+        """get_file(): the VMA's reference (None if the file is already gone)."""
+        ...
+
+    async def fput(self, *, returning_to_user: bool = False) -> None: ...
+
+    async def fault_user_mapping(self, pgoff: int, write: bool) -> Folio:
+        """vm_ops->fault(): the page at `pgoff`, locked, with a reference for the PTE; raises
+        VmFaultSigbus."""
+        ...
+
+
 @dataclass(frozen=True)
 class Vma:
-    """An anonymous mapping; `page_order` > 0 models THP/hugetlb backing."""
+    """A mapping: anonymous (`page_order` > 0 models THP/hugetlb backing) or of `file` at `pgoff`."""
 
     start: int  # page number
     end: int
     prot: int
     page_order: int
+    #: the mapped file (``vm_file``) and the file page at `start` (``vm_pgoff``); None: anonymous
+    file: Any = None
+    pgoff: int = 0
 
 
 class UserAddr(int):
@@ -74,11 +121,29 @@ class Mm:
 
     # -- mappings -------------------------------------------------------------------------
     def mmap(
-        self, length: int, *, prot: int = uapi.PROT_READ | uapi.PROT_WRITE, page_size: int = PAGE_SIZE
+        self,
+        length: int,
+        *,
+        prot: int = uapi.PROT_READ | uapi.PROT_WRITE,
+        page_size: int = PAGE_SIZE,
+        fd: MappableFile | None = None,
+        offset: int = 0,
+        shared: bool = False,
     ) -> UserAddr:
-        """Map anonymous memory; returns the address. `page_size` 2 MiB or 1 GiB models huge pages."""
+        """Map anonymous memory, or `fd` from `offset` (MAP_SHARED if `shared`); returns the address.
+        `page_size` 2 MiB or 1 GiB models huge anonymous pages.
+
+        mmap() holds mmap_lock for write; here it has no scheduling point inside, so no other task
+        can see the mapping half-built (what holding the lock guarantees), and it stays callable
+        from synchronous set-up code (``await mm.mmap(...)`` works as well).
+        """
+        length = uapi.check_int(length, "length", "mm.mmap")
+        prot = uapi.check_int(prot, "prot", "mm.mmap")
+        page_size = uapi.check_int(page_size, "page_size", "mm.mmap")
         if length <= 0:
             raise uapi.KvmError(uapi.EINVAL, "mmap length must be positive")
+        if fd is not None:
+            return self._mmap_file(length, prot, fd, uapi.check_int(offset, "offset", "mm.mmap"), bool(shared))
         if page_size not in (PAGE_SIZE, 512 * PAGE_SIZE, 512 * 512 * PAGE_SIZE):
             raise uapi.KvmError(uapi.EINVAL, "page_size must be 4 KiB, 2 MiB or 1 GiB")
         npages_per = page_size // PAGE_SIZE
@@ -88,24 +153,62 @@ class Mm:
         self.vmas.assign(start, start + pages, Vma(start, start + pages, prot, npages_per.bit_length() - 1))
         return UserAddr(start * PAGE_SIZE)
 
-    def _range(self, addr: int, length: int) -> tuple[int, int]:
+    def _mmap_file(self, length: int, prot: int, fd: MappableFile, offset: int, shared: bool) -> UserAddr:
+        """mm/mmap.c: do_mmap() of a file: offset checks, then the file's own ->mmap, then the VMA."""
+        if not hasattr(fd, "fault_user_mapping"):
+            raise uapi.KvmError(uapi.EBADF, "not a mappable open file")
+        if offset < 0 or offset % PAGE_SIZE:
+            raise uapi.KvmError(uapi.EINVAL, "mmap offset must be page aligned")
+        file = fd.get_file_active()
+        if file is None:
+            raise uapi.KvmError(uapi.EBADF, "file is closed")
+        try:
+            file.mmap_check(shared)
+        except BaseException:
+            file.refcount -= 1  # fput() of a reference that is not the last one
+            raise
+        pages = (length + PAGE_SIZE - 1) // PAGE_SIZE
+        start = self._next
+        self._next = start + pages + 1  # a guard gap between mappings
+        vma = Vma(start, start + pages, prot, 0, file, offset // PAGE_SIZE)
+        self.vmas.assign(start, start + pages, vma)
+        file.i_mmap.append((self, vma))
+        return UserAddr(start * PAGE_SIZE)
+
+    async def _unlink_file_vmas(self, vmas: list[Vma]) -> None:
+        """remove_vma(): a file VMA with no page left in the address space drops its file reference
+        (fput as task work: after mmap_lock is released, on the way back to userspace)."""
+        for vma in vmas:
+            if any(v is vma for _s, _e, v in self.vmas.overlaps(vma.start, vma.end)):
+                continue  # munmap split it and part of it is still mapped
+            vma.file.i_mmap.remove((self, vma))
+            await vma.file.fput(returning_to_user=True)
+
+    def _range(self, addr: int, length: int, call: str) -> tuple[int, int]:
+        addr = uapi.check_int(addr, "addr", call)
+        length = uapi.check_int(length, "length", call)
         if addr % PAGE_SIZE or length <= 0:
             raise uapi.KvmError(uapi.EINVAL, "address must be page aligned and length positive")
         return addr // PAGE_SIZE, (addr + length + PAGE_SIZE - 1) // PAGE_SIZE
 
     async def munmap(self, addr: int, length: int) -> None:
         """munmap(): notifiers see the range before the pages go, then the VMAs go too."""
-        start, end = self._range(addr, length)
+        start, end = self._range(addr, length, "mm.munmap")
+        files: list[Vma] = []
         await self.mmap_lock.down_write()
         try:
             await self._zap(start, end)
+            files = list({id(v): v for _s, _e, v in self.vmas.overlaps(start, end) if v.file is not None}.values())
             self.vmas.clear(start, end)
         finally:
             await self.mmap_lock.up_write()
+        if files:
+            await self._unlink_file_vmas(files)
 
     async def madvise(self, addr: int, length: int, advice: int) -> None:
         """madvise(): MADV_DONTNEED/MADV_REMOVE drop the pages (next touch gets zeros)."""
-        start, end = self._range(addr, length)
+        start, end = self._range(addr, length, "mm.madvise")
+        advice = uapi.check_int(advice, "advice", "mm.madvise")
         if advice in (uapi.MADV_DONTNEED, uapi.MADV_REMOVE, uapi.MADV_FREE):
             await self.mmap_lock.down_read()
             try:
@@ -156,6 +259,8 @@ class Mm:
         vma = self.vmas.get(page)
         if vma is None:
             raise uapi.KvmError(uapi.EFAULT, f"no mapping at {page * PAGE_SIZE:#x}")
+        if vma.file is not None:
+            return await self._fault_file(vma, page)
         might_sleep("handle_mm_fault()")
         await traps.point(self.mmap_lock)  # the page allocator may sleep
         npages = 1 << vma.page_order
@@ -177,16 +282,63 @@ class Mm:
         self.ptes.assign(base, base + npages, (new, base))
         return new, new.pfn + page - base
 
+    async def _fault_file(self, vma: Vma, page: int) -> tuple[Folio, int]:
+        """mm/memory.c: do_shared_fault() -> __do_fault() -> finish_fault(): the file hands over the
+        page locked with a reference; the PTE is installed before the page is unlocked, so a
+        truncation (which takes the page lock, then unmaps) cannot slip in between."""
+        might_sleep("handle_mm_fault()")
+        pgoff = vma.pgoff + page - vma.start
+        folio = await vma.file.fault_user_mapping(pgoff, True)
+        try:
+            await traps.point(self.mmap_lock)  # finish_fault(): the PTE lock
+            hit = self.ptes.get(page)
+            if hit is not None:
+                # Another thread's fault mapped it first (pte_none() failed): keep theirs.
+                self.allocator.put(folio)
+                f, base = hit
+                return f, f.pfn + page - base
+            if self.vmas.get(page) is not vma:
+                self.allocator.put(folio)
+                raise uapi.KvmError(uapi.EFAULT, f"mapping at {page * PAGE_SIZE:#x} went away")
+            self.ptes.assign(page, page + 1, (folio, page))
+            trace_mm_file_fault(self, page * PAGE_SIZE, vma.file, pgoff, folio)
+        finally:
+            lock = folio.lock
+            if lock is not None and lock.held_by_current():
+                await lock.unlock()
+        return folio, folio.pfn
+
     async def get_user_page(self, addr: int, write: bool = False) -> tuple[Folio, int]:
-        """get_user_pages() of one page: fault it in and return (folio, pfn) with a reference held."""
+        """get_user_pages() of one page: fault it in and return (folio, pfn) with a reference held.
+        A page the file refuses (VM_FAULT_SIGBUS) is -EFAULT, as GUP reports it."""
         page = addr // PAGE_SIZE
         await self.mmap_lock.down_read()
         try:
-            folio, pfn = await self._fault(page)
+            try:
+                folio, pfn = await self._fault(page)
+            except VmFaultSigbus as e:
+                raise uapi.KvmError(uapi.EFAULT, f"GUP at {addr:#x}: {e}") from None
             self.allocator.get(folio)
         finally:
             await self.mmap_lock.up_read()
         return folio, pfn
+
+    def vma_at(self, addr: int) -> Vma | None:
+        """find_vma() for exactly `addr` (None if nothing maps it)."""
+        return self.vmas.get(addr // PAGE_SIZE)
+
+    async def unmap_file_range(self, vma: Vma, pgoff_start: int, pgoff_end: int) -> int:
+        """mm/memory.c: unmap_mapping_range_vma() for one VMA of a file: zap the PTEs of file pages
+        [pgoff_start, pgoff_end) it maps (MMU notifiers fire); returns the number of pages zapped.
+        Runs under the file's i_mmap lock, not mmap_lock."""
+        lo = max(vma.start, vma.start + pgoff_start - vma.pgoff)
+        hi = min(vma.end, vma.start + pgoff_end - vma.pgoff)
+        if lo >= hi:
+            return 0
+        n = sum(e - s for s, e, _h in self.ptes.overlaps(lo, hi))
+        if n:
+            await self._zap(lo, hi)
+        return n
 
     def host_mapping_pages(self, addr: int) -> int:
         """Pages in the host mapping that covers `addr` (host_pfn_mapping_level): 1, 512 or 262144."""
@@ -199,13 +351,17 @@ class Mm:
     # -- the VMM touching its own memory ----------------------------------------------------
     async def write(self, addr: int, data: bytes) -> None:
         """A userspace store (memcpy into the mapping): faults pages in as needed."""
+        addr = uapi.check_int(addr, "addr", "mm.write")
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"mm.write() argument 'data' must be bytes, not {type(data).__name__}")
+        data = bytes(data)
         await self.mmap_lock.down_read()
         try:
             pos = 0
             while pos < len(data):
                 a = addr + pos
                 page, off = divmod(a, PAGE_SIZE)
-                folio, pfn = await self._fault(page)
+                folio, pfn = await self._user_fault(page, a)
                 self._check_host_write(pfn)
                 n = min(PAGE_SIZE - off, len(data) - pos)
                 folio.write_page(pfn - folio.pfn, off, data[pos : pos + n])
@@ -215,6 +371,8 @@ class Mm:
 
     async def read(self, addr: int, length: int) -> bytes:
         """A userspace load from the mapping."""
+        addr = uapi.check_int(addr, "addr", "mm.read")
+        length = uapi.check_int(length, "length", "mm.read")
         out = bytearray()
         await self.mmap_lock.down_read()
         try:
@@ -222,13 +380,24 @@ class Mm:
             while pos < length:
                 a = addr + pos
                 page, off = divmod(a, PAGE_SIZE)
-                folio, pfn = await self._fault(page)
+                folio, pfn = await self._user_fault(page, a, write=False)
                 n = min(PAGE_SIZE - off, length - pos)
                 out += folio.read_page(pfn - folio.pfn)[off : off + n]
                 pos += n
         finally:
             await self.mmap_lock.up_read()
         return bytes(out)
+
+    async def _user_fault(self, page: int, addr: int, write: bool = True) -> tuple[Folio, int]:
+        """A userspace access reaching the page: VM_FAULT_SIGBUS becomes the signal. Accesses to a
+        file's pages are announced (the oracles check what the host touches)."""
+        try:
+            folio, pfn = await self._fault(page)
+        except VmFaultSigbus as e:
+            raise SigBus(addr, str(e)) from None
+        if trace_mm_host_access.probes and folio.owner != "anon":
+            trace_mm_host_access(self, addr, folio, pfn, write)
+        return folio, pfn
 
     def _check_host_write(self, pfn: int) -> None:
         owner = self.write_protected.get(pfn)

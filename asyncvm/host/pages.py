@@ -21,6 +21,11 @@ ZERO_PAGE = bytes(PAGE_SIZE)
 #: include/trace/events/kmem.h: mm_page_free (allocator, folio), fired when the last reference
 #: goes, before the owner's free hook (e.g. guest_memfd's free_folio)
 trace_mm_page_free = Tracepoint("mm_page_free")
+#: mm/memory.c: finish_fault() of a file page (mm, addr, file, pgoff, folio): the host PTE is set
+trace_mm_file_fault = Tracepoint("mm_file_fault")
+#: a userspace load/store (mm, addr, folio, pfn, write) reaching a page that is not anonymous
+#: (fired by host/mm.py; the model's stand-in for the access itself, which has no kernel hook)
+trace_mm_host_access = Tracepoint("mm_host_access")
 
 
 class Folio:

@@ -25,12 +25,12 @@ from .. import uapi
 from ..host.mm import Mm, Vma, VmFaultSigbus
 from ..host.pages import Folio
 from ..intervals import IntervalMap
-from ..runtime import traps
+from ..runtime import hb, traps
 from ..runtime.failures import Violation
 from ..runtime.lockdep import lockdep_assert_held
 from ..runtime.sync import Mutex, RWSem, cond_resched, signal_pending
 from ..uapi import PAGE_SHIFT, KvmError
-from .attributes import kvm_range_has_memory_attributes
+from .attributes import kvm_range_has_memory_attributes, kvm_supported_mem_attributes
 from .invalidate import (
     KVM_FILTER_PRIVATE,
     KVM_FILTER_SHARED,
@@ -342,7 +342,7 @@ def kvm_gmem_get_invalidate_filter(inode: GmemInode) -> int:
 
 async def kvm_gmem_invalidate_begin(inode: GmemInode, start: int, end: int) -> None:
     """virt/kvm/guest_memfd.c: kvm_gmem_invalidate_begin() (6.8+): begin per VM with bindings in range."""
-    attr_filter = kvm_gmem_get_invalidate_filter(inode) if inode.flags else KVM_FILTER_PRIVATE
+    attr_filter = kvm_gmem_get_invalidate_filter(inode)
     for file in inode.files:
         vm = file.vm
         found = False
@@ -399,6 +399,81 @@ async def unmap_mapping_pages(inode: GmemInode, start: int, end: int) -> int:
     for mm, vma in list(inode.i_mmap):
         n += await mm.unmap_file_range(vma, start, end)
     return n
+
+
+# -- [design gmem-inplace-conversion] conversion through the guest_memfd ---------------------
+
+
+async def kvm_gmem_set_attributes(file: GuestMemfd, attrs: uapi.MemoryAttributes2) -> None:
+    """[design gmem-inplace-conversion] virt/kvm/guest_memfd.c: kvm_gmem_set_attributes() (the
+    in-place conversion series, 2025-26 revisions): KVM_SET_MEMORY_ATTRIBUTES2 on the file.
+
+    The struct's fields are __u64; checks in the series' order, each -EINVAL; a conversion the
+    file cannot make safely is -EAGAIN with ``error_offset`` naming the first page in the way.
+    """
+    vm = file.vm
+    inode = file.inode
+    if inode.shared is None:
+        raise KvmError(uapi.ENOTTY, "KVM_SET_MEMORY_ATTRIBUTES2 on a guest_memfd needs in-place conversion")
+    if file.refcount <= 0:
+        raise KvmError(uapi.EBADF, "guest_memfd is closed")
+    offset, size = uapi.u64(attrs.offset), uapi.u64(attrs.size)
+    attributes, flags = uapi.u64(attrs.attributes), uapi.u64(attrs.flags)
+    if flags or uapi.u64(attrs.error_offset):
+        raise KvmError(uapi.EINVAL, "flags and error_offset must be 0")
+    if attributes & ~kvm_supported_mem_attributes(vm):
+        raise KvmError(uapi.EINVAL, f"unsupported attributes {attributes:#x}")
+    if size == 0 or offset + size > uapi.U64_MAX:
+        raise KvmError(uapi.EINVAL, "size is 0 or offset + size wraps")
+    if offset % uapi.PAGE_SIZE or size % uapi.PAGE_SIZE:
+        raise KvmError(uapi.EINVAL, "offset and size must be page aligned")
+    if offset >= inode.size or offset + size > inode.size:
+        raise KvmError(uapi.EINVAL, "range beyond the guest_memfd size")
+    start = offset >> PAGE_SHIFT
+    err_index = await __kvm_gmem_set_attributes(file, start, start + (size >> PAGE_SHIFT), attributes)
+    if err_index is not None:
+        attrs.error_offset = err_index << PAGE_SHIFT
+        raise KvmError(uapi.EAGAIN, f"guest_memfd page {err_index:#x} is mapped or pinned by the host")
+
+
+def kvm_gmem_unsafe_for_conversion(inode: GmemInode, start: int, end: int) -> int | None:
+    """[design] kvm_gmem_is_safe_for_conversion(): every folio in range holds only the page
+    cache's reference (no host PTE, no pin, no fault in flight); the first that does not, or None."""
+    for s, _e, folio in inode.folios.overlaps(start, end):
+        if folio.refcount != 1:
+            return s
+    return None
+
+
+async def __kvm_gmem_set_attributes(file: GuestMemfd, start: int, end: int, attributes: int) -> int | None:
+    """[design] __kvm_gmem_set_attributes(): under the invalidate lock, unmap the host (to private),
+    refuse while anything else holds the pages, then invalidate and flip; returns the page in the
+    way (-EAGAIN) or None."""
+    inode = file.inode
+    shared = inode.shared
+    assert shared is not None
+    vm = file.vm
+    prof = vm.profile
+    to_private = bool(attributes & uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    await inode.invalidate_lock.down_write()
+    try:
+        if all(bool(v) != to_private for _s, _e, v in shared.overlaps(start, end)):
+            return None
+        if to_private:
+            if prof.gmem_conversion_unmaps_host and "gmem_convert_skips_unmap" not in vm.bugs:
+                await unmap_mapping_pages(inode, start, end)
+            if prof.gmem_conversion_checks_refcount and "gmem_convert_skips_unmap" not in vm.bugs:
+                bad = kvm_gmem_unsafe_for_conversion(inode, start, end)
+                if bad is not None:
+                    return bad
+        await kvm_gmem_invalidate_begin(inode, start, end)
+        shared.assign(start, end, not to_private)
+        trace_kvm_gmem_set_attributes(inode, start, end, attributes)
+        await traps.point(inode.invalidate_lock)
+        await kvm_gmem_invalidate_end(inode, start, end)
+    finally:
+        await inode.invalidate_lock.up_write()
+    return None
 
 
 # -- fallocate -------------------------------------------------------------------------------
@@ -555,6 +630,7 @@ async def kvm_gmem_get_pfn(vm: Vm, slot: Memslot, gfn: int) -> tuple[int, Folio,
         folio = await __kvm_gmem_get_pfn(file, slot, index)
         prof = vm.profile
         if prof.gmem_prepare_tracking:
+            hb.access(hb.LOAD_ACQUIRE, "folio_uptodate", folio)  # folio_test_uptodate()
             if not folio.uptodate:
                 folio.zero()
                 early = "mark_uptodate_before_prepare" in vm.bugs
@@ -567,6 +643,7 @@ async def kvm_gmem_get_pfn(vm: Vm, slot: Memslot, gfn: int) -> tuple[int, Folio,
                     await folio_unlock(folio)
                     vm.kvm.allocator.put(folio)
                     raise KvmError(-r if r < 0 else r, "arch prepare hook failed")
+                hb.access(hb.STORE_RELEASE, "folio_uptodate", folio)  # folio_mark_uptodate()
                 folio.uptodate = True
         elif prof.gmem_fallocate_prepares:
             # [6.8-6.10]: a folio is zeroed and prepared when it is allocated.
@@ -677,6 +754,7 @@ async def _populate_one(
     except KvmError as e:
         return -(e.errno or uapi.EIO)
     try:
+        hb.access(hb.LOAD_ACQUIRE, "folio_uptodate", folio)  # folio_test_uptodate()
         if vm.profile.gmem_populate_eexist and folio.uptodate and "populate_skips_uptodate_check" not in vm.bugs:
             await folio_unlock(folio)
             return -uapi.EEXIST
@@ -692,6 +770,7 @@ async def _populate_one(
         finally:
             trace_kvm_gmem_populated(vm, gfn, folio.pfn, r)
         if r == 0:
+            hb.access(hb.STORE_RELEASE, "folio_uptodate", folio)  # kvm_gmem_mark_prepared()
             folio.uptodate = True
             traps.emit("gmem_populated", vm, gfn=gfn, pfn=folio.pfn)
         return r

@@ -10,6 +10,7 @@ from ..host.pages import PageAllocator
 from ..profile import Profile, get_profile
 from ..uapi import KvmError
 from .arch import KvmArchOps, kvm_arch_ops
+from .guest_memfd import kvm_gmem_get_supported_flags
 from .vm import Vm
 
 
@@ -44,6 +45,9 @@ class Kvm:
             return 1
         if cap == uapi.KVM_CAP_MEMORY_ATTRIBUTES:
             return uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE
+        if cap == uapi.KVM_CAP_GUEST_MEMFD_FLAGS:
+            # kvm_gmem_get_supported_flags(NULL): every flag the kernel knows
+            return kvm_gmem_get_supported_flags(None, self.profile.gmem_supported_flags)
         return 0
 
     async def create_vm(self, vm_type: int = uapi.KVM_X86_DEFAULT_VM) -> Vm:

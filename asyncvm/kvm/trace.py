@@ -34,6 +34,12 @@ trace_kvm_mmu_invalidate_end = Tracepoint("kvm_mmu_invalidate_end")
 trace_kvm_gmem_populate = Tracepoint("kvm_gmem_populate")
 #: kvm_gmem_populate(vm, gfn, pfn, r): post_populate returned r (0: the page is in the image)
 trace_kvm_gmem_populated = Tracepoint("kvm_gmem_populated")
+#: truncate_inode_pages_range() of a guest_memfd the host may map (inode, index, folio): the
+#: folio has left the page cache (and, unless a bug skipped it, every host PTE of it is gone)
+trace_kvm_gmem_truncate_folio = Tracepoint("kvm_gmem_truncate_folio")
+#: [design gmem-inplace-conversion] __kvm_gmem_set_attributes(inode, start, end, attributes):
+#: page offsets [start, end) just changed shareability, inside the invalidation
+trace_kvm_gmem_set_attributes = Tracepoint("kvm_gmem_set_attributes")
 #: kvm_vm_bugged(vm, reason): KVM_BUG_ON() fired
 trace_kvm_vm_bugged = Tracepoint("kvm_vm_bugged")
 #: WARN_ON_ONCE() fired in a function of `vm`'s (vm, message)

@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING, Any
 
 from .. import uapi
 from ..intervals import IntervalMap
-from ..runtime import traps
+from ..runtime import hb, traps
 from ..runtime.sync import SRCU, Mutex, RWLock, SpinLock, WaitQueue, Word
 from ..uapi import PAGE_SHIFT, KvmError
 from . import attributes as attrs_mod
-from .guest_memfd import GuestMemfd, kvm_gmem_bind, kvm_gmem_create, kvm_gmem_unbind
+from .guest_memfd import GuestMemfd, kvm_gmem_bind, kvm_gmem_create, kvm_gmem_get_supported_flags, kvm_gmem_unbind
 from .invalidate import INVALID_GPA, KvmMmuNotifier
 from .memslots import Memslot, Memslots
 from .trace import trace_kvm_create_vm, trace_kvm_vm_bugged
@@ -138,9 +138,10 @@ class Vm:
         if cap == uapi.KVM_CAP_MEMORY_ATTRIBUTES:
             return attrs_mod.kvm_supported_mem_attributes(self)
         if cap == uapi.KVM_CAP_GUEST_MEMFD:
-            return int(self.ops.has_private_mem(self))
+            # [>=6.18] 1 for every VM type; before, only where there is private memory
+            return int(self.profile.gmem_all_vm_types or self.ops.has_private_mem(self))
         if cap == uapi.KVM_CAP_GUEST_MEMFD_FLAGS:
-            return self.profile.gmem_supported_flags
+            return kvm_gmem_get_supported_flags(self, self.profile.gmem_supported_flags)
         if cap == uapi.KVM_CAP_USER_MEMORY2:
             return 1
         if cap == uapi.KVM_CAP_NR_MEMSLOTS:
@@ -236,7 +237,8 @@ class Vm:
     def _check_memory_region_flags(self, mem: uapi.UserspaceMemoryRegion2) -> None:
         """virt/kvm/kvm_main.c: check_memory_region_flags()"""
         valid = uapi.KVM_MEM_LOG_DIRTY_PAGES | uapi.KVM_MEM_READONLY
-        if self.ops.has_private_mem(self):
+        # [>=6.18] IS_ENABLED(CONFIG_KVM_GUEST_MEMFD); before, kvm_arch_has_private_mem()
+        if self.profile.gmem_all_vm_types or self.ops.has_private_mem(self):
             valid |= uapi.KVM_MEM_GUEST_MEMFD
         if mem.flags & uapi.KVM_MEM_GUEST_MEMFD:
             valid &= ~(uapi.KVM_MEM_LOG_DIRTY_PAGES | uapi.KVM_MEM_READONLY)
@@ -314,6 +316,7 @@ class Vm:
             await self.mn_invalidate_lock.lock()
         self.generation += 2
         new.generation = self.generation
+        hb.access(hb.STORE_RELEASE, "memslots", self, as_id)  # rcu_assign_pointer()
         self.memslots[as_id] = new
         self.mmu_word.write()
         traps.emit("memslots_publish", self, as_id=as_id, generation=self.generation)

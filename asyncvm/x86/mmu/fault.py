@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 from ... import uapi
 from ...host.pages import Folio
-from ...kvm.guest_memfd import kvm_gmem_get_pfn
+from ...kvm.guest_memfd import KVM_MEMSLOT_GMEM_ONLY, kvm_gmem_get_pfn
 from ...kvm.invalidate import mmu_invalidate_retry_gfn, mmu_invalidate_retry_gfn_unsafe
 from ...kvm.memslots import Memslot
-from ...runtime import traps
+from ...runtime import hb, traps
 from ...runtime.failures import Violation
 from ...runtime.sync import alloc_fails, signal_pending
 from ...uapi import PAGE_SHIFT, KvmError
@@ -69,6 +69,9 @@ def kvm_is_gfn_alias(vm: Any, gfn: int) -> bool:
 
 def kvm_mmu_fault_snapshot(vcpu: Vcpu, fault: KvmPageFault) -> None:
     """mmu.c: kvm_mmu_faultin_pfn(): ``fault->mmu_seq = kvm->mmu_invalidate_seq; smp_rmb()``."""
+    # A plain load then smp_rmb() in the kernel, paired with the writer's ordering under
+    # mmu_lock: the protocol tolerates the race, so it counts as marked.
+    hb.access(hb.READ_ONCE, "mmu_invalidate_seq", vcpu.vm)
     fault.mmu_seq = vcpu.vm.mmu_invalidate_seq
     trace_kvm_mmu_fault_snapshot(vcpu, fault)
 
@@ -83,6 +86,7 @@ async def kvm_mmu_do_page_fault(vcpu: Vcpu, gpa: int, error_code: int, prefetch:
     """mmu_internal.h: kvm_mmu_do_page_fault() (6.10+ synthetic private bit): returns (r, level)."""
     vm = vcpu.vm
     gfn = (gpa >> PAGE_SHIFT) & ~vm.arch.gfn_direct_bits
+    hb.access(hb.LOAD_ACQUIRE, "memslots", vm, vcpu.arch.mmu.as_id)  # srcu_dereference()
     fault = KvmPageFault(
         addr=gpa,
         error_code=error_code,
@@ -166,6 +170,7 @@ async def kvm_mmu_faultin_pfn(vcpu: Vcpu, fault: KvmPageFault) -> int:
     # 2. snapshot the invalidation sequence before reading anything the mapping depends on
     await traps.point(vm)
     kvm_mmu_fault_snapshot(vcpu, fault)
+    hb.access(hb.READ_ONCE, "mem_attr_array", vm)  # xa_load() under RCU
     if fault.is_private != vm.mem_is_private(fault.gfn):
         kvm_mmu_prepare_memory_fault_exit(vcpu, fault)
         return -uapi.EFAULT
@@ -184,8 +189,8 @@ async def kvm_mmu_faultin_pfn(vcpu: Vcpu, fault: KvmPageFault) -> int:
     # 7. lockless pre-check
     if "drop_invalidate_retry" not in vm.bugs and mmu_invalidate_retry_gfn_unsafe(vm, fault.mmu_seq, fault.gfn):
         return RET_PF_RETRY
-    # 8./9. resolve the pfn (may sleep)
-    if fault.is_private:
+    # 8./9. resolve the pfn (may sleep); [6.18] a guest_memfd-only slot resolves shared faults there too
+    if fault.is_private or slot.flags & KVM_MEMSLOT_GMEM_ONLY:
         if not slot.has_gmem():
             kvm_mmu_prepare_memory_fault_exit(vcpu, fault)
             return -uapi.EFAULT
@@ -194,7 +199,13 @@ async def kvm_mmu_faultin_pfn(vcpu: Vcpu, fault: KvmPageFault) -> int:
         except KvmError as e:
             kvm_mmu_prepare_memory_fault_exit(vcpu, fault)
             return -(e.errno or uapi.EFAULT)
-        fault.max_level = min(fault.max_level, vm.arch.kvm_x86_ops.private_max_mapping_level(vm))
+        if fault.is_private:
+            fault.max_level = min(fault.max_level, vm.arch.kvm_x86_ops.private_max_mapping_level(vm))
+        else:
+            # kvm_mmu_faultin_pfn_gmem(): max_order 0 (guest_memfd folios are order 0), writable
+            # unless the slot is read-only
+            fault.max_level = PG_LEVEL_4K
+            fault.map_writable = not slot.flags & uapi.KVM_MEM_READONLY
     else:
         r = await _faultin_shared(vcpu, fault, slot)
         if r != RET_PF_CONTINUE:
@@ -301,6 +312,7 @@ async def kvm_tdp_mmu_map(vcpu: Vcpu, fault: KvmPageFault) -> int:
         if level <= fault.goal_level:
             break
         base = align(gfn, level)
+        hb.access(hb.READ_ONCE, "spte", root, level, base)  # the walk: kvm_tdp_mmu_read_spte()
         spte = root.get(level, base)
         if spte is FROZEN:
             return RET_PF_RETRY
@@ -321,6 +333,7 @@ async def kvm_tdp_mmu_map(vcpu: Vcpu, fault: KvmPageFault) -> int:
 async def _split_huge_spte(mmu: Any, root: Root, level: int, base: int, spte: Leaf) -> bool:
     """tdp_mmu.c: tdp_mmu_split_huge_page(): the children map what the huge SPTE mapped."""
     await traps.point(root)
+    hb.access(hb.ATOMIC_RMW, "spte", root, level, base)  # tdp_mmu_link_sp() with shared=true
     if root.get(level, base) is not spte:
         return False
     child = Leaf(spte.delta, level - 1, spte.writable, spte.private, spte.accessed)
@@ -336,6 +349,7 @@ async def _map_target_level(vcpu: Vcpu, fault: KvmPageFault, root: Root) -> int:
     vm = vcpu.vm
     level = fault.goal_level
     base = align(fault.gfn, level)
+    hb.access(hb.READ_ONCE, "spte", root, level, base)
     old = root.get(level, base)
     if old is FROZEN:
         return RET_PF_RETRY
