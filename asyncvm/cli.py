@@ -680,7 +680,9 @@ def profiles() -> None:
 
 @app.command()
 def compare(
-    scenario: Annotated[str, typer.Argument(help="A registered scenario (see `asyncvm scenarios`).", metavar="SCENARIO")],
+    scenario: Annotated[
+        str, typer.Argument(help="A registered scenario (see `asyncvm scenarios`).", metavar="SCENARIO")
+    ],
     profiles: Annotated[
         str, typer.Option("--profiles", metavar="A,B,...", help="The profiles to compare (see `asyncvm profiles`).")
     ],
