@@ -66,3 +66,11 @@ def model_site(e: BaseException) -> str:
             site = f"{code.co_filename.rsplit('/', 1)[-1]}:{code.co_name}"
         tb = tb.tb_next
     return site
+
+
+def short_site(site: Site) -> str:
+    """``file.py:function``: a site that does not move when lines are added (for signatures)."""
+    if site is None:
+        return "?"
+    code = site[0]
+    return f"{code.co_filename.rsplit('/', 1)[-1]}:{code.co_name}"

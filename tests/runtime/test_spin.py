@@ -59,7 +59,7 @@ def test_a_spinner_re_checks_only_after_a_write() -> None:
         assert r.steps <= s.steps
 
 
-def test_a_spinner_nobody_releases_is_a_livelock() -> None:
+def test_a_spinner_nobody_releases_is_a_hang() -> None:
     word = Word("never written")
 
     async def main() -> None:
@@ -67,7 +67,7 @@ def test_a_spinner_nobody_releases_is_a_livelock() -> None:
             await spin_wait(word, word.version)
 
     r = run(main, 0, max_steps=500)
-    assert r.failure is not None and r.failure.kind == "livelock", r.failure
+    assert r.failure is not None and r.failure.kind == "hang", r.failure
 
 
 def test_a_task_alone_passes_its_points_without_a_decision() -> None:

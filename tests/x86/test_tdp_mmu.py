@@ -115,13 +115,22 @@ def test_memslot_delete_then_prefault_frees_the_obsolete_root() -> None:
 def test_610_prefault_on_an_obsolete_root_only_returns_through_a_signal() -> None:
     """Before [~6.15] kvm_mmu_reload() ignored KVM_REQ_MMU_FREE_OBSOLETE_ROOTS: the vCPU keeps its
     invalid root and is_page_fault_stale() returns RET_PF_RETRY on every attempt, so the [6.11]
-    kvm_tdp_map_page() loop ends only when signal_pending() makes it -EINTR (no progress)."""
-    out: dict[str, Any] = {}
-    result = run_once(delete_then_prefault, profile="6.10", data_probs={}, out=out)
-    assert_clean(result)
-    assert out["after_delete"] == (True, 1, True)
-    assert (out["errno"], out["size"]) == (uapi.EINTR, 4 * PAGE)
-    assert not out["old_freed"] and not out["new_root"], "the obsolete root is still loaded"
+    kvm_tdp_map_page() loop ends only when signal_pending() makes it -EINTR (no progress): a hung
+    task, reported as a hang at the loop (issue 14)."""
+    ended_by_signal = 0
+    for seed in range(1, 11):
+        out: dict[str, Any] = {}
+        result = run_once(delete_then_prefault, seed=seed, profile="6.10", data_probs={}, out=out)
+        if "after_delete" not in out:
+            continue  # a signal stopped the set-up's own pre-fault first
+        assert out["after_delete"] == (True, 1, True)
+        assert (out["errno"], out["size"]) == (uapi.EINTR, 4 * PAGE)
+        assert not out["old_freed"] and not out["new_root"], "the obsolete root is still loaded"
+        if result.failure is None:
+            continue  # the signal came within the first re-checks: not yet told from a BUSY retry
+        assert result.failure.signature == "hang:prefault.py:kvm_tdp_map_page", result.failure
+        ended_by_signal += 1
+    assert ended_by_signal
 
 
 def test_610_prefault_on_an_obsolete_root_is_a_livelock_without_signals() -> None:
@@ -137,8 +146,8 @@ def test_610_prefault_on_an_obsolete_root_is_a_livelock_without_signals() -> Non
         data_probs={"signal": 0.0},
         max_steps=5_000,
     )
-    assert report.failures and {f.kind for f in report.failures} == {"livelock"}, report.summary()
-    assert report.failures[0].signature == "livelock:main"
+    assert report.failures and {f.kind for f in report.failures} == {"hang"}, report.summary()
+    assert report.failures[0].signature == "hang:prefault.py:kvm_tdp_map_page"
 
 
 # -- range-based SPTE state ---------------------------------------------------------------------
