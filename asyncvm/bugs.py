@@ -18,6 +18,8 @@ class Bug:
     changes: str
     kernel: str
     scenario: str
+    #: the profile the bug is a mistake against (a design's own bugs need that design)
+    profile: str = "6.18"
 
 
 BUGS: dict[str, Bug] = {
@@ -62,6 +64,45 @@ BUGS: dict[str, Bug] = {
             "overlapping invalidation's range is forgotten while it is still in flight",
             "virt/kvm/kvm_main.c: kvm_mmu_invalidate_range_add()",
             "prefault_vs_munmap",
+        ),
+        Bug(
+            "gmem_fault_ignores_init_shared",
+            "the guest_memfd user-mapping fault hands out pages of a file created without "
+            "GUEST_MEMFD_FLAG_INIT_SHARED (private memory) instead of answering SIGBUS",
+            "virt/kvm/guest_memfd.c: kvm_gmem_fault_user_mapping() (6.18)",
+            "gmem_mmap_coco_refuses",
+        ),
+        Bug(
+            "punch_hole_skips_unmap_mapping",
+            "PUNCH_HOLE truncates guest_memfd folios without unmapping them from the host first, so "
+            "the VMM keeps accessing a folio the file has dropped while the guest gets a new one",
+            "mm/truncate.c: truncate_inode_folio() -> unmap_mapping_folio(), via kvm_gmem_punch_hole()",
+            "gmem_host_write_vs_prefault_vs_punch_hole",
+        ),
+        Bug(
+            "gmem_fault_unlocks_early",
+            "the guest_memfd user-mapping fault unlocks the folio before the host PTE is set "
+            "(VM_FAULT_LOCKED not returned), so a PUNCH_HOLE in between leaves the host mapping a "
+            "truncated folio",
+            "virt/kvm/guest_memfd.c: kvm_gmem_fault_user_mapping(); mm/memory.c: finish_fault()",
+            "gmem_host_write_vs_prefault_vs_punch_hole",
+        ),
+        Bug(
+            "gmem_fault_skips_invalidate_lock",
+            "[design gmem-inplace-conversion] the host fault reads the page's shareability without "
+            "filemap_invalidate_lock_shared(), so a conversion to private can pass between the "
+            "check and the mapping",
+            "virt/kvm/guest_memfd.c: kvm_gmem_fault_user_mapping() (in-place conversion series)",
+            "gmem_conversion_vs_host_fault",
+            "gmem-inplace-conversion",
+        ),
+        Bug(
+            "gmem_convert_skips_unmap",
+            "[design gmem-inplace-conversion] shared->private conversion does not unmap the host "
+            "mappings of the range (and does not check refcounts), leaving the VMM mapping a private page",
+            "virt/kvm/guest_memfd.c: __kvm_gmem_set_attributes() (in-place conversion series)",
+            "gmem_conversion_vs_host_fault",
+            "gmem-inplace-conversion",
         ),
     ]
 }

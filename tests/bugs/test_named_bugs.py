@@ -18,7 +18,7 @@ DEFAULT = {"strategy": "pct", "runs": 1000, "seed": 0}
 @pytest.mark.parametrize("name", sorted(BUGS))
 def test_default_campaign_finds_and_shrinks_the_bug(name: str) -> None:
     bug = BUGS[name]
-    report = asyncvm.explore(bug.scenario, bugs=[name], stop_on_first_failure=True, **DEFAULT)
+    report = asyncvm.explore(bug.scenario, bugs=[name], stop_on_first_failure=True, profile=bug.profile, **DEFAULT)
     assert report.failures, f"{name} not found by the default campaign on {bug.scenario}"
     found = report.failures[0]
     fn = REGISTRY[bug.scenario].fn
@@ -30,9 +30,9 @@ def test_default_campaign_finds_and_shrinks_the_bug(name: str) -> None:
     assert again.failure is not None and again.failure.signature == found.signature
 
 
-@pytest.mark.parametrize("scenario", sorted({b.scenario for b in BUGS.values()}))
-def test_bug_scenarios_are_clean_without_bugs(scenario: str) -> None:
-    report = asyncvm.explore(scenario, **DEFAULT)
+@pytest.mark.parametrize(("scenario", "profile"), sorted({(b.scenario, b.profile) for b in BUGS.values()}))
+def test_bug_scenarios_are_clean_without_bugs(scenario: str, profile: str) -> None:
+    report = asyncvm.explore(scenario, profile=profile, **DEFAULT)
     assert report.ok, report.summary()
 
 
