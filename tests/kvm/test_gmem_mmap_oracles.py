@@ -9,6 +9,7 @@ import pytest
 import asyncvm
 from asyncvm import KvmError, SigBus, uapi
 from asyncvm.profile import PROFILES, design, register
+from asyncvm.runtime.sync import cond_resched
 
 from .helpers import PAGE, run_failing, run_once
 
@@ -267,3 +268,70 @@ def test_lockdep_sees_mmap_lock_against_the_invalidate_lock() -> None:
 def test_lockdep_clean_on_6_18() -> None:
     """6.18's host fault takes only the folio lock under mmap_lock: no cycle."""
     run_once(_host_fault_then_snp_populate)
+
+
+# -- mm->mmap_lock: an rwsem with writer preference, in lockdep's graph ------------------------
+
+
+def test_host_fault_orders_mmap_lock_before_the_folio_lock() -> None:
+    """mm/memory.c: a fault runs under mmap_lock (read) and guest_memfd takes the folio lock in it."""
+
+    async def body(kvm: asyncvm.Kvm) -> None:
+        _vm, _gmem, mem = await mapped(kvm, MMAP | INIT_SHARED)
+        await kvm.mm.write(mem, b"x")
+
+    result = run_once(body)
+    pairs = {(e.before, e.after) for e in result.lockdep_edges}
+    assert ("mm->mmap_lock", "folio_lock") in pairs
+    assert ("mm->mmap_lock", "mapping->invalidate_lock") not in pairs  # 6.18: no invalidate lock
+
+
+def test_inplace_host_fault_orders_mmap_lock_before_the_invalidate_lock() -> None:
+    async def body(kvm: asyncvm.Kvm) -> None:
+        _vm, _gmem, mem = await mapped(kvm, MMAP | INIT_SHARED, uapi.KVM_X86_SW_PROTECTED_VM)
+        await kvm.mm.write(mem, b"x")
+
+    result = run_once(body, profile=INPLACE)
+    pairs = {(e.before, e.after) for e in result.lockdep_edges}
+    assert ("mm->mmap_lock", "mapping->invalidate_lock") in pairs
+
+
+def _mmap_lock_read_twice(recurse: bool) -> object:
+    async def body(kvm: asyncvm.Kvm) -> None:
+        _vm, _gmem, mem = await mapped(kvm, MMAP | INIT_SHARED)
+        other = await kvm.mm.mmap(PAGE)
+        lock = kvm.mm.mmap_lock
+
+        async def reader() -> None:
+            await lock.down_read()
+            try:
+                # A GUP from inside a section that already holds mmap_lock for read (the
+                # recursion mm/ forbids: a queued writer blocks the second down_read).
+                if recurse:
+                    folio, _pfn = await kvm.mm.get_user_page(mem)
+                    kvm.allocator.put(folio)
+                else:
+                    await cond_resched()
+            finally:
+                await lock.up_read()
+
+        async def unmapper() -> None:
+            await kvm.mm.munmap(other, PAGE)  # down_write
+
+        async with asyncvm.TaskGroup() as tg:
+            tg.spawn(reader, name="vmm_reader")
+            tg.spawn(unmapper, name="munmap")
+
+    return body
+
+
+def test_mmap_lock_writer_preference_deadlocks_a_recursive_reader() -> None:
+    """rwsem writer preference: reader holds mmap_lock, munmap queues for write, the reader's
+    second down_read waits behind the writer: some schedule deadlocks, and the runtime says so."""
+    report = asyncvm.explore(_mmap_lock_read_twice(True), strategy="random", runs=200, seed=0)
+    assert report.failures and report.failures[0].kind == "deadlock", report.summary()
+
+
+def test_mmap_lock_reader_and_writer_clean() -> None:
+    report = asyncvm.explore(_mmap_lock_read_twice(False), strategy="random", runs=200, seed=0)
+    assert report.ok, report.summary()
