@@ -18,6 +18,8 @@ class Bug:
     changes: str
     kernel: str
     scenario: str
+    #: found only by the data-race detector (check/races.py): campaigns with it turn the detector on
+    detect_races: bool = False
     #: the profile the bug is a mistake against (a design's own bugs need that design)
     profile: str = "6.18"
 
@@ -64,6 +66,15 @@ BUGS: dict[str, Bug] = {
             "overlapping invalidation's range is forgotten while it is still in flight",
             "virt/kvm/kvm_main.c: kvm_mmu_invalidate_range_add()",
             "prefault_vs_munmap",
+        ),
+        Bug(
+            "plain_spte_store",
+            "tdp_mmu_set_spte_atomic() stores the new SPTE with a plain write instead of try_cmpxchg64(), "
+            "so a concurrent fault's update of the same SPTE is silently overwritten (only the race "
+            "detector sees it: the campaign turns it on)",
+            "arch/x86/kvm/mmu/tdp_mmu.c: tdp_mmu_set_spte_atomic() / __tdp_mmu_set_spte_atomic()",
+            "prefault_vs_punch_hole",
+            detect_races=True,
         ),
         Bug(
             "gmem_fault_ignores_init_shared",
@@ -120,3 +131,8 @@ def check_bug_names(names: Iterable[str]) -> None:
     unknown = sorted(set(names) - set(BUGS))
     if unknown:
         raise ValueError(unknown_bug(unknown[0]))
+
+
+def needs_race_detector(names: Iterable[str]) -> bool:
+    """Whether one of these bugs is visible only to the data-race detector."""
+    return any(BUGS[n].detect_races for n in names if n in BUGS)

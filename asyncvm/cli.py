@@ -303,6 +303,13 @@ def stress(
         Path | None,
         typer.Option(metavar="FILE", help="Run the campaigns of a suite file (stress/*.toml) instead of SCENARIO."),
     ] = None,
+    race_detector: Annotated[
+        bool,
+        typer.Option(
+            "--race-detector",
+            help="Also report data races (happens-before, KCSAN's rule); executions run about 1.5x slower.",
+        ),
+    ] = False,
 ) -> None:
     """Run a stress campaign: many schedules of a scenario.
 
@@ -373,6 +380,7 @@ def stress(
             preemptions=2 if preemptions is None else preemptions,
             runs=runs if runs is not None else (UNBOUNDED if time_budget else 1000),
             stop_on_first_failure=stop_on_first_failure,
+            detect_races=race_detector,
         )
     else:
         try:

@@ -72,19 +72,22 @@ def executions_per_second(quick: bool, tick: Tick) -> dict[str, Any]:
     load_bundled()
     runs = 200 if quick else 1250
     scenario, params = THROUGHPUT
-    strategies = ("random", "pct")
+    # (row, strategy, race detector): the detector's cost is the last row against pct
+    variants = (("random", "random", False), ("pct", "pct", False), ("pct+race_detector", "pct", True))
     bares: list[float] = []
     rows: dict[str, Any] = {}
-    for i, strategy in enumerate(strategies):
+    for i, (row, strategy, detect) in enumerate(variants):
 
-        def done(n: int, i: int = i, strategy: str = strategy) -> None:
-            tick(i * runs + n, len(strategies) * runs, strategy)
+        def done(n: int, i: int = i, row: str = row) -> None:
+            tick(i * runs + n, len(variants) * runs, row)
 
         chunks = _Chunks(done)
-        report = explore(scenario, strategy=strategy, runs=runs, seed=0, params=params, progress=chunks)
+        report = explore(
+            scenario, strategy=strategy, runs=runs, seed=0, params=params, progress=chunks, detect_races=detect
+        )
         bares += chunks.bares
         eps, sps = max(chunks.rates)
-        rows[strategy] = {
+        rows[row] = {
             "runs": report.runs,
             "timed_chunks": len(chunks.rates),
             "executions_per_second": round(eps, 1),
@@ -105,6 +108,9 @@ def executions_per_second(quick: bool, tick: Tick) -> dict[str, Any]:
         "bare_send_us": round(bare_us, 4),
         "bare_send_samples": len(bares),
         "strategies": rows,
+        "race_detector_slowdown": round(
+            rows["pct"]["executions_per_second"] / rows["pct+race_detector"]["executions_per_second"], 2
+        ),
         "target_sends_per_execution": 8000,
         "target_executions_per_second": 1000,
     }

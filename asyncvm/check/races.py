@@ -128,32 +128,50 @@ class RaceDetector:
             return
         self.accesses += 1
         vc = self._clock(task)
-        tid = task.tid
         if kind in _ACQUIRES:
             released = self.word_released.get(word)
             if released is not None:
                 _join(vc, released)
-        writes = kind in _WRITES
-        plain = kind in _PLAIN
         seen = self.words.get(word)
         if seen is None:
             seen = self.words[word] = {}
+        if kind == hb.PLAIN_RMW:
+            # ``x++``: a plain load, then an aligned word store that KCSAN's default
+            # (CONFIG_KCSAN_ASSUME_PLAIN_WRITES_ATOMIC) does not count as plain. So a lockless
+            # READ_ONCE() of a counter its writers update under a lock is no race, but two
+            # updates that nothing orders are (the load of one against the store of the other).
+            self._check(seen, word, task.tid, vc, False, True, kind, site)
+            self._check(seen, word, task.tid, vc, True, False, kind, site)
         else:
-            n = len(vc)
-            for (u, u_writes, u_plain), (epoch, u_kind, u_site) in seen.items():
-                if u == tid or not (writes or u_writes) or not (plain or u_plain):
-                    continue
-                if u < n and epoch <= vc[u]:
-                    continue  # that access happens before this one
-                self._report(word, (u, u_kind, u_site), (tid, kind, site))
-        seen[(tid, writes, plain)] = (vc[tid], kind, site)
+            self._check(seen, word, task.tid, vc, kind in _WRITES, kind in _PLAIN, kind, site)
         if kind in _RELEASES:
             into = self.word_released.get(word)
             if into is None:
                 self.word_released[word] = list(vc)
             else:
                 _join(into, vc)
-            vc[tid] += 1
+            vc[task.tid] += 1
+
+    def _check(
+        self,
+        seen: dict[tuple[int, bool, bool], tuple[int, int, Site]],
+        word: Hashable,
+        tid: int,
+        vc: list[int],
+        writes: bool,
+        plain: bool,
+        kind: int,
+        site: Site,
+    ) -> None:
+        """Report the first earlier access of another task this one races with, then record it."""
+        n = len(vc)
+        for (u, u_writes, u_plain), (epoch, u_kind, u_site) in seen.items():
+            if u == tid or not (writes or u_writes) or not (plain or u_plain):
+                continue
+            if u < n and epoch <= vc[u]:
+                continue  # that access happens before this one
+            self._report(word, (u, u_kind, u_site), (tid, kind, site))
+        seen[(tid, writes, plain)] = (vc[tid], kind, site)
 
     def _report(self, word: Hashable, first: tuple[int, int, Site], second: tuple[int, int, Site]) -> None:
         key = word if isinstance(word, tuple) else (word,)

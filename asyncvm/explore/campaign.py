@@ -140,6 +140,7 @@ class CampaignSpec:
     max_steps: int = DEFAULT_MAX_STEPS
     data_probs: dict[str, float] = field(default_factory=dict)
     lockdep: bool = True
+    detect_races: bool = False
     strategy: str = "pct"
     seed: int = 0
     depth: int = 3
@@ -160,6 +161,7 @@ class CampaignSpec:
             self.max_steps,
             dict(self.data_probs),
             self.lockdep,
+            detect_races=self.detect_races,
         )
 
     def strategy_description(self) -> dict[str, Any]:

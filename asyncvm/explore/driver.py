@@ -301,6 +301,7 @@ def explore(
     lockdep: bool = True,
     jobs: int = 1,
     progress: Callable[[Report], None] | None = None,
+    detect_races: bool = False,
 ) -> Report:
     """Run `scenario` under `runs` schedules chosen by `strategy`; return the distinct failures.
 
@@ -320,6 +321,7 @@ def explore(
         max_steps=max_steps,
         data_probs=dict(data_probs or {}),
         lockdep=lockdep,
+        detect_races=detect_races,
         strategy=strategy,
         seed=seed,
         depth=depth,

@@ -54,10 +54,18 @@ class Program:
     data_probs: dict[str, float] = field(default_factory=dict)
     #: whether executions check lock order (each execution has its own graph; a campaign merges them)
     lockdep: bool = True
+    #: whether executions run the happens-before data-race detector (check/races.py)
+    detect_races: bool = False
 
     @property
     def name(self) -> str:
         return scenario_name(self.scenario)
+
+    def __post_init__(self) -> None:
+        if not self.detect_races and self.bugs:
+            from ..bugs import needs_race_detector
+
+            self.detect_races = needs_race_detector(self.bugs)
 
     @property
     def module(self) -> str | None:
@@ -82,6 +90,11 @@ class Program:
     ) -> ExecutionResult:
         if lockdep is None and self.lockdep:
             lockdep = Lockdep()
+        detector = None
+        if self.detect_races:
+            from ..check.races import RaceDetector
+
+            detector = RaceDetector()
         exe = Executor(
             strategy,
             max_steps=self.max_steps,
@@ -89,6 +102,7 @@ class Program:
             record=record,
             count_preemptions=count_preemptions,
             data_probs={**getattr(self.scenario, "scenario_data", {}), **self.data_probs},
+            hb=detector,
         )
         result = exe.run(self.main())
         if lockdep is not None:
@@ -199,6 +213,7 @@ def _program_for(schedule: Schedule, scenario: ScenarioFn | str) -> Program:
         schedule.max_steps,
         dict(schedule.data_probs),
         schedule.lockdep,
+        detect_races=schedule.detect_races,
     )
 
 

@@ -71,6 +71,8 @@ class Schedule:
     #: choice streams of earlier executions that must run first (lockdep edges they contributed)
     prelude: list[list[Choice]] = field(default_factory=list)
     lockdep: bool = True
+    #: whether the execution ran the data-race detector (a replay must, to fail the same way)
+    detect_races: bool = False
     #: the --module that registered the scenario (a module name or a .py path), as data
     module: str | None = None
     asyncvm_version: str = __version__
@@ -103,6 +105,7 @@ class Schedule:
             data_probs=dict(program.data_probs),
             prelude=[list(p) for p in prelude],
             lockdep=program.lockdep,
+            detect_races=bool(getattr(program, "detect_races", False)),
             module=program.module,
             choices=result.choices,
         )
@@ -131,6 +134,7 @@ class Schedule:
             "max_steps": self.max_steps,
             "data_probs": self.data_probs,
             "lockdep": self.lockdep,
+            "detect_races": self.detect_races,
             "tasks": self.tasks,
             "steps": self.steps,
             "preemptions": self.preemptions,
@@ -177,6 +181,7 @@ class Schedule:
                 failure=Failure.from_json(failure) if failure else None,
                 prelude=[_decode(p, origin) for p in data.get("prelude") or []],
                 lockdep=bool(data.get("lockdep", True)),
+                detect_races=bool(data.get("detect_races", False)),
                 module=module or None,
                 choices=_decode(data["choices"], origin),
                 asyncvm_version=str(data.get("asyncvm", "?")),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .. import uapi
-from ..runtime import traps
+from ..runtime import hb, traps
 from ..runtime.sync import alloc_fails
 from ..uapi import PAGE_SHIFT, KvmError
 from .invalidate import GfnRange, kvm_mmu_invalidate_begin, kvm_mmu_invalidate_end, kvm_mmu_invalidate_range_add
@@ -75,6 +75,7 @@ async def kvm_vm_set_mem_attributes(vm: Vm, start: int, end: int, attributes: in
         await _handle_gfn_range(vm, start, end, attributes, pre=True)
         # The store happens outside mmu_lock but inside the invalidation window.
         await traps.point(vm)
+        hb.access(hb.STORE_RELEASE, "mem_attr_array", vm)  # xa_store(): rcu_assign_pointer()
         if attributes:
             vm.attributes.assign(start, end, attributes)
         else:

@@ -80,6 +80,12 @@ def access(kind: int, *word: Hashable) -> None:
             observer.access(exe.current, word, kind, caller_site())
 
 
+def enabled() -> bool:
+    """Whether an observer listens: guards announcements that loop over a range."""
+    exe = traps.active()
+    return exe is not None and exe.hb is not None
+
+
 def acquire(obj: object, mode: Any = None) -> None:
     """The running task synchronizes with the releases of `obj` (SRCU, completions, atomics...)."""
     exe = traps.active()

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from ... import uapi
 from ...kvm.trace import WARN
+from ...runtime import hb
 from ...runtime.sync import cond_resched, signal_pending, spin_wait
 from ...uapi import PAGE_SHIFT
 from .fault import (
@@ -69,6 +70,9 @@ async def kvm_tdp_map_page(vcpu: Vcpu, gpa: int, error_code: int) -> tuple[int, 
 async def kvm_arch_vcpu_pre_fault_memory(vcpu: Vcpu, gpa: int, size: int) -> int:
     """mmu.c: kvm_arch_vcpu_pre_fault_memory() (6.18): bytes covered (> 0) or -errno."""
     vm = vcpu.vm
+    # A plain load in the kernel, racing the launch that sets it (the writers' smp_wmb() makes a
+    # stale false harmless): counted as marked, ordering nothing.
+    hb.access(hb.READ_ONCE, "pre_fault_allowed", vm)
     if not vm.arch.pre_fault_allowed:
         return -uapi.EOPNOTSUPP
     gfn = gpa >> PAGE_SHIFT

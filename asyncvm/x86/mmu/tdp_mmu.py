@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...intervals import IntervalMap
 from ...kvm.invalidate import KVM_FILTER_PRIVATE, KVM_FILTER_SHARED
-from ...runtime import traps
+from ...runtime import hb, traps
 from ...runtime.failures import Violation
 from ...runtime.lockdep import lockdep_assert_held_read, lockdep_assert_held_write
 from ...runtime.sync import READ, WRITE, need_resched, spin_yield
@@ -181,8 +181,13 @@ class TdpMmu:
         """tdp_mmu.c: tdp_mmu_set_spte_atomic() (mmu_lock read): cmpxchg; False if it lost (-EBUSY)."""
         lockdep_assert_held_read(self.vm.mmu_lock)
         await traps.point(root)  # the cmpxchg itself is the racy step
-        if root.get(level, base) is not old:
-            return False
+        if "plain_spte_store" in self.vm.bugs:
+            # bug: a plain store where try_cmpxchg64() belongs; a concurrent change is overwritten
+            hb.access(hb.PLAIN_WRITE, "spte", root, level, base)
+        else:
+            hb.access(hb.ATOMIC_RMW, "spte", root, level, base)
+            if root.get(level, base) is not old:
+                return False
         if old is FROZEN:
             raise Violation("frozen_spte", f"atomic update over FROZEN_SPTE in {root.name}", signature="frozen_spte")
         span = PAGES[level]
@@ -207,6 +212,8 @@ class TdpMmu:
             r = await ops.link_external_spt(vm, base, level)
         else:
             r = await ops.set_external_spte(vm, base, level, new)
+        # __kvm_tdp_mmu_write_spte(): the frozen SPTE is owned, so WRITE_ONCE suffices
+        hb.access(hb.WRITE_ONCE, "spte", root, level, base)
         if r:
             root.levels[level].clear(base, base + span)
             vm.mmu_word.write()
@@ -224,6 +231,7 @@ class TdpMmu:
             if root.get(level, gfn) is None:
                 continue
             await vm.arch.kvm_x86_ops.remove_external_spte(vm, gfn, level)
+            hb.access(hb.WRITE_ONCE, "spte", root, level, gfn)
             self.handle_changed_spte(root, level, gfn, leaf, None, shared=False)
             root.levels[level].clear(gfn, gfn + 1)
 
@@ -280,6 +288,11 @@ class TdpMmu:
                 if root.is_mirror:
                     await self.remove_external_spte(root, level, lo, hi, v)
                 else:
+                    if hb.enabled():
+                        # tdp_mmu_set_spte_atomic() when shared, else WRITE_ONCE under the write lock
+                        kind = hb.ATOMIC_RMW if shared else hb.WRITE_ONCE
+                        for gfn in range(lo, hi, PAGES[level]):
+                            hb.access(kind, "spte", root, level, gfn)
                     self.handle_changed_spte(root, level, lo, v, None, shared)
                     root.levels[level].clear(lo, hi)
                 flushed = True

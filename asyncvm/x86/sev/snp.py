@@ -16,7 +16,7 @@ from ... import uapi
 from ...host.pages import Folio
 from ...kvm.guest_memfd import kvm_gmem_populate
 from ...kvm.trace import WARN
-from ...runtime import traps
+from ...runtime import hb, traps
 from ...uapi import PAGE_SHIFT, PAGE_SIZE, KvmError
 from ..trace import trace_sev_gmem_prepare
 from .firmware import PAGE_TYPE_CPUID, SEV_RET_INVALID_PARAM, SnpFirmware
@@ -242,6 +242,7 @@ async def snp_launch_finish(vm: Vm, params: uapi.SevSnpLaunchFinish) -> None:
         if rc:
             sev.fw_error = rc
             raise SnpError(uapi.EIO, "SNP_LAUNCH_FINISH failed", rc)
+        hb.access(hb.STORE_RELEASE, "pre_fault_allowed", vm)
         vm.arch.pre_fault_allowed = True
         traps.emit("snp_launch_finish", vm, digest=sev.firmware.launch_digest.hex())
     finally:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ... import uapi
 from ...kvm.guest_memfd import kvm_gmem_populate
-from ...runtime import traps
+from ...runtime import hb, traps
 from ...runtime.lockdep import lockdep_assert_held_write
 from ...runtime.sync import cond_resched, fatal_signal_pending, signal_pending, spin_wait
 from ...uapi import PAGE_SHIFT, PAGE_SIZE, KvmError
@@ -353,6 +353,7 @@ async def tdx_gmem_post_populate(vm: Vm, gfn: int, pfn: int, src: int | None, or
             err = await kvm_tdx.module.tdh_mem_page_add(gfn, pfn, source)
             if err:
                 return -uapi.EBUSY if is_busy(err) else -uapi.EIO
+            hb.access(hb.ATOMIC_RMW, "nr_premapped", vm)  # atomic64_dec_return()
             kvm_tdx.nr_premapped -= 1
             if kvm_tdx.nr_premapped < 0:
                 vm.kvm_bug("KVM_BUG_ON: nr_premapped underflow in post_populate")
@@ -381,6 +382,8 @@ async def tdx_td_finalize(vm: Vm, cmd: uapi.TdxCmd) -> None:
                 raise KvmError(uapi.EINVAL, "TD not initialized or already finalized")
             if cmd.flags:
                 raise KvmError(uapi.EINVAL, "flags must be 0")
+            if not _t19(vm):
+                hb.access(hb.READ_ONCE, "nr_premapped", vm)  # atomic64_read()
             if not _t19(vm) and kvm_tdx.nr_premapped:
                 raise KvmError(uapi.EINVAL, f"{kvm_tdx.nr_premapped} pages premapped without PAGE.ADD")
             err = await kvm_tdx.module.tdh_mr_finalize()
@@ -392,6 +395,7 @@ async def tdx_td_finalize(vm: Vm, cmd: uapi.TdxCmd) -> None:
                 raise KvmError(uapi.EIO, "TDH.MR.FINALIZE failed")
             kvm_tdx.state = TD_STATE_RUNNABLE
             await traps.point(vm)  # smp_wmb(): RUNNABLE is visible before pre_fault_allowed
+            hb.access(hb.STORE_RELEASE, "pre_fault_allowed", vm)
             vm.arch.pre_fault_allowed = True
             kvm_tdx.module.vcpus_in_guest = True
             traps.emit("tdx_state", vm, state=kvm_tdx.state)
@@ -443,10 +447,12 @@ async def tdx_sept_set_private_spte(vm: Vm, gfn: int, level: int, leaf: Leaf) ->
             return -uapi.EIO
         return 0
     trace_tdx_sept_set_private_spte(vm, gfn, level, pfn)
+    hb.access(hb.LOAD_ACQUIRE, "pre_fault_allowed", vm)  # after the smp_rmb()
     if vm.arch.pre_fault_allowed:
         vm.kvm_bug("KVM_BUG_ON: pre_fault_allowed before the TD is RUNNABLE")
         return -uapi.EIO
     if not _t19(vm):
+        hb.access(hb.ATOMIC_RMW, "nr_premapped", vm)  # atomic64_inc()
         kvm_tdx.nr_premapped += 1
         traps.emit("tdx_premap", vm, gfn=gfn, nr_premapped=kvm_tdx.nr_premapped)
         return 0
@@ -481,6 +487,7 @@ async def tdx_sept_remove_private_spte(vm: Vm, gfn: int, level: int) -> None:
     ):
         if gfn not in module.sept:
             # tdx_is_sept_zap_err_due_to_premap(): never PAGE.ADDed, only premapped
+            hb.access(hb.ATOMIC_RMW, "nr_premapped", vm)  # atomic64_dec_return()
             kvm_tdx.nr_premapped -= 1
             if kvm_tdx.nr_premapped < 0:
                 vm.kvm_bug("KVM_BUG_ON: nr_premapped underflow in the zap path")
