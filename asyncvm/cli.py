@@ -496,7 +496,8 @@ def _size(schedule: Any) -> str:
     whether it is 1-minimal)."""
     text = f"{schedule.preemptions} preemptions, {schedule.steps} steps"
     if schedule.strategy.get("name") == "shrink":
-        text += ", 1-minimal" if schedule.strategy.get("minimal") else ", not 1-minimal (the attempts ran out)"
+        stopped = "the time bound" if schedule.strategy.get("stopped") == "time" else "the attempts"
+        text += ", 1-minimal" if schedule.strategy.get("minimal") else f", not 1-minimal ({stopped} ran out)"
     return text
 
 
@@ -833,16 +834,22 @@ def shrink(
         list[str] | None,
         typer.Option("--module", "-m", metavar="MODULE", help="Import scenarios from a module (a name or a .py file)."),
     ] = None,
+    time_budget: Annotated[
+        float | None,
+        typer.Option("--time", metavar="SECONDS", help="Stop shrinking after this many seconds.  [default: 60]"),
+    ] = None,
 ) -> None:
     """Shrink a failing schedule: fewest preemptions, then steps."""
     from .explore.schedule import ScheduleError
+    from .explore.shrink import DEFAULT_TIME, shrunk_path
     from .explore.shrink import shrink as do_shrink
-    from .explore.shrink import shrunk_path
     from .runtime.failures import ToolError
 
+    if time_budget is not None and not time_budget > 0:
+        _die("--time must be a positive number of seconds")
     schedule, spec = _load(file, module)
     try:
-        small = do_shrink(schedule, spec.fn, force=force)
+        small = do_shrink(schedule, spec.fn, force=force, time_budget=time_budget or DEFAULT_TIME)
     except (ScheduleError, ToolError) as e:
         _die(_one_line(f"{file}: {e}"))
     target = output or shrunk_path(file)
@@ -850,7 +857,14 @@ def shrink(
         small.save(target)
     except OSError as e:
         _die(_one_line(f"cannot write {target}: {e.strerror or e}"))
-    minimal = "1-minimal" if small.strategy.get("minimal") else "not 1-minimal: the attempts ran out"
+    stopped = small.strategy.get("stopped")
+    minimal = (
+        "1-minimal"
+        if small.strategy.get("minimal")
+        else f"not 1-minimal: stopped early at the {time_budget or DEFAULT_TIME:g} s time bound"
+        if stopped == "time"
+        else "not 1-minimal: the attempts ran out"
+    )
     typer.echo(
         f"{schedule.preemptions} -> {small.preemptions} preemptions, {schedule.steps} -> {small.steps} steps "
         f"({minimal}): {target}"

@@ -23,15 +23,25 @@ the tasks meeting at a lock instead of a preemption), so a bounded search follow
 that replay a prefix of the schedule (none of it, or up to one of its context switches) and then
 run on without preempting, data drawn at its own odds (SEARCH_SHARE of the attempts, at least
 SEARCH_MIN). A smaller failure it finds is edited again. The shrunk schedule says whether it is
-1-minimal (its strategy's ``"minimal"``; false when `max_attempts` ran out first) and what it was
-shrunk from (``"original"``). The kept stream is the one the candidate execution made; it replays
-strictly.
+1-minimal (its strategy's ``"minimal"``; false when `max_attempts` or the time bound ran out
+first, and then ``"stopped"`` says which) and what it was shrunk from (``"original"``). The kept
+stream is the one the candidate execution made; it replays strictly.
+
+Shrinking is bounded by time as well as by attempts (`time_budget`, DEFAULT_TIME). A hang is
+shrunk against its loop's signature: every candidate is an execution that either reaches the
+stuck loop within a few rounds or is no witness, so candidates run under a step bound near the
+original's length (HANG_STEP_FACTOR) instead of the program's, which is what makes a witness of
+a loop that never ends cost about as much as any other. A livelock (a loop that is not a spin on
+unchanged state) is only seen at the step bound, so each candidate costs the whole bound: the
+time bound is what keeps its shrinking short.
 """
 
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -43,6 +53,14 @@ from .schedule import Schedule, ScheduleError
 
 #: Candidate executions one shrink may run (each costs about one execution of the scenario).
 DEFAULT_ATTEMPTS = 2000
+
+#: Seconds one shrink may take by default (None: only the attempts bound it).
+DEFAULT_TIME = 60.0
+
+#: A hang's candidates run under a step bound of this many times the original's steps (at least
+#: HANG_MIN_STEPS): a candidate that has not reached the stuck loop by then is no witness.
+HANG_STEP_FACTOR = 2
+HANG_MIN_STEPS = 2000
 
 #: The share of the attempts one search by walks may use (at least SEARCH_MIN).
 SEARCH_SHARE = 0.1
@@ -60,7 +78,11 @@ def size_of(result: ExecutionResult) -> Size:
 
 
 class _OutOfAttempts(Exception):
-    pass
+    """The attempts or the time ran out; `reason` says which."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class _Walk(ReplayStrategy):
@@ -97,8 +119,15 @@ class _Shrinker:
         first: ExecutionResult,
         max_attempts: int,
         progress: Callable[[int, tuple[int, int]], None] | None,
+        deadline: float | None = None,
+        step_cap: int | None = None,
     ) -> None:
         self.replay = replay
+        self.deadline = deadline
+        #: candidates that run into this many steps are no witness (a hang's candidates; see shrink)
+        self.step_cap = step_cap
+        #: why shrinking stopped before a fixpoint: "attempts", "time", or None
+        self.stopped: str | None = None
         self.walk = walk
         self.target = target
         self.best = first
@@ -113,11 +142,15 @@ class _Shrinker:
 
     def _run(self, execute: Callable[[], ExecutionResult]) -> bool:
         if self.attempts >= self.max_attempts:
-            raise _OutOfAttempts
+            raise _OutOfAttempts("attempts")
+        if self.deadline is not None and time.perf_counter() >= self.deadline:
+            raise _OutOfAttempts("time")
         self.attempts += 1
         r = execute()
         if r.failure is None or r.failure.signature != self.target:
             return False
+        if self.step_cap is not None and r.steps >= self.step_cap:
+            return False  # ended by the lowered step bound: with the program's it would go on
         size = size_of(r)
         if size >= self.size:
             return False
@@ -147,7 +180,9 @@ class _Shrinker:
                 self.minimal = True
                 if not self._search():
                     return True
-        except _OutOfAttempts:
+        except _OutOfAttempts as e:
+            if not self.minimal:
+                self.stopped = e.reason
             return self.minimal
 
     def _preemptions(self) -> bool:
@@ -274,11 +309,15 @@ def shrink(
     force: bool = False,
     max_attempts: int = DEFAULT_ATTEMPTS,
     progress: Callable[[int, tuple[int, int]], None] | None = None,
+    time_budget: float | None = DEFAULT_TIME,
 ) -> Schedule:
     """Return the smallest schedule found that reproduces `source`'s failure signature.
 
-    `progress(attempts, (preemptions, steps))` hears of each improvement.
+    `progress(attempts, (preemptions, steps))` hears of each improvement. Shrinking stops after
+    `max_attempts` candidates or `time_budget` seconds (None: no time bound), whichever comes
+    first; the schedule's strategy then says ``"stopped"``: ``"attempts"`` or ``"time"``.
     """
+    t0 = time.perf_counter()
     schedule = load_schedule(source)
     check_compatible(schedule, scenario, force=force)
     if schedule.failure is None:
@@ -293,10 +332,24 @@ def shrink(
     if first.failure is None or first.failure.signature != target:
         got = first.failure.signature if first.failure else "no failure"
         raise ScheduleError(f"schedule does not reproduce its failure {target!r} (got {got})")
+    # A hang is shrunk against its loop: candidates get a step bound near the original's length.
+    candidates = program
+    step_cap = None
+    if first.failure.kind == "hang":
+        step_cap = max(HANG_MIN_STEPS, HANG_STEP_FACTOR * first.steps)
+        if step_cap < program.max_steps:
+            candidates = replace(program, max_steps=step_cap)
+        else:
+            step_cap = None
+
+    def candidate(choices: list[Choice]) -> ExecutionResult:
+        return candidates.replay(schedule, strict=False, choices=choices)
+
     # Walks run the execution alone: a schedule with a prelude (a lock-order inversion across
     # executions) is only edited.
-    walk = None if schedule.prelude else (lambda s: program.run(s, count_preemptions=True))
-    shrinker = _Shrinker(lambda c: run(c, strict=False), walk, target, first, max_attempts, progress)
+    walk = None if schedule.prelude else (lambda s: candidates.run(s, count_preemptions=True))
+    deadline = None if time_budget is None else t0 + time_budget
+    shrinker = _Shrinker(candidate, walk, target, first, max_attempts, progress, deadline, step_cap)
     minimal = shrinker.minimize()
     again = run(shrinker.choices, strict=True) if shrinker.best is not first else first
     if again.failure is None or again.failure.signature != target or again.choices != shrinker.choices:
@@ -310,6 +363,8 @@ def shrink(
             "original": {"preemptions": first.preemptions, "steps": first.steps, "execution": schedule.execution},
             "minimal": minimal,
             "attempts": shrinker.attempts,
+            "stopped": shrinker.stopped,
+            "seconds": round(time.perf_counter() - t0, 3),
         },
         seed=schedule.seed,
         execution=schedule.execution,
