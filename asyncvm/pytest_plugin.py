@@ -57,6 +57,9 @@ def pytest_configure(config: pytest.Config) -> None:
         "asyncvm(runs=1000, strategy='pct', seed=0, profile='6.18', bugs=(), params={}): explore this async "
         "test under the controlled scheduler; it fails if any schedule fails",
     )
+    runs = config.getoption("--asyncvm-runs", None)
+    if runs is not None and runs < 1:
+        raise pytest.UsageError(f"--asyncvm-runs {runs}: must be at least 1")
     file = config.getoption("--asyncvm-replay", None)
     if file:
         from .explore.schedule import Schedule, ScheduleError
@@ -103,6 +106,9 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     unknown = set(options) - set(EXPLORE_KEYS)
     if unknown:
         raise pytest.UsageError(f"{pyfuncitem.nodeid}: unknown asyncvm() options {sorted(unknown)}")
+    if marker.args:
+        raise pytest.UsageError(f"{pyfuncitem.nodeid}: @pytest.mark.asyncvm takes keyword options only")
+    _check_marker(pyfuncitem.nodeid, options)
     fixtures = {k: v for k, v in pyfuncitem.funcargs.items() if k in pyfuncitem._fixtureinfo.argnames and k != "kvm"}
 
     async def scenario(kvm: Any) -> None:
@@ -121,7 +127,12 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
 
     if config.getoption("--asyncvm-runs"):
         options["runs"] = config.getoption("--asyncvm-runs")
-    report = explore(scenario, **options)
+    from .runtime.failures import ToolError
+
+    try:
+        report = explore(scenario, **options)
+    except ToolError as e:  # e.g. the test's own set-up failed before anything raced
+        pytest.fail(f"@pytest.mark.asyncvm: {e}", pytrace=False)
     if report.failures:
         lines = [f"{len(report.failures)} failure signature(s) in {report.runs} runs:"]
         for found in report.failures:
@@ -133,6 +144,48 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
             ]
         pytest.fail("\n".join(lines), pytrace=False)
     return True
+
+
+def _check_marker(nodeid: str, options: dict[str, Any]) -> None:
+    """The marker's options against `MarkerOptions`: a bad one is a usage error naming it."""
+    from pydantic import ValidationError
+
+    try:
+        _marker_model().model_validate(options)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        key = str(err["loc"][0]) if err["loc"] else "?"
+        where = ".".join(str(p) for p in err["loc"])
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        raise pytest.UsageError(f"{nodeid}: @pytest.mark.asyncvm({key}={options.get(key)!r}): {where}: {msg}") from None
+
+
+def _marker_model() -> Any:
+    """What each @pytest.mark.asyncvm option must be (the explore() arguments they become)."""
+    from typing import Annotated
+
+    from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+
+    from .explore import files
+
+    class MarkerOptions(BaseModel):
+        model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+        runs: Annotated[StrictInt, Field(ge=1, le=files.MAX_RUNS)] = 1000
+        strategy: files.StrategyName = "pct"
+        seed: files.Seed = 0
+        depth: Annotated[StrictInt, Field(ge=1)] = 3
+        preemptions: Annotated[StrictInt, Field(ge=0)] = 2
+        profile: files.ProfileName = "6.18"
+        # a list or tuple of names: a bare string would be taken letter by letter
+        bugs: list[files.BugName] | tuple[files.BugName, ...] = ()
+        params: dict[StrictStr, Any] = {}
+        max_steps: files.MaxSteps = 200_000
+        data_probs: dict[StrictStr, files.Probability] = {}
+        time_budget: Annotated[StrictFloat | StrictInt, Field(gt=0)] | None = None
+        stop_on_first_failure: StrictBool = False
+
+    return MarkerOptions
 
 
 def _save(folder: Path, nodeid: str, found: Any, scenario: Any) -> Path:

@@ -34,6 +34,9 @@ class FoundFailure:
     count: int = 1
     first_run: int = 0
     shrunk: Schedule | None = None
+    #: the known kernel behaviour this failure is (the scenario declares it for the profile), or
+    #: None for a new finding
+    known: str | None = None
 
     @property
     def signature(self) -> str:
@@ -52,7 +55,8 @@ class FoundFailure:
         return self.failure.task
 
     def __str__(self) -> str:
-        return f"{self.failure} (first in run {self.first_run}, {self.count} runs)"
+        known = f" [{self.known}]" if self.known else ""
+        return f"{self.failure} (first in run {self.first_run}, {self.count} runs){known}"
 
 
 @dataclass
@@ -80,6 +84,11 @@ class Report:
     def runs_per_second(self) -> float:
         return self.runs / self.elapsed if self.elapsed > 0 else 0.0
 
+    @property
+    def findings(self) -> list[FoundFailure]:
+        """The failures that are not a known kernel behaviour of the profile."""
+        return [f for f in self.failures if f.known is None]
+
     def first(self, signature_prefix: str = "") -> FoundFailure | None:
         for f in self.failures:
             if f.signature.startswith(signature_prefix):
@@ -88,6 +97,8 @@ class Report:
 
     def summary(self) -> str:
         head = f"{self.scenario}: {self.runs} runs, {self.failing_runs} failing, {len(self.failures)} distinct"
+        if len(self.findings) < len(self.failures):
+            head += f" ({len(self.failures) - len(self.findings)} known kernel behaviour)"
         if self.exhausted:
             head += " (schedule space exhausted)"
         return "\n".join([head] + [f"  {f}" for f in self.failures])
@@ -114,6 +125,7 @@ class Report:
                     "preemptions": f.schedule.preemptions,
                     "steps": f.schedule.steps,
                     "shrunk": None if f.shrunk is None else _size(f.shrunk),
+                    "known": f.known,
                 }
                 for f in self.failures
             ],
@@ -253,6 +265,8 @@ def run_chunk(
             res.exhausted = True
             break
         r = program.run(strat)
+        if r.failure is not None:
+            check_setup(program, r)
         res.runs += 1
         res.steps += r.steps
         fresh = [e for e in r.lockdep_edges if (e.before, e.after) not in seen]
@@ -270,6 +284,18 @@ def run_chunk(
                 res.sizes[index] = size
                 smallest[r.failure.signature] = min(size, smallest.get(r.failure.signature, size))
     return res
+
+
+def check_setup(program: Program, r: ExecutionResult) -> None:
+    """An exception the scenario raised in its own set-up, before it started any task, is a usage
+    error (parameters the model refuses, a broken scenario), not a race: raise it as one."""
+    f = r.failure
+    if f is not None and f.kind == "exception" and len(r.task_names) <= 1:
+        given = ", ".join(f"{k}={v!r}" for k, v in program.params.items())
+        raise ToolError(
+            f"scenario {program.name} failed in its set-up, before any task started: {f.message}"
+            f"{f' (parameters: {given})' if given else ''}; not a finding"
+        )
 
 
 def _measure(

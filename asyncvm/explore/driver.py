@@ -26,6 +26,7 @@ from ..runtime.lockdep import Lockdep
 from .campaign import CampaignSpec, ChunkResult, FoundFailure, Report, run_chunk
 from .engine import DEFAULT_MAX_STEPS, Program, ScenarioFn, calibrate_steps, confirm, scenario_name
 from .executors import EXECUTION_LOCK, connect_dask, dask_slots, run_dask, run_here, run_pool
+from .known import known_behaviour
 from .schedule import Schedule
 
 #: the largest chunk: big enough to amortize the IPC and the ledger's fsync
@@ -122,7 +123,8 @@ class Merger:
                 found.schedule, found.failure = self._witness(index, failure, choices, merged)
             return
         schedule, kept = self._witness(index, failure, choices, merged)
-        found = FoundFailure(kept, schedule, 1, index)
+        known = known_behaviour(self.program.scenario, self.program.profile, kept)
+        found = FoundFailure(kept, schedule, 1, index, known=known)
         self.by_sig[failure.signature] = found
         self.report.failures.append(found)
         if self.on_failure is not None:

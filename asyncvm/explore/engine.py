@@ -28,7 +28,8 @@ def scenario_name(scenario: ScenarioFn) -> str:
 
 
 def scenario_params(scenario: ScenarioFn, params: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Declared defaults overridden by `params`; unknown names are a one-line error."""
+    """Declared defaults overridden by `params`; unknown names, and values of the wrong type or out
+    of their declared range, are a one-line ValueError."""
     declared = dict(getattr(scenario, "scenario_params", {}) or {})
     given = dict(params or {})
     if declared:
@@ -38,6 +39,9 @@ def scenario_params(scenario: ScenarioFn, params: Mapping[str, Any] | None) -> d
                 f"scenario {scenario_name(scenario)} has no parameter {', '.join(unknown)} "
                 f"(it takes: {', '.join(sorted(declared)) or 'none'})"
             )
+        from .params import check_params
+
+        check_params(scenario_name(scenario), getattr(scenario, "scenario_param_decls", declared), given)
     declared.update(given)
     return declared
 

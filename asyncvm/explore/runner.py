@@ -17,6 +17,7 @@ extend. An interrupted campaign (Ctrl-C) still writes ``summary.json``, of what 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -32,6 +33,7 @@ from ..runtime.failures import ToolError
 from .campaign import CampaignSpec, ChunkResult, FoundFailure, Report
 from .driver import CHUNK, Campaign
 from .engine import replay
+from .files import FileError, read_campaign, read_ledger, seal
 from .schedule import Schedule, ScheduleError, write_atomic
 from .shrink import DEFAULT_ATTEMPTS, shrink
 
@@ -84,7 +86,8 @@ class Ledger:
         self._f = open(path, "a", encoding="utf-8")
 
     def append(self, obj: dict[str, Any]) -> None:
-        self._f.write(json.dumps(obj, separators=(",", ":")) + "\n")
+        # Each record carries its checksum: an edited or damaged record is refused on resume.
+        self._f.write(json.dumps(seal(obj), separators=(",", ":")) + "\n")
         self._f.flush()
         os.fsync(self._f.fileno())
 
@@ -93,15 +96,9 @@ class Ledger:
 
     @staticmethod
     def read(path: Path) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        if not path.exists():
-            return out
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # the line a kill cut short: everything before it is intact
-        return out
+        """The ledger's records, each checked against its checksum and schema (`files.read_ledger`);
+        a last line a kill cut short is left out."""
+        return read_ledger(path)
 
 
 def _drop_partial_line(path: Path) -> None:
@@ -135,16 +132,17 @@ def new_campaign_dir(out: Path, spec: CampaignSpec) -> Path:
 
 
 def load_campaign(folder: Path) -> tuple[CampaignSpec, dict[str, Any]]:
+    """A campaign folder's spec and campaign.json, validated (`files.CampaignModel`): one-line
+    `FileError` naming the field for anything a campaign could not have written."""
     meta_path = folder / "campaign.json"
+    if not meta_path.exists() and not meta_path.is_symlink():
+        raise ScheduleError(f"{folder}: not a campaign folder (no campaign.json)")
     try:
-        meta = json.loads(meta_path.read_text())
-        spec = CampaignSpec(**meta["spec"])
-    except FileNotFoundError:
-        raise ScheduleError(f"{folder}: not a campaign folder (no campaign.json)") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ScheduleError(f"{meta_path}: cannot read ({type(e).__name__})") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ScheduleError(f"{meta_path}: malformed campaign file ({e})") from None
+        model = read_campaign(meta_path)
+    except FileError as e:
+        raise ScheduleError(str(e)) from None
+    meta = model.model_dump()
+    spec = CampaignSpec(**meta["spec"])
     return spec, meta
 
 
@@ -318,7 +316,7 @@ def _run_into(
 
     try:
         report = campaign.run(
-            done=_ledger_chunks(done_lines, ledger.path),
+            done=_ledger_chunks(done_lines, ledger.path, campaign),
             on_chunk=lambda chunk: ledger.append(
                 {"type": "chunk", "chunk": chunk.to_json(), "elapsed": round(used + time.perf_counter() - t0, 3)}
             ),
@@ -336,14 +334,29 @@ def _run_into(
         ledger.close()
 
 
-def _ledger_chunks(lines: list[dict[str, Any]], path: Path) -> list[ChunkResult]:
+def _ledger_chunks(lines: list[dict[str, Any]], path: Path, campaign: Campaign) -> list[ChunkResult]:
+    """The ledger's chunks (records already checked by `files.read_ledger`), each checked against
+    the campaign's grid: inside its executions, no larger than its chunk size, no two overlapping."""
+    spec = campaign.spec
     out: list[ChunkResult] = []
+    covered: list[tuple[int, int, int]] = []
     for n, line in enumerate(lines, 1):
-        if not isinstance(line, dict):
-            raise ScheduleError(f"{path}: line {n} is not a ledger record")
-        if line.get("type") == "chunk":
-            try:
-                out.append(ChunkResult.from_json(line["chunk"]))
-            except (KeyError, TypeError, ValueError) as e:
-                raise ScheduleError(f"{path}: malformed chunk record on line {n} ({e!r})") from None
+        if line.get("type") != "chunk":
+            continue
+        try:
+            chunk = ChunkResult.from_json(line["chunk"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ScheduleError(f"{path}: malformed chunk record on line {n} ({e!r})") from None
+        limit = spec.runs if spec.strategy == "dfs" else campaign.chunk
+        if chunk.first < spec.first_run or chunk.count > limit:
+            raise ScheduleError(
+                f"{path}: line {n}: chunk [{chunk.first}, {chunk.first + chunk.count}) is not one of this "
+                f"campaign's chunks (from execution {spec.first_run}, at most {limit} executions each)"
+            )
+        covered.append((chunk.first, chunk.first + chunk.count, n))
+        out.append(chunk)
+    covered.sort()
+    for (_, end, _), (first, _, n) in itertools.pairwise(covered):
+        if first < end:
+            raise ScheduleError(f"{path}: line {n}: chunk starting at execution {first} overlaps an earlier one")
     return out

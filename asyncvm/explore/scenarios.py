@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .params import defaults
+
 ScenarioFn = Callable[..., Coroutine[Any, Any, Any]]
 
 
@@ -38,6 +40,8 @@ class ScenarioSpec:
     #: the ``--module`` that registered it (a module name or a file's absolute path); None for
     #: entry points, which every process loads by itself
     source: str | None = None
+    #: the profiles (kernel or design) a comparison of this scenario is meaningful for; empty: any
+    profiles: tuple[str, ...] = ()
 
     @property
     def summary(self) -> str:
@@ -56,27 +60,44 @@ def scenario(
     name: str | None = None,
     params: Mapping[str, Any] | None = None,
     data: Mapping[str, float] | None = None,
+    profiles: Iterable[str] | None = None,
+    known: Mapping[str, Any] | None = None,
 ) -> Callable[[ScenarioFn], ScenarioFn]:
     """Register an ``async def scenario(kvm, **params)`` under `name` with parameter defaults.
+
+    A parameter is declared by its default (its type) or by a `params.Param` with its range or
+    choices; values are checked against the declarations before any run.
 
     `data` overrides the probabilities of nondeterministic draws for this scenario, e.g.
     ``{"signal": 0.0}`` where a signal would only end the run through an ABI path (an ioctl that
     collapses -EINTR into -EIO) that has nothing to do with the race being hunted.
+
+    `profiles` names the profiles (kernel versions or design profiles, ``asyncvm profiles``) that
+    ``asyncvm compare`` may run it under; none: any profile.
+
+    `known` maps a profile to the `known.Known` kernel behaviour (or a tuple of them) the scenario
+    shows there: a campaign reports such a failure as known, with its kernel reference, not as a
+    new finding.
     """
 
     def register(fn: ScenarioFn) -> ScenarioFn:
         if not inspect.iscoroutinefunction(fn):
             raise TypeError(f"scenario {fn.__qualname__} must be an async def")
         key = name or fn.__name__
-        declared = dict(params or {})
+        decls = dict(params or {})
         sig = inspect.signature(fn)
         for p in list(sig.parameters.values())[1:]:
             if p.default is not inspect.Parameter.empty:
-                declared.setdefault(p.name, p.default)
-        REGISTRY[key] = ScenarioSpec(key, fn, declared, inspect.getdoc(fn) or "", fn.__module__)
+                decls.setdefault(p.name, p.default)
+        declared = defaults(decls)
+        meaningful = tuple(profiles or ())
+        REGISTRY[key] = ScenarioSpec(key, fn, declared, inspect.getdoc(fn) or "", fn.__module__, profiles=meaningful)
         fn.scenario_name = key  # type: ignore[attr-defined]
         fn.scenario_params = declared  # type: ignore[attr-defined]
+        fn.scenario_param_decls = decls  # type: ignore[attr-defined]
+        fn.scenario_known = dict(known or {})  # type: ignore[attr-defined]
         fn.scenario_data = dict(data or {})  # type: ignore[attr-defined]
+        fn.scenario_profiles = meaningful  # type: ignore[attr-defined]
         return fn
 
     return register

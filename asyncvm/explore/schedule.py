@@ -18,13 +18,15 @@ from typing import Any, Protocol
 
 from .. import __version__
 from ..runtime.executor import Choice, ExecutionResult
-from ..runtime.failures import Failure, ToolError
+from ..runtime.failures import Failure
+from .files import MAX_SCHEDULE_BYTES, FileError, ScheduleModel, non_finite, parse_json, read_text, validate
 
 FORMAT = "asyncvm-schedule"
-FORMAT_VERSION = 1
+#: 2: a scheduling point with a single enabled task is no longer a recorded choice
+FORMAT_VERSION = 2
 
 
-class ScheduleError(ToolError):
+class ScheduleError(FileError):
     """A schedule file that cannot be used; the message is one line naming the file and why."""
 
 
@@ -152,6 +154,7 @@ class Schedule:
 
     @classmethod
     def from_json(cls, data: Any, origin: str = "schedule") -> Schedule:
+        """A schedule from parsed JSON, validated against `files.ScheduleModel` (one-line errors)."""
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ScheduleError(f"{origin}: not an asyncvm schedule file")
         if data.get("version") != FORMAT_VERSION:
@@ -159,52 +162,43 @@ class Schedule:
                 f"{origin}: schedule format version {data.get('version')!r} is not supported "
                 f"(this asyncvm reads version {FORMAT_VERSION})"
             )
+        where = non_finite(data)
+        if where is not None:
+            raise ScheduleError(f"{origin}: malformed schedule: {where}: not a finite number")
         try:
-            scenario = data["scenario"]
-            failure = data.get("failure")
-            module = scenario.get("module")
-            if module is not None and not isinstance(module, str):
-                raise TypeError(f"scenario.module must be a string, not {module!r}")
-            return cls(
-                scenario=str(scenario["name"]),
-                params=dict(scenario.get("params") or {}),
-                profile=str(data.get("profile", "6.18")),
-                bugs=[str(b) for b in data.get("bugs") or []],
-                strategy=dict(data.get("strategy") or {}),
-                seed=int(data.get("seed", 0)),
-                execution=int(data.get("execution", 0)),
-                max_steps=int(data.get("max_steps", 200_000)),
-                data_probs={str(k): float(v) for k, v in (data.get("data_probs") or {}).items()},
-                tasks=[str(t) for t in data.get("tasks") or []],
-                steps=int(data.get("steps", 0)),
-                preemptions=int(data.get("preemptions", 0)),
-                failure=Failure.from_json(failure) if failure else None,
-                prelude=[_decode(p, origin) for p in data.get("prelude") or []],
-                lockdep=bool(data.get("lockdep", True)),
-                detect_races=bool(data.get("detect_races", False)),
-                module=module or None,
-                choices=_decode(data["choices"], origin),
-                asyncvm_version=str(data.get("asyncvm", "?")),
-            )
-        except ScheduleError:
-            raise
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise ScheduleError(f"{origin}: malformed schedule ({type(e).__name__}: {e})") from None
+            m = validate(ScheduleModel, data, origin, "schedule")
+        except FileError as e:
+            raise ScheduleError(str(e)) from None
+        return cls(
+            scenario=m.scenario.name,
+            params=dict(m.scenario.params),
+            profile=m.profile,
+            bugs=list(m.bugs),
+            strategy=dict(m.strategy),
+            seed=m.seed,
+            execution=m.execution,
+            max_steps=m.max_steps,
+            data_probs={k: float(v) for k, v in m.data_probs.items()},
+            tasks=list(m.tasks),
+            steps=m.steps,
+            preemptions=m.preemptions,
+            failure=None if m.failure is None else Failure.from_json(m.failure.model_dump()),
+            prelude=[_decode(p, origin) for p in m.prelude],
+            lockdep=m.lockdep,
+            detect_races=m.detect_races,
+            module=m.scenario.module,
+            choices=_decode(m.choices, origin),
+            asyncvm_version=m.asyncvm,
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Schedule:
+        """Read a schedule file: size and nesting limits, then the schema (one-line errors)."""
         p = Path(path)
         try:
-            text = p.read_text()
-        except FileNotFoundError:
-            raise ScheduleError(f"{p}: no such file") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise ScheduleError(f"{p}: cannot read ({e.__class__.__name__})") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            what = "truncated" if e.pos >= len(text.rstrip()) else "not valid JSON"
-            raise ScheduleError(f"{p}: {what} (line {e.lineno}, column {e.colno})") from None
+            data = parse_json(read_text(p, MAX_SCHEDULE_BYTES), str(p))
+        except FileError as e:
+            raise ScheduleError(str(e)) from None
         return cls.from_json(data, str(p))
 
 

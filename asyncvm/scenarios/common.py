@@ -7,8 +7,22 @@ from typing import Any
 import asyncvm
 from asyncvm import uapi
 from asyncvm.check.errno import expect_errno
+from asyncvm.explore.params import Param
 from asyncvm.kvm.vcpu import GuestAccess
 from asyncvm.uapi import PAGE_SIZE, KvmError
+
+#: the most guest pages a bundled scenario takes (4 GiB of guest memory: far past any useful race)
+MAX_PAGES = 1 << 20
+
+
+def pages_param(default: int, low: int = 1) -> Param:
+    """A scenario's `pages` parameter: how many 4 KiB guest pages it sets up."""
+    return Param(default, ge=low, le=MAX_PAGES, help="guest pages")
+
+
+def vcpus_param(default: int) -> Param:
+    """A scenario's `vcpus` parameter: up to the kernel's KVM_MAX_VCPUS."""
+    return Param(default, ge=1, le=uapi.KVM_MAX_VCPUS, help="vCPUs, at most KVM_MAX_VCPUS")
 
 
 async def private_vm(

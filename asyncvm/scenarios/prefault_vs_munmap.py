@@ -6,12 +6,21 @@ from typing import Any
 
 import asyncvm
 from asyncvm import uapi
+from asyncvm.explore.params import Param
 from asyncvm.uapi import PAGE_SIZE
 
-from .common import pre_fault, shared_vm, spawn_vcpus
+from .common import pages_param, pre_fault, shared_vm, spawn_vcpus, vcpus_param
 
 
-@asyncvm.scenario(name="prefault_vs_munmap", params={"vcpus": 2, "pages": 16, "zap": 4, "advice": "dontneed"})
+@asyncvm.scenario(
+    name="prefault_vs_munmap",
+    params={
+        "vcpus": vcpus_param(2),
+        "pages": pages_param(16),
+        "zap": pages_param(4),
+        "advice": Param("dontneed", choices=("dontneed", "munmap")),
+    },
+)
 async def prefault_vs_munmap(kvm: Any, vcpus: int = 2, pages: int = 16, zap: int = 4, advice: str = "dontneed") -> None:
     """vCPUs pre-fault a default VM's memslot while the VMM drops some of its pages.
 

@@ -8,10 +8,12 @@ import asyncvm
 from asyncvm import uapi
 from asyncvm.uapi import PAGE_SIZE
 
-from .common import pre_fault, private_vm, spawn_vcpus
+from .common import pages_param, pre_fault, private_vm, spawn_vcpus, vcpus_param
 
 
-@asyncvm.scenario(name="prefault_vs_punch_hole", params={"vcpus": 2, "pages": 16, "hole": 4})
+@asyncvm.scenario(
+    name="prefault_vs_punch_hole", params={"vcpus": vcpus_param(2), "pages": pages_param(16), "hole": pages_param(4)}
+)
 async def prefault_vs_punch_hole(kvm: Any, vcpus: int = 2, pages: int = 16, hole: int = 4) -> None:
     """vCPUs pre-fault a private guest_memfd slot while userspace punches a hole in it.
 

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -230,3 +231,121 @@ def test_resume_with_the_same_options_and_no_scenario(campaign: Campaign, tmp_pa
     assert same.returncode == 1, explain(same)
     assert folder_of(same, tmp_path).resolve() == campaign.folder.resolve()
     assert comparable(json.loads((campaign.folder / "summary.json").read_text())) == comparable(campaign.summary)
+
+
+# -- issue 16: a damaged campaign folder is one line, never a traceback or a hang ------------------
+
+CLEAN = ["--param", "pages=4", "--seed", "3", "--no-shrink", "--jobs", "1"]
+
+
+@pytest.fixture(scope="module")
+def clean_campaign(tmp_path_factory: pytest.TempPathFactory) -> Campaign:
+    """A small finished campaign with no failures: 100 runs in chunks of 20."""
+    c = stress(tmp_path_factory.mktemp("clean"), *CLEAN, "--runs", "100")
+    assert c.proc.returncode == 0, explain(c.proc)
+    return c
+
+
+def _copy(campaign: Campaign, where: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(campaign.folder, where / "campaign"))
+
+
+def _set(meta: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    for p in parents:
+        meta = meta[p]
+    meta[last] = value
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "needle"),
+    [
+        ("spec.runs", "abc", "spec.runs"),
+        ("spec.seed", "x", "spec.seed"),
+        ("spec.seed", "1e999", "spec.seed"),
+        ("spec.max_steps", "x", "spec.max_steps"),
+        ("spec.depth", 0, "spec.depth"),
+        ("spec.params", {"pages": 4, "bogus": 1}, "bogus"),
+        ("spec.params", {"pages": 0}, "pages"),
+        ("chunk", "x", "chunk"),
+        ("chunk", 0, "chunk"),
+        ("time", "1e999", "time"),
+        ("time", -5, "time"),
+    ],
+)
+def test_resume_of_a_damaged_campaign_json(
+    field: str, value: Any, needle: str, clean_campaign: Campaign, tmp_path: Path
+) -> None:
+    folder = _copy(clean_campaign, tmp_path)
+    meta = json.loads((folder / "campaign.json").read_text())
+    _set(meta, field, 12345 if value == "1e999" else value)
+    text = json.dumps(meta)
+    if value == "1e999":
+        text = text.replace(": 12345", ": 1e999")
+    (folder / "campaign.json").write_text(text)
+    proc = run_cli("stress", "--resume", folder, "--runs", "200", cwd=tmp_path, timeout=120)
+    assert_one_line_error(proc, needle)
+
+
+def test_an_edited_ledger_record_is_refused(clean_campaign: Campaign, tmp_path: Path) -> None:
+    """A chunk record edited to count 10**9 once made the resumed campaign report 50 runs instead of
+    200 with no error: the record's checksum no longer matches, and resuming says so."""
+    folder = _copy(clean_campaign, tmp_path)
+    lines = (folder / "ledger.jsonl").read_text().splitlines()
+    n = next(i for i, line in enumerate(lines) if json.loads(line)["type"] == "chunk")
+    record = json.loads(lines[n])
+    record["chunk"]["count"] = 10**9
+    lines[n] = json.dumps(record, separators=(",", ":"))
+    (folder / "ledger.jsonl").write_text("\n".join(lines) + "\n")
+    proc = run_cli("stress", "--resume", folder, "--runs", "200", cwd=tmp_path)
+    assert_one_line_error(proc, f"line {n + 1}", "checksum")
+
+
+def test_a_resumed_ledger_still_counts_every_run(clean_campaign: Campaign, tmp_path: Path) -> None:
+    folder = _copy(clean_campaign, tmp_path)
+    proc = run_cli("stress", "--resume", folder, "--runs", "200", cwd=tmp_path)
+    assert proc.returncode == 0, explain(proc)
+    assert json.loads((folder / "summary.json").read_text())["runs"] == 200
+
+
+MODULE = """
+import asyncvm
+from asyncvm.scenarios.prefault_vs_punch_hole import prefault_vs_punch_hole
+
+
+@asyncvm.scenario(name="user_scenario", params={"pages": 4})
+async def user_scenario(kvm, pages=4):
+    await prefault_vs_punch_hole(kvm, vcpus=2, pages=pages, hole=2)
+"""
+
+
+def test_resume_imports_a_module_only_when_the_user_names_it(tmp_path: Path) -> None:
+    marker = tmp_path / "imported.marker"
+    (tmp_path / "user_mod.py").write_text(MODULE + f"\nimport pathlib\npathlib.Path({str(marker)!r}).touch()\n")
+    (tmp_path / "other_mod.py").write_text(MODULE.replace("user_scenario", "other_scenario"))
+    proc = run_cli(
+        "stress",
+        "user_scenario",
+        "--module",
+        "user_mod.py",
+        "--runs",
+        "40",
+        "--jobs",
+        "1",
+        "--out",
+        "logs",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, explain(proc)
+    folder = folder_of(proc, tmp_path)
+    marker.unlink()
+    proc = run_cli("stress", "--resume", folder, "--runs", "60", cwd=tmp_path)
+    assert_one_line_error(proc, "--module", "user_mod.py")
+    assert not marker.exists(), "resume imported the module campaign.json names"
+    proc = run_cli("stress", "--resume", folder, "--runs", "60", "--module", "other_mod.py", cwd=tmp_path)
+    assert_one_line_error(proc, "--module", "user_mod.py")
+    proc = run_cli("stress", "--resume", folder, "--runs", "60", "--module", "user_mod.py", cwd=tmp_path)
+    assert proc.returncode == 0, explain(proc)
+    assert json.loads((folder / "summary.json").read_text())["runs"] == 60

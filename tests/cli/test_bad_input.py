@@ -1,0 +1,206 @@
+"""Issue 16's reproducers: schedule files, scenario parameters, --time and internal errors.
+
+Each input here once gave a traceback, a hang or a wrong answer; each must now be one line on
+stderr and exit 2 (or, for asyncvm's own bugs, exit 3 naming a crash report).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import SCENARIO, assert_one_line_error, cli_cmd, cli_env, explain, run_cli
+
+BUG = "drop_invalidate_retry"
+
+
+@pytest.fixture(scope="module")
+def good_schedule(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A failing schedule of the bundled scenario (a short in-process exploration)."""
+    import asyncvm
+
+    report = asyncvm.explore(SCENARIO, runs=200, seed=1, bugs=[BUG], params={"pages": 8}, stop_on_first_failure=True)
+    assert report.failures, report.summary()
+    path = tmp_path_factory.mktemp("schedules") / "schedule.json"
+    report.failures[0].schedule.save(path)
+    return path
+
+
+def _variant(good: Path, where: Path, case: str) -> tuple[Path, str]:
+    """The bad schedule file for `case` and a substring its error line must contain."""
+    text = good.read_text()
+    data: dict[str, Any] = json.loads(text)
+    if case == "deep_nesting":
+        depth = 200_000
+        text = text.replace('"choices": [', '"choices": [' + "[" * depth + "]" * depth + ",", 1)
+        needle = "nested deeper"
+    elif case in ("seed_1e999", "max_steps_1e999"):
+        key = case.removesuffix("_1e999")
+        text = json.dumps({**data, key: 12345}).replace(": 12345", ": 1e999")
+        needle = key
+    elif case == "unknown_profile":
+        text, needle = json.dumps({**data, "profile": "9.9"}), "unknown profile '9.9'"
+    elif case == "unknown_bug":
+        text, needle = json.dumps({**data, "bugs": ["no_such_bug"]}), "unknown bug 'no_such_bug'"
+    elif case == "bugs_as_a_string":
+        text, needle = json.dumps({**data, "bugs": BUG}), "bugs"
+    else:
+        raise AssertionError(case)
+    path = where / f"{case}.json"
+    path.write_text(text)
+    return path, needle
+
+
+SCHEDULE_CASES = ["deep_nesting", "seed_1e999", "max_steps_1e999", "unknown_profile", "unknown_bug", "bugs_as_a_string"]
+
+
+@pytest.mark.parametrize("command", ["replay", "show", "shrink"])
+@pytest.mark.parametrize("case", SCHEDULE_CASES)
+def test_bad_schedule_is_one_line(command: str, case: str, good_schedule: Path, tmp_path: Path) -> None:
+    bad, needle = _variant(good_schedule, tmp_path, case)
+    proc = run_cli(command, bad, cwd=tmp_path, timeout=120)
+    assert_one_line_error(proc, str(bad), needle)
+    assert not list(tmp_path.glob("*.shrunk.json"))
+
+
+def test_replay_force_with_an_undeclared_parameter(good_schedule: Path, tmp_path: Path) -> None:
+    data = json.loads(good_schedule.read_text())
+    data["scenario"]["params"]["bogus"] = 1
+    bad = tmp_path / "undeclared.json"
+    bad.write_text(json.dumps(data))
+    assert_one_line_error(run_cli("replay", "--force", bad, cwd=tmp_path), "bogus")
+
+
+def test_a_schedule_with_an_out_of_range_parameter(good_schedule: Path, tmp_path: Path) -> None:
+    data = json.loads(good_schedule.read_text())
+    data["scenario"]["params"]["pages"] = 0
+    bad = tmp_path / "pages0.json"
+    bad.write_text(json.dumps(data))
+    assert_one_line_error(run_cli("replay", "--force", bad, cwd=tmp_path), "pages")
+
+
+# -- scenario parameters: checked against their declarations before any run -------------------------
+
+
+@pytest.mark.parametrize("param", ["pages=0", "pages=-1", "vcpus=5000"])
+def test_out_of_range_parameter_is_a_usage_error_before_any_run(param: str, tmp_path: Path) -> None:
+    proc = run_cli("stress", SCENARIO, "-p", param, "--runs", "20", "--jobs", "1", "--out", "logs", cwd=tmp_path)
+    assert_one_line_error(proc, param.split("=")[0])
+    assert not (tmp_path / "logs").exists(), "nothing ran"
+
+
+SETUP_FAILS = """
+import asyncvm
+
+
+@asyncvm.scenario(name="setup_fails", params={"vm_type": 12345})
+async def setup_fails(kvm, vm_type=12345):
+    await kvm.create_vm(vm_type)   # EINVAL: no such VM type
+
+    async def nothing():
+        pass
+
+    async with asyncvm.TaskGroup() as tg:
+        tg.spawn(nothing, name="a")
+        tg.spawn(nothing, name="b")
+"""
+
+
+def test_an_exception_in_the_scenarios_set_up_is_a_usage_error(tmp_path: Path) -> None:
+    (tmp_path / "setup_fails.py").write_text(SETUP_FAILS)
+    proc = run_cli(
+        "stress",
+        "setup_fails",
+        "--module",
+        "setup_fails.py",
+        "--runs",
+        "20",
+        "--jobs",
+        "1",
+        "--out",
+        "logs",
+        cwd=tmp_path,
+    )
+    assert_one_line_error(proc, "set-up", "EINVAL")
+
+
+# -- --time: a budget that never ends is refused ---------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_time_must_be_finite(value: str, tmp_path: Path) -> None:
+    proc = run_cli("stress", SCENARIO, "--time", value, "--jobs", "1", "--out", "logs", cwd=tmp_path, timeout=60)
+    assert_one_line_error(proc, "--time")
+
+
+# -- internal errors: exit 3, one line, a crash report ---------------------------------------------
+
+
+class _Broken(dict[str, Any]):
+    def items(self) -> Any:
+        raise RuntimeError("boom from inside asyncvm")
+
+
+def test_an_internal_error_exits_3_with_a_crash_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import tempfile
+
+    import asyncvm.bugs
+    from asyncvm import cli
+
+    monkeypatch.setattr(asyncvm.bugs, "BUGS", _Broken(asyncvm.bugs.BUGS))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bugs"])
+    assert exit_info.value.code == 3
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("asyncvm: internal error: RuntimeError: boom"), err
+    report = Path(err[0].split("crash report: ", 1)[1].rstrip(")"))
+    assert report.parent == tmp_path
+    text = report.read_text()
+    assert "Traceback" in text and "boom from inside asyncvm" in text and "asyncvm bugs" in text
+
+
+# -- artifacts honour the umask --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002])
+def test_artifacts_honour_the_umask(mask: int, tmp_path: Path) -> None:
+    proc = subprocess.run(
+        cli_cmd(
+            "stress",
+            SCENARIO,
+            "--bug",
+            BUG,
+            "-p",
+            "pages=8",
+            "--seed",
+            "1",
+            "--runs",
+            "60",
+            "--jobs",
+            "1",
+            "--stop-on-first-failure",
+            "--out",
+            "logs",
+        ),
+        cwd=tmp_path,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+        preexec_fn=lambda: os.umask(mask),
+    )
+    assert proc.returncode == 1, explain(proc)
+    files = [p for p in (tmp_path / "logs").rglob("*") if p.is_file()]
+    assert any(p.name == "schedule.json" for p in files) and any(p.name == "campaign.json" for p in files)
+    for p in files:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~mask, f"{p}: {oct(stat.S_IMODE(p.stat().st_mode))}"
