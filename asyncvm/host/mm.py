@@ -192,6 +192,7 @@ class Mm:
         return addr // PAGE_SIZE, (addr + length + PAGE_SIZE - 1) // PAGE_SIZE
 
     @traps.syscall
+    @traps.syscall
     async def munmap(self, addr: int, length: int) -> None:
         """munmap(): notifiers see the range before the pages go, then the VMAs go too."""
         start, end = self._range(addr, length, "mm.munmap")
@@ -206,6 +207,7 @@ class Mm:
         if files:
             await self._unlink_file_vmas(files)
 
+    @traps.syscall
     @traps.syscall
     async def madvise(self, addr: int, length: int, advice: int) -> None:
         """madvise(): MADV_DONTNEED/MADV_REMOVE drop the pages (next touch gets zeros)."""
@@ -310,6 +312,16 @@ class Mm:
                 await lock.unlock()
         return folio, folio.pfn
 
+    async def _fault_present(self, page: int) -> tuple[Folio, int]:
+        """Fault until the PTE is there when the access happens: a file fault ends with a
+        scheduling point (the page unlock) in which a truncation may zap the new PTE again, and
+        the access (or GUP's grab under the PTE lock) then faults once more, as hardware would."""
+        while True:
+            folio, pfn = await self._fault(page)
+            hit = self.ptes.get(page)
+            if hit is not None and hit[0] is folio:
+                return folio, pfn
+
     async def get_user_page(self, addr: int, write: bool = False) -> tuple[Folio, int]:
         """get_user_pages() of one page: fault it in and return (folio, pfn) with a reference held.
         A page the file refuses (VM_FAULT_SIGBUS) is -EFAULT, as GUP reports it."""
@@ -317,22 +329,13 @@ class Mm:
         await self.mmap_lock.down_read()
         try:
             try:
-                folio, pfn = await self._fault(page)
-                while folio.owner != "anon" and not self._pte_maps(page, folio):
-                    folio, pfn = await self._fault(page)
+                folio, pfn = await self._fault_present(page)
             except VmFaultSigbus as e:
                 raise uapi.KvmError(uapi.EFAULT, f"GUP at {addr:#x}: {e}") from None
             self.allocator.get(folio)
         finally:
             await self.mmap_lock.up_read()
         return folio, pfn
-
-    def _pte_maps(self, page: int, folio: Folio) -> bool:
-        """Is `folio` still what the PTE maps? A file fault ends with a scheduling point (the page
-        unlock) in which a truncation may zap the new PTE again; the access (or GUP's grab under
-        the PTE lock) then faults once more, as hardware would. Anonymous faults end at the PTE."""
-        hit = self.ptes.get(page)
-        return hit is not None and hit[0] is folio
 
     def vma_at(self, addr: int) -> Vma | None:
         """find_vma() for exactly `addr` (None if nothing maps it)."""
@@ -403,9 +406,7 @@ class Mm:
         """A userspace access reaching the page: VM_FAULT_SIGBUS becomes the signal. Accesses to a
         file's pages are announced (the oracles check what the host touches)."""
         try:
-            folio, pfn = await self._fault(page)
-            while folio.owner != "anon" and not self._pte_maps(page, folio):
-                folio, pfn = await self._fault(page)
+            folio, pfn = await self._fault_present(page)
         except VmFaultSigbus as e:
             raise SigBus(addr, str(e)) from None
         if trace_mm_host_access.probes and folio.owner != "anon":

@@ -121,6 +121,7 @@ class GuestMemfd:
             else:
                 await kvm_gmem_release(self)
 
+    @traps.syscall
     async def close(self) -> None:
         """close(fd): drop the VMM's reference; the last one releases the file."""
         if self.refcount <= 0:
@@ -128,6 +129,7 @@ class GuestMemfd:
         await self.fput(returning_to_user=True)
 
     # -- file operations a VMM might try ----------------------------------------------------
+    @traps.syscall
     async def fallocate(self, mode: int, offset: int, len: int) -> None:
         """fallocate(2) on the guest_memfd: allocate, or PUNCH_HOLE|KEEP_SIZE.
 
@@ -166,6 +168,7 @@ class GuestMemfd:
         """vm_ops->fault: kvm_gmem_fault_user_mapping()."""
         return await kvm_gmem_fault_user_mapping(self, pgoff)
 
+    @traps.syscall
     async def set_memory_attributes2(self, attrs: uapi.MemoryAttributes2) -> None:
         """KVM_SET_MEMORY_ATTRIBUTES2 on the guest_memfd ([design gmem-inplace-conversion] only):
         convert [offset, offset + size) of the file; on -EAGAIN ``attrs.error_offset`` says where."""

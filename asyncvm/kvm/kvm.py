@@ -8,6 +8,7 @@ from .. import uapi
 from ..host.mm import Mm
 from ..host.pages import PageAllocator
 from ..profile import Profile, get_profile
+from ..runtime import traps
 from ..uapi import KvmError
 from .arch import KvmArchOps, kvm_arch_ops
 from .guest_memfd import kvm_gmem_get_supported_flags
@@ -50,6 +51,7 @@ class Kvm:
             return kvm_gmem_get_supported_flags(None, self.profile.gmem_supported_flags)
         return 0
 
+    @traps.syscall
     async def create_vm(self, vm_type: int = uapi.KVM_X86_DEFAULT_VM) -> Vm:
         """KVM_CREATE_VM: unsupported types are -EINVAL, as kvm_arch_init_vm() says."""
         vm_type = uapi.check_int(vm_type, "vm_type", "kvm.create_vm")

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .. import uapi
+from ..runtime import traps
 from ..runtime.sync import Mutex, cond_resched, fatal_signal_pending, signal_pending
 from ..uapi import PAGE_SIZE, KvmError
 from .trace import WARN
@@ -82,6 +83,7 @@ class Vcpu:
             raise KvmError(uapi.EINTR, "killed while waiting for vcpu->mutex")
         await self.mutex.lock()
 
+    @traps.syscall
     async def pre_fault_memory(self, r: uapi.PreFaultMemory) -> None:
         """KVM_PRE_FAULT_MEMORY: updates r.gpa/r.size in place; raises KvmError like the ioctl's -errno."""
         uapi.check_struct(r, uapi.PreFaultMemory, "vcpu.pre_fault_memory")
@@ -98,6 +100,7 @@ class Vcpu:
         self.program = list(program)
         self.pc = 0
 
+    @traps.syscall
     async def run(self) -> list[bytes]:
         """KVM_RUN: execute the guest program; returns what the guest read during this call.
 
@@ -125,15 +128,18 @@ class Vcpu:
         finally:
             await self.mutex.unlock()
 
+    @traps.syscall
     async def tdx_init_vcpu(self, data: int = 0, *, flags: int = 0) -> None:
         """KVM_TDX_INIT_VCPU (`data` is the initial RCX)."""
         await self._mem_enc_op(uapi.TdxCmd(uapi.KVM_TDX_INIT_VCPU, flags, data), None)
 
+    @traps.syscall
     async def tdx_init_mem_region(self, region: uapi.TdxInitMemRegion, flags: int = 0) -> None:
         """KVM_TDX_INIT_MEM_REGION: `region` advances past the pages done, even on error."""
         uapi.check_struct(region, uapi.TdxInitMemRegion, "vcpu.tdx_init_mem_region")
         await self._mem_enc_op(uapi.TdxCmd(uapi.KVM_TDX_INIT_MEM_REGION, flags), region)
 
+    @traps.syscall
     async def tdx_get_cpuid(self, cpuid: uapi.Cpuid2) -> None:
         """KVM_TDX_GET_CPUID"""
         uapi.check_struct(cpuid, uapi.Cpuid2, "vcpu.tdx_get_cpuid")

@@ -152,6 +152,7 @@ class Vm:
             return uapi.KVM_MAX_VCPUS
         return self.ops.check_extension(self, cap)
 
+    @traps.syscall
     async def create_vcpu(self, vcpu_id: int) -> Vcpu:
         """KVM_CREATE_VCPU: virt/kvm/kvm_main.c: kvm_vm_ioctl_create_vcpu() (6.8+)."""
         from .vcpu import Vcpu
@@ -182,6 +183,7 @@ class Vm:
             await self.lock.unlock()
         return vcpu
 
+    @traps.syscall
     async def create_guest_memfd(
         self, args: uapi.CreateGuestMemfd | None = None, *, size: int | None = None, flags: int = 0
     ) -> GuestMemfd:
@@ -197,12 +199,14 @@ class Vm:
         await traps.point(self)
         return file
 
+    @traps.syscall
     async def set_memory_attributes(self, attrs: uapi.MemoryAttributes) -> None:
         """KVM_SET_MEMORY_ATTRIBUTES"""
         uapi.check_struct(attrs, uapi.MemoryAttributes, "vm.set_memory_attributes")
         self.check_alive()
         await attrs_mod.kvm_vm_ioctl_set_mem_attributes(self, attrs)
 
+    @traps.syscall
     async def set_user_memory_region(self, region: uapi.UserspaceMemoryRegion) -> None:
         """KVM_SET_USER_MEMORY_REGION (v1: only LOG_DIRTY_PAGES and READONLY flags)."""
         uapi.check_struct(region, uapi.UserspaceMemoryRegion, "vm.set_user_memory_region")
@@ -211,6 +215,7 @@ class Vm:
             raise KvmError(uapi.EINVAL, "v1 memory region flags")
         await self.set_user_memory_region2(region.as_region2())
 
+    @traps.syscall
     async def set_user_memory_region2(self, region: uapi.UserspaceMemoryRegion2) -> None:
         """KVM_SET_USER_MEMORY_REGION2: virt/kvm/kvm_main.c: kvm_set_memory_region() (6.8+).
 
@@ -378,12 +383,14 @@ class Vm:
         finally:
             self._mem_enc_cmd = cmd
 
+    @traps.syscall
     async def tdx_init_vm(self, params: uapi.TdxInitVm | None = None, *, flags: int = 0) -> None:
         """KVM_TDX_INIT_VM"""
         if params is not None:
             uapi.check_struct(params, uapi.TdxInitVm, "vm.tdx_init_vm")
         await self._mem_enc_op(uapi.TdxCmd(uapi.KVM_TDX_INIT_VM, flags), params)
 
+    @traps.syscall
     async def tdx_finalize_vm(self, *, flags: int = 0) -> None:
         """KVM_TDX_FINALIZE_VM"""
         await self._mem_enc_op(uapi.TdxCmd(uapi.KVM_TDX_FINALIZE_VM, flags), None)
@@ -394,16 +401,19 @@ class Vm:
         cmd = self._mem_enc_cmd
         return cmd.hw_error if isinstance(cmd, uapi.TdxCmd) else 0
 
+    @traps.syscall
     async def snp_launch_start(self, params: uapi.SevSnpLaunchStart) -> None:
         """KVM_SEV_SNP_LAUNCH_START"""
         uapi.check_struct(params, uapi.SevSnpLaunchStart, "vm.snp_launch_start")
         await self._mem_enc_op(uapi.SevCmd(uapi.KVM_SEV_SNP_LAUNCH_START), params)
 
+    @traps.syscall
     async def snp_launch_update(self, params: uapi.SevSnpLaunchUpdate) -> None:
         """KVM_SEV_SNP_LAUNCH_UPDATE: gfn_start/uaddr/len advance only on success."""
         uapi.check_struct(params, uapi.SevSnpLaunchUpdate, "vm.snp_launch_update")
         await self._mem_enc_op(uapi.SevCmd(uapi.KVM_SEV_SNP_LAUNCH_UPDATE), params)
 
+    @traps.syscall
     async def snp_launch_finish(self, params: uapi.SevSnpLaunchFinish | None = None) -> None:
         """KVM_SEV_SNP_LAUNCH_FINISH"""
         if params is not None:

@@ -14,7 +14,9 @@ async def sleep(seconds: float) -> None:
     if exe is None:
         import anyio
 
-        await anyio.sleep(seconds)
+        # msleep() is uninterruptible: a cancellation waits for the system call to return.
+        with anyio.CancelScope(shield=True):
+            await anyio.sleep(seconds)
         return
     might_sleep("msleep()")
     clock = exe.clock

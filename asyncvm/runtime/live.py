@@ -3,27 +3,43 @@
 No strategy decides anything here. A scheduling point is an anyio checkpoint, a blocked task
 waits on an ``anyio.Event`` that the primitive sets when its state changes, and nondeterministic
 draws take their "nothing unusual" value. The interleavings are whatever the event loop does.
+
+Cancellation is a signal. The kernel never unwinds a system call at an arbitrary instruction: a
+task sees a signal only where the code checks ``signal_pending()`` or ``fatal_signal_pending()``,
+and the signal is handled on the way back to user mode, after the call has put its result (and
+any partial progress) in place. So here every scheduling point and every wait is shielded from
+cancellation; ``signal_pending()`` answers "yes" once the caller's cancel scope is cancelled (the
+model then returns -EINTR as the kernel does, releasing what it holds on the way out); and the
+cancellation itself is delivered when the outermost system call (``traps.syscall``) returns.
+The one wait that a cancellation ends early is a spin-retry wait (``spin_wait``): on hardware
+the loop re-checks all the time, and its own signal check is what lets it leave.
 """
 
 from __future__ import annotations
 
 import contextvars
-from typing import Any
+import math
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import anyio
 import anyio.lowlevel
+
+R = TypeVar("R")
 
 
 class LiveTask:
     """What the primitives need to know about an anyio task: its name and what it holds."""
 
-    __slots__ = ("held", "name", "srcu_reads", "tid")
+    __slots__ = ("held", "name", "srcu_reads", "syscalls", "tid")
 
     def __init__(self, tid: int, name: str) -> None:
         self.tid = tid
         self.name = name
         self.held: list[tuple[Any, Any, Any]] = []
         self.srcu_reads: list[tuple[Any, int, Any]] = []
+        #: system calls in progress (nested ones deliver nothing: only the outermost returns to user)
+        self.syscalls = 0
 
     def __repr__(self) -> str:
         return f"<LiveTask {self.name}>"
@@ -45,17 +61,42 @@ def current() -> LiveTask:
 
 
 async def checkpoint() -> None:
-    await anyio.lowlevel.checkpoint()
+    # Other tasks may run here, but a cancellation waits for the system call to return.
+    with anyio.CancelScope(shield=True):
+        await anyio.lowlevel.checkpoint()
 
 
 async def wait(obj: Any, arg: Any) -> None:
-    await anyio.lowlevel.checkpoint()
     t = current()
-    while not obj._ready(t, arg):
-        event = obj._live_event
-        if event is None:
-            event = obj._live_event = anyio.Event()
+    if getattr(obj, "spin", False):
+        await _spin(obj, arg, t)
+        return
+    # Lock and completion waits are uninterruptible (mutex_lock, down_write, wait_for_completion):
+    # nothing is held half-way, so nothing can be left half-done.
+    with anyio.CancelScope(shield=True):
+        await anyio.lowlevel.checkpoint()
+        while not obj._ready(t, arg):
+            event = obj._live_event
+            if event is None:
+                event = obj._live_event = anyio.Event()
+            await event.wait()
+
+
+async def _spin(obj: Any, arg: Any, t: LiveTask) -> None:
+    """A spin-retry loop waiting for a write: a cancellation ends the wait (not the loop), so the
+    loop's own signal check sees it; a loop without one re-checks and waits again."""
+    await checkpoint()
+    if obj._ready(t, arg) or cancel_pending():
+        return
+    event = obj._live_event
+    if event is None:
+        event = obj._live_event = anyio.Event()
+    try:
         await event.wait()
+    except anyio.get_cancelled_exc_class():
+        # Cancellation is level-triggered on both backends: it is raised again at the first
+        # unshielded checkpoint, which is where the system call delivers it.
+        return
 
 
 def notify(obj: Any) -> None:
@@ -63,3 +104,27 @@ def notify(obj: Any) -> None:
     if event is not None:
         obj._live_event = None
         event.set()
+
+
+def cancel_pending() -> bool:
+    """Whether the running task's cancel scopes are cancelled or past their deadline: in live
+    mode that is a signal pending for it (``signal_pending()``, ``fatal_signal_pending()``)."""
+    try:
+        deadline = anyio.current_effective_deadline()
+    except RuntimeError:  # not inside an event loop: nothing can cancel it
+        return False
+    return deadline == -math.inf or (deadline != math.inf and deadline <= anyio.current_time())
+
+
+async def syscall(coro: Coroutine[Any, Any, R]) -> R:
+    """Run a system call's coroutine; on its return to user mode deliver a pending cancellation
+    (``traps.syscall`` wraps the entry points with it in live mode)."""
+    t = current()
+    t.syscalls += 1
+    try:
+        return await coro
+    finally:
+        t.syscalls -= 1
+        if not t.syscalls:
+            # The return to user mode: a pending cancellation replaces the call's own outcome.
+            await anyio.lowlevel.checkpoint_if_cancelled()

@@ -706,9 +706,12 @@ def need_resched() -> bool:
 
 
 def signal_pending() -> bool:
-    """signal_pending(current): a signal arriving now is a recorded, replayable choice."""
+    """signal_pending(current): a signal arriving now is a recorded, replayable choice; in live
+    mode, a cancellation of the calling task (see ``live``)."""
     exe = _get_exe()
-    if exe is None or not exe.draw("signal", 2, 0.02):
+    if exe is None:
+        return _live_signal()
+    if not exe.draw("signal", 2, 0.02):
         return False
     if exe._stuck_rounds:
         exe.stuck_signal(caller_site())
@@ -716,13 +719,22 @@ def signal_pending() -> bool:
 
 
 def fatal_signal_pending() -> bool:
-    """fatal_signal_pending(current): as signal_pending(), for SIGKILL."""
+    """fatal_signal_pending(current): as signal_pending(), for SIGKILL (in live mode, a
+    cancellation of the calling task: it unwinds the call as a fatal signal would)."""
     exe = _get_exe()
-    if exe is None or not exe.draw("fatal_signal", 2, 0.0):
+    if exe is None:
+        return _live_signal()
+    if not exe.draw("fatal_signal", 2, 0.0):
         return False
     if exe._stuck_rounds:
         exe.stuck_signal(caller_site())
     return True
+
+
+def _live_signal() -> bool:
+    from . import live
+
+    return live.cancel_pending()
 
 
 def alloc_fails(what: str = "alloc") -> bool:

@@ -25,9 +25,10 @@ owns, and describe themselves for deadlock reports with ``_holders()`` and ``des
 from __future__ import annotations
 
 import contextvars
+import functools
 import types
-from collections.abc import Awaitable, Generator
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Awaitable, Callable, Coroutine, Generator
+from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from .executor import Executor, Task
@@ -176,3 +177,29 @@ def tracing() -> bool:
 def active() -> Executor | None:
     """The controlled execution running now in this context (thread), if any."""
     return _get_exe()
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def syscall(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Mark a system call's entry point (an ioctl, fallocate, munmap): where live mode delivers
+    a cancellation of the caller, as a signal is handled on the way back to user mode.
+
+    The caller then sees the cancellation, not the -EINTR the call returned for it, and whatever
+    the call recorded (partial progress in its struct) stays; see ``live``. Under a controlled
+    execution the call is the bare coroutine: no frame is added to the await chain that every
+    scheduling step resumes.
+    """
+
+    @functools.wraps(fn)
+    def call(*args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:
+        coro = fn(*args, **kwargs)
+        if _get_exe() is not None:
+            return coro
+        from . import live
+
+        return live.syscall(coro)
+
+    return call
