@@ -31,7 +31,8 @@ class KvmX86Ops:
     vcpu_precreate: Callable[[Vm], int]
     #: vcpu_create(): the vendor's per-vCPU state (``struct vcpu_tdx``), or None
     vcpu_create: Callable[[Vcpu], Any]
-    #: vcpu_pre_run(): 0 if KVM_RUN may enter the guest, else -errno
+    #: vcpu_pre_run(): 0 if KVM_RUN may enter the guest, -errno to fail it, or > 0 to return to
+    #: userspace at once with the exit the hook wrote in kvm_run (e.g. KVM_EXIT_FAIL_ENTRY)
     vcpu_pre_run: Callable[[Vcpu], int]
     #: mem_enc_ioctl(): KVM_MEMORY_ENCRYPT_OP on the VM fd (the command struct, its payload)
     mem_enc_ioctl: Callable[[Vm, Any, Any], Awaitable[None]] | None

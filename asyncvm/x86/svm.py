@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .. import uapi
 from .ops import KvmX86Ops
 from .sev import snp
 
@@ -24,6 +25,15 @@ def svm_vcpu_create(vcpu: Vcpu) -> None:
 
 
 def svm_vcpu_pre_run(vcpu: Vcpu) -> int:
+    """svm.c: svm_vcpu_run() -> sev.c: pre_sev_run() (6.15+, 72d12715edcd "Refuse to attempt VMRUN
+    if an SEV-ES+ guest has an invalid VMSA"): no VMRUN, KVM_RUN returns 0 with
+    KVM_EXIT_FAIL_ENTRY. An SNP guest's VMSAs are launched by KVM_SEV_SNP_LAUNCH_FINISH, so before
+    it no vCPU enters the guest (older kernels try VMRUN, which fails VMEXIT_INVALID: the same
+    exit). The model keeps no per-vCPU VMSA: after LAUNCH_FINISH every vCPU runs."""
+    vm = vcpu.vm
+    if snp.sev_snp_guest(vm) and not snp.to_kvm_sev(vm).launch_finished:
+        vcpu.kvm_run.exit_reason = uapi.KVM_EXIT_FAIL_ENTRY
+        return 1
     return 0
 
 

@@ -162,8 +162,10 @@ async def kvm_arch_vcpu_ioctl_run(vcpu: Vcpu) -> list[bytes]:
     reads: list[bytes] = []
     vcpu.kvm_run.exit_reason = uapi.KVM_EXIT_UNKNOWN
     r = ops.vcpu_pre_run(vcpu)
-    if r:
+    if r < 0:
         raise KvmError(-r, "the vCPU cannot run in this state")
+    if r > 0:
+        return reads  # KVM_RUN returns 0: the exit reason the vendor set says why nothing ran
     idx = await vm.srcu.read_lock()
     try:
         while vcpu.pc < len(vcpu.program):

@@ -51,6 +51,8 @@ class KvmSevInfo:
     def __init__(self, vm: Vm) -> None:
         self.firmware = SnpFirmware(vm)
         self.snp_context = False
+        #: SNP_LAUNCH_FINISH succeeded: the vCPUs' VMSAs are launched and KVM_RUN may enter the guest
+        self.launch_finished = False
         #: the firmware code of the command running now (copied to kvm_sev_cmd.error)
         self.fw_error = 0
 
@@ -244,6 +246,7 @@ async def snp_launch_finish(vm: Vm, params: uapi.SevSnpLaunchFinish) -> None:
             raise SnpError(uapi.EIO, "SNP_LAUNCH_FINISH failed", rc)
         hb.access(hb.STORE_RELEASE, "pre_fault_allowed", vm)
         vm.arch.pre_fault_allowed = True
+        sev.launch_finished = True
         traps.emit("snp_launch_finish", vm, digest=sev.firmware.launch_digest.hex())
     finally:
         await vm.lock.unlock()
