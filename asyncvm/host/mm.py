@@ -192,7 +192,6 @@ class Mm:
         return addr // PAGE_SIZE, (addr + length + PAGE_SIZE - 1) // PAGE_SIZE
 
     @traps.syscall
-    @traps.syscall
     async def munmap(self, addr: int, length: int) -> None:
         """munmap(): notifiers see the range before the pages go, then the VMAs go too."""
         start, end = self._range(addr, length, "mm.munmap")
@@ -207,7 +206,6 @@ class Mm:
         if files:
             await self._unlink_file_vmas(files)
 
-    @traps.syscall
     @traps.syscall
     async def madvise(self, addr: int, length: int, advice: int) -> None:
         """madvise(): MADV_DONTNEED/MADV_REMOVE drop the pages (next touch gets zeros)."""
