@@ -115,6 +115,15 @@ BUGS: dict[str, Bug] = {
             "gmem_conversion_vs_host_fault",
             "gmem-inplace-conversion",
         ),
+        Bug(
+            "gmem_convert_skips_invalidate_end",
+            "[design gmem-inplace-conversion] shared->private conversion begins the MMU invalidation "
+            "but never ends it (an exit path that forgets kvm_gmem_invalidate_end()), so every later "
+            "fault of the VM retries forever",
+            "virt/kvm/guest_memfd.c: __kvm_gmem_set_attributes() (in-place conversion series)",
+            "gmem_conversion_vs_host_fault",
+            "gmem-inplace-conversion",
+        ),
     ]
 }
 

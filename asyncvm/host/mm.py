@@ -38,11 +38,16 @@ class MmuNotifier(Protocol):
     async def invalidate_range_end(self, start: int, end: int) -> None: ...
 
 
-class SigBus(Exception):
-    """SIGBUS delivered to the VMM for a userspace access the fault handler refused (VM_FAULT_SIGBUS)."""
+class SigBus(uapi.KvmError):
+    """SIGBUS delivered to the VMM for a userspace access the fault handler refused (VM_FAULT_SIGBUS).
+
+    It is a KvmError(EFAULT) too: the same refused access made by a kernel copy on the VMM's
+    behalf (copy_from_user() of an ioctl's source buffer) is -EFAULT, so kernel paths that read
+    user memory through the mm see the errno they would get.
+    """
 
     def __init__(self, addr: int, reason: str) -> None:
-        super().__init__(f"SIGBUS at {addr:#x}: {reason}")
+        super().__init__(uapi.EFAULT, f"SIGBUS at {addr:#x}: {reason}")
         self.addr = addr
         self.reason = reason
 
@@ -310,16 +315,6 @@ class Mm:
                 await lock.unlock()
         return folio, folio.pfn
 
-    async def _fault_present(self, page: int) -> tuple[Folio, int]:
-        """Fault until the PTE is there when the access happens: a file fault ends with a
-        scheduling point (the page unlock) in which a truncation may zap the new PTE again, and
-        the access (or GUP's grab under the PTE lock) then faults once more, as hardware would."""
-        while True:
-            folio, pfn = await self._fault(page)
-            hit = self.ptes.get(page)
-            if hit is not None and hit[0] is folio:
-                return folio, pfn
-
     async def get_user_page(self, addr: int, write: bool = False) -> tuple[Folio, int]:
         """get_user_pages() of one page: fault it in and return (folio, pfn) with a reference held.
         A page the file refuses (VM_FAULT_SIGBUS) is -EFAULT, as GUP reports it."""
@@ -327,13 +322,22 @@ class Mm:
         await self.mmap_lock.down_read()
         try:
             try:
-                folio, pfn = await self._fault_present(page)
+                folio, pfn = await self._fault(page)
+                while folio.owner != "anon" and not self._pte_maps(page, folio):
+                    folio, pfn = await self._fault(page)
             except VmFaultSigbus as e:
                 raise uapi.KvmError(uapi.EFAULT, f"GUP at {addr:#x}: {e}") from None
             self.allocator.get(folio)
         finally:
             await self.mmap_lock.up_read()
         return folio, pfn
+
+    def _pte_maps(self, page: int, folio: Folio) -> bool:
+        """Is `folio` still what the PTE maps? A file fault ends with a scheduling point (the page
+        unlock) in which a truncation may zap the new PTE again; the access (or GUP's grab under
+        the PTE lock) then faults once more, as hardware would. Anonymous faults end at the PTE."""
+        hit = self.ptes.get(page)
+        return hit is not None and hit[0] is folio
 
     def vma_at(self, addr: int) -> Vma | None:
         """find_vma() for exactly `addr` (None if nothing maps it)."""
@@ -404,7 +408,9 @@ class Mm:
         """A userspace access reaching the page: VM_FAULT_SIGBUS becomes the signal. Accesses to a
         file's pages are announced (the oracles check what the host touches)."""
         try:
-            folio, pfn = await self._fault_present(page)
+            folio, pfn = await self._fault(page)
+            while folio.owner != "anon" and not self._pte_maps(page, folio):
+                folio, pfn = await self._fault(page)
         except VmFaultSigbus as e:
             raise SigBus(addr, str(e)) from None
         if trace_mm_host_access.probes and folio.owner != "anon":

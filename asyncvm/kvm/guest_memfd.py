@@ -473,7 +473,8 @@ async def __kvm_gmem_set_attributes(file: GuestMemfd, start: int, end: int, attr
         shared.assign(start, end, not to_private)
         trace_kvm_gmem_set_attributes(inode, start, end, attributes)
         await traps.point(inode.invalidate_lock)
-        await kvm_gmem_invalidate_end(inode, start, end)
+        if not (to_private and "gmem_convert_skips_invalidate_end" in vm.bugs):
+            await kvm_gmem_invalidate_end(inode, start, end)
     finally:
         await inode.invalidate_lock.up_write()
     return None

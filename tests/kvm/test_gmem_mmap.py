@@ -318,3 +318,27 @@ def test_shared_fault_of_a_gmem_only_slot_on_a_protected_vm() -> None:
         assert gmem.inode.folios.get(0) is not None
 
     run_once(body)
+
+
+def test_kernel_copy_from_a_private_mapping_is_efault() -> None:
+    """sev.c: sev_gmem_post_populate(): copy_from_user() of a source the fault handler refuses is
+    -EFAULT (which snp_launch_update() reports as -EIO on the first page), never a SIGBUS out of
+    the ioctl (the VMM itself would get SIGBUS touching it)."""
+
+    async def body(kvm: asyncvm.Kvm) -> None:
+        vm = await kvm.create_vm(uapi.KVM_X86_SNP_VM)
+        gmem = await vm.create_guest_memfd(size=PAGE)
+        hva = await kvm.mm.mmap(PAGE)
+        await vm.set_user_memory_region2(
+            uapi.UserspaceMemoryRegion2(0, uapi.KVM_MEM_GUEST_MEMFD, 0, PAGE, hva, 0, gmem)
+        )
+        await vm.set_memory_attributes(uapi.MemoryAttributes(0, PAGE, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE))
+        await vm.snp_launch_start(uapi.SevSnpLaunchStart(policy=1 << 17))
+        private_src = await vm.create_guest_memfd(size=PAGE, flags=MMAP)
+        src = await kvm.mm.mmap(PAGE, fd=private_src, shared=True)
+        update = uapi.SevSnpLaunchUpdate(0, src, PAGE, uapi.KVM_SEV_SNP_PAGE_TYPE_NORMAL)
+        with pytest.raises(KvmError) as e:
+            await vm.snp_launch_update(update)
+        assert e.value.errno == uapi.EIO and not isinstance(e.value, SigBus)
+
+    run_once(body)

@@ -335,3 +335,37 @@ def test_mmap_lock_writer_preference_deadlocks_a_recursive_reader() -> None:
 def test_mmap_lock_reader_and_writer_clean() -> None:
     report = asyncvm.explore(_mmap_lock_read_twice(False), strategy="random", runs=200, seed=0)
     assert report.ok, report.summary()
+
+
+# -- invalidation balance across the new paths (invariants.py's begin/end rule) ---------------
+
+
+def test_conversion_without_invalidate_end_fires_the_balance_rule() -> None:
+    async def body(kvm: asyncvm.Kvm) -> None:
+        vm = await kvm.create_vm(uapi.KVM_X86_SW_PROTECTED_VM)
+        gmem = await vm.create_guest_memfd(size=PAGE, flags=MMAP | INIT_SHARED)
+        await vm.set_user_memory_region2(uapi.UserspaceMemoryRegion2(0, uapi.KVM_MEM_GUEST_MEMFD, 0, PAGE, 0, 0, gmem))
+        await gmem.set_memory_attributes2(uapi.MemoryAttributes2(0, PAGE, PRIVATE))
+
+    failure = run_failing(body, profile=INPLACE, bugs=["gmem_convert_skips_invalidate_end"])
+    assert failure.kind == "invalidate_balance", failure
+
+
+def test_conversion_and_host_truncation_unmap_balanced() -> None:
+    """Conversion, truncation's host unmap (MMU notifiers) and the host fault leave every VM with
+    no invalidation in progress."""
+
+    async def body(kvm: asyncvm.Kvm) -> None:
+        vm = await kvm.create_vm(uapi.KVM_X86_SW_PROTECTED_VM)
+        gmem = await vm.create_guest_memfd(size=2 * PAGE, flags=MMAP | INIT_SHARED)
+        mem = await kvm.mm.mmap(2 * PAGE, fd=gmem, shared=True)
+        await vm.set_user_memory_region2(
+            uapi.UserspaceMemoryRegion2(0, uapi.KVM_MEM_GUEST_MEMFD, 0, 2 * PAGE, mem, 0, gmem)
+        )
+        await kvm.mm.write(mem, b"x" * 2 * PAGE)
+        await gmem.set_memory_attributes2(uapi.MemoryAttributes2(0, PAGE, PRIVATE))
+        await gmem.fallocate(PUNCH, 0, 2 * PAGE)
+        await gmem.set_memory_attributes2(uapi.MemoryAttributes2(0, PAGE, 0))
+        assert vm.mmu_invalidate_in_progress == 0 and vm.mn_active_invalidate_count == 0
+
+    run_once(body, profile=INPLACE)
