@@ -56,8 +56,10 @@ class Profile:
     # -- design switches: every kernel profile leaves them off -----------------------------------
     #: [design map-memory-v2] KVM_PRE_FAULT_MEMORY behaves as the KVM_MAP_MEMORY RFC v2 did
     map_memory_v2: bool = False
-    #: [design tdx-init-mem-region-vcpu0] INIT_MEM_REGION maps through vCPU 0 with a per-VM source field
-    tdx_init_mem_region_vcpu0: bool = False
+    #: [design tdx-init-mem-region-vcpu0*] INIT_MEM_REGION maps through vCPU 0 with a per-VM source
+    #: field: "" (off), "caller-mutex" (each thread's vCPU fd, its own mutex) or "vm-ioctl" (as
+    #: posted: kvm->lock, then vCPU 0's mutex)
+    tdx_init_mem_region_vcpu0: str = ""
     #: [design prefault-before-finalize] pre-fault is allowed on a TD from INIT_VM on
     prefault_before_finalize: bool = False
     #: [design gmem-*] what a guest_memfd is before it is bound: "" (mainline: private from creation),
@@ -84,8 +86,10 @@ class Profile:
 
     @property
     def summary(self) -> str:
-        """The description's first line."""
-        return self.description.strip().splitlines()[0] if self.description.strip() else ""
+        """The description's first sentence, on one line."""
+        text = " ".join(self.description.split())
+        end = text.find(". ")
+        return text if end < 0 else text[: end + 1]
 
 
 PROFILES: dict[str, Profile] = {
@@ -144,6 +148,72 @@ orders). Modeled: per-page shareability, the fault and conversion locking, the r
 invalidation of both mapping kinds. Not modeled: guest faults consulting the file's shareability
 (VM attributes still decide them), huge folios and their splitting.""",
         gmem_in_place_conversion=True,
+    )
+)
+
+
+register(
+    design(
+        "map-memory-v2",
+        "6.18",
+        """The KVM_MAP_MEMORY RFC v2 (April 2024), before it became KVM_PRE_FAULT_MEMORY in 6.11.
+Proposed by the TDX KVM authors and reworked by the KVM maintainers (kvm-core.md section 8): the
+arch hook maps one range per call with no retry loop of its own, so RET_PF_RETRY (an invalidation
+in flight, a frozen SPTE) goes back to userspace as -EAGAIN and RET_PF_EMULATE (no memslot, MMIO)
+as -EINVAL; the generic loop stops at the first error and returns it even after progress (the
+struct says how far it got). The merged ioctl retries internally (only a signal ends it) and
+reports any progress as success. Modeled: the -EAGAIN/-EINVAL mapping and the error-after-progress
+return. Not modeled: the struct's own field names, the padding, the v2 patch that mapped L1 GPAs
+in guest mode (dropped), a mapping larger than asked moving the struct past the range.""",
+        map_memory_v2=True,
+    )
+)
+
+register(
+    design(
+        "tdx-init-mem-region-vcpu0",
+        "6.18",
+        """The TDX KVM series' INIT_MEM_REGION (v18/v19, 2024), reached from each thread's vCPU fd.
+The TDX KVM authors faulted each page in through vCPU 0's MMU after leaving the source page in a
+per-VM scratch field (kvm_tdx->source_pa) that the S-EPT hook PAGE.ADDed and MR.EXTENDed from;
+a comment said vCPU 0's mutex made the field safe, and the maintainers asked why races were
+possible at all and wanted the lock asserted. Here the call holds only the caller's vcpu->mutex,
+as a vCPU-scoped ioctl does, so threads populating from several vCPUs share the field: a page can
+be added with another thread's contents (the copy and MRTD are wrong), or the hook finds the
+field already consumed (KVM_BUG_ON). The lock the design needed is modeled by
+tdx-init-mem-region-vcpu0-locked. The merged design (6.16+) passes the source per call through
+kvm_gmem_populate() instead.""",
+        tdx_init_mem_region_vcpu0="caller-mutex",
+    )
+)
+
+register(
+    design(
+        "tdx-init-mem-region-vcpu0-locked",
+        "6.18",
+        """The same scratch-field INIT_MEM_REGION with the lock it needed: a VM ioctl under kvm->lock
+that also takes vCPU 0's mutex, as the v18/v19 series posted it, so each page's set-map-consume
+of kvm_tdx->source_pa is one critical section. Concurrent calls from several threads serialize
+(no parallel population) and the image comes out right. Modeled: kvm->lock and vCPU 0's mutex
+around the whole call, the same scratch field and S-EPT hook as tdx-init-mem-region-vcpu0.""",
+        tdx_init_mem_region_vcpu0="vm-ioctl",
+    )
+)
+
+register(
+    design(
+        "prefault-before-finalize",
+        "6.18",
+        """KVM_PRE_FAULT_MEMORY allowed on a TD before KVM_TDX_FINALIZE_VM, as the pre-fault and TDX
+MMU threads of 2024-25 discussed before pre_fault_allowed was tied to finalization (6.16). A
+pre-fault of a private GPA installs the mirror SPTE; the S-EPT hook only counts it in
+nr_premapped (no source page, so no PAGE.ADD): the mirror has a present leaf, the S-EPT has none,
+and the fault prepared the guest_memfd folio. A later INIT_MEM_REGION of that GPA then finds the
+folio uptodate and fails -EEXIST (6.11-6.19 populate; were it let through, the mirror leaf is
+already present and tdp_mmu_map_handle_target_level() would only say RET_PF_SPURIOUS), so the page
+never reaches the image; FINALIZE refuses with -EINVAL (nr_premapped != 0). Modeled on the 6.18
+flow without the KVM_BUG_ON 6.18 has for exactly this; the TDX premap oracle reports the leaf.""",
+        prefault_before_finalize=True,
     )
 )
 

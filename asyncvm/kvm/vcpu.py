@@ -184,4 +184,8 @@ async def kvm_vcpu_pre_fault_memory(vcpu: Vcpu, r: uapi.PreFaultMemory) -> int:
             await cond_resched()
     finally:
         await vm.srcu.read_unlock(idx)
+    if vm.profile.map_memory_v2:
+        # [design map-memory-v2] kvm_vcpu_map_memory() as the RFC v2 posted it: the error comes
+        # back even after progress (the struct says how far it got)
+        return ret
     return 0 if full_size != r.size else ret

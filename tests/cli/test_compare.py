@@ -119,3 +119,16 @@ def test_profiles_lists_both_kinds(tmp_path: Path) -> None:
     kinds = {line.split()[0]: line.split()[1] for line in proc.stdout.splitlines() if line.strip()}
     assert kinds["6.18"] == "kernel" and kinds["7.0"] == "kernel"
     assert "design" in kinds.values(), proc.stdout
+
+
+def test_compare_json_merged_design_clean_variant_failing(tmp_path: Path) -> None:
+    """The vCPU-0 scratch-page design against the merged INIT_MEM_REGION, end to end."""
+    rows = compare_json(
+        tmp_path, "tdx_init_mem_region_threads", "7.0,tdx-init-mem-region-vcpu0", "--runs", "60", "--seed", "1"
+    )
+    merged, variant = rows
+    assert merged["profile"] == "7.0" and merged["failures"] == 0 and merged["signatures"] == []
+    assert variant["profile"] == "tdx-init-mem-region-vcpu0"
+    assert variant["failures"] > 0 and variant["first_failure_run"] is not None
+    assert any(s.startswith("kvm_bug:") for s in variant["signatures"]), variant
+    assert set(variant["artifacts"]) == set(variant["signatures"])

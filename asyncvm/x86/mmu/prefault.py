@@ -27,8 +27,11 @@ if TYPE_CHECKING:
     from ...kvm.vcpu import Vcpu
 
 
-async def kvm_tdp_map_page(vcpu: Vcpu, gpa: int, error_code: int) -> tuple[int, int]:
+async def kvm_tdp_map_page(vcpu: Vcpu, gpa: int, error_code: int, *, v2: bool = False) -> tuple[int, int]:
     """mmu.c: kvm_tdp_map_page(): returns (0 or -errno, level).
+
+    `v2` (design map-memory-v2, the KVM_MAP_MEMORY RFC v2 of April 2024): no retry loop in the
+    kernel, RET_PF_RETRY goes back to userspace as -EAGAIN and RET_PF_EMULATE as -EINVAL.
 
     [~6.18] (prefault_checks_before_each_attempt): signal_pending() -> -EINTR,
     KVM_REQ_VM_DEAD -> -EIO and cond_resched() before every attempt. [6.11] form: the first
@@ -55,6 +58,8 @@ async def kvm_tdp_map_page(vcpu: Vcpu, gpa: int, error_code: int) -> tuple[int, 
         r, level = await kvm_mmu_do_page_fault(vcpu, gpa, error_code, prefetch=True)
         if r != RET_PF_RETRY:
             break
+        if v2:
+            return -uapi.EAGAIN, level
         retrying = True
         await spin_wait(vm.mmu_word, seen)
     if r < 0:
@@ -62,7 +67,7 @@ async def kvm_tdp_map_page(vcpu: Vcpu, gpa: int, error_code: int) -> tuple[int, 
     if r in (RET_PF_FIXED, RET_PF_SPURIOUS, RET_PF_WRITE_PROTECTED):
         return 0, level
     if r == RET_PF_EMULATE:
-        return -uapi.ENOENT, level
+        return (-uapi.EINVAL if v2 else -uapi.ENOENT), level
     WARN(vm, f"kvm_tdp_map_page: unexpected RET_PF {r}")
     return -uapi.EIO, level
 
@@ -87,7 +92,7 @@ async def kvm_arch_vcpu_pre_fault_memory(vcpu: Vcpu, gpa: int, size: int) -> int
         error_code |= PFERR_PRIVATE_ACCESS
     else:
         direct_bits = vm.arch.gfn_direct_bits << PAGE_SHIFT
-    r, level = await kvm_tdp_map_page(vcpu, gpa | direct_bits, error_code)
+    r, level = await kvm_tdp_map_page(vcpu, gpa | direct_bits, error_code, v2=vm.profile.map_memory_v2)
     if r < 0:
         return r
     span = PAGES[max(level, 1)] << PAGE_SHIFT

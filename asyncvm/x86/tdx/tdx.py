@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ... import uapi
 from ...kvm.guest_memfd import kvm_gmem_populate
+from ...kvm.trace import trace_kvm_gmem_populate, trace_kvm_gmem_populated
 from ...runtime import hb, traps
 from ...runtime.lockdep import lockdep_assert_held_write
 from ...runtime.sync import cond_resched, fatal_signal_pending, signal_pending, spin_wait
@@ -59,6 +60,9 @@ class KvmTdx:
         self.hkid_assigned = False
         self.nr_premapped = 0
         self.page_add_src: bytes | None = None
+        #: [design tdx-init-mem-region-vcpu0] ``kvm_tdx->source_pa``: the source page (and whether to
+        #: measure it) that INIT_MEM_REGION leaves for the S-EPT hook to PAGE.ADD from
+        self.source_pa: tuple[bytes, bool] | None = None
         self.wait_for_sept_zap = False
         self.module = TdxModule(vm)
 
@@ -182,6 +186,10 @@ async def tdx_vm_ioctl(vm: Vm, cmd: uapi.TdxCmd, payload: Any) -> None:
 async def tdx_vcpu_unlocked_ioctl(vcpu: Vcpu, cmd: uapi.TdxCmd, payload: Any) -> int:
     """[T19] tdx.c: tdx_vcpu_unlocked_ioctl(): INIT_VCPU and INIT_MEM_REGION take "all the locks"
     themselves, so they run before kvm_vcpu_ioctl() would take the caller's vcpu->mutex."""
+    if cmd.id == uapi.KVM_TDX_INIT_MEM_REGION and vcpu.vm.profile.tdx_init_mem_region_vcpu0 == "vm-ioctl":
+        # [design tdx-init-mem-region-vcpu0-locked] a VM ioctl: no caller vcpu->mutex
+        await tdx_init_mem_region(vcpu.vm, payload, cmd.flags)
+        return 0
     if not _t19(vcpu.vm) or cmd.id not in (uapi.KVM_TDX_INIT_VCPU, uapi.KVM_TDX_INIT_MEM_REGION):
         return -uapi.ENOIOCTLCMD
     await tdx_vcpu_ioctl(vcpu, cmd, payload)
@@ -192,6 +200,8 @@ async def tdx_vcpu_ioctl(vcpu: Vcpu, cmd: uapi.TdxCmd, payload: Any) -> None:
     """tdx.c: tdx_vcpu_ioctl(): the vCPU sub-commands."""
     if cmd.id == uapi.KVM_TDX_INIT_VCPU:
         await tdx_vcpu_init(vcpu, cmd.data, cmd.flags)
+    elif cmd.id == uapi.KVM_TDX_INIT_MEM_REGION and vcpu.vm.profile.tdx_init_mem_region_vcpu0:
+        await tdx_init_mem_region(vcpu.vm, payload, cmd.flags, caller=vcpu)
     elif cmd.id == uapi.KVM_TDX_INIT_MEM_REGION:
         await tdx_vcpu_init_mem_region(vcpu, payload, cmd.flags)
     elif cmd.id == uapi.KVM_TDX_GET_CPUID:
@@ -226,7 +236,7 @@ async def tdx_td_init(vm: Vm, cmd: uapi.TdxCmd, params: uapi.TdxInitVm | None) -
         kvm_tdx.hkid_assigned = True
         vm.arch.gfn_direct_bits = 1 << (TDX_SHARED_BIT_GPAW48 - PAGE_SHIFT)
         kvm_tdx.state = TD_STATE_INITIALIZED
-        if "prefault_allowed_before_finalize" in vm.bugs:
+        if "prefault_allowed_before_finalize" in vm.bugs or vm.profile.prefault_before_finalize:
             vm.arch.pre_fault_allowed = True
         traps.emit("tdx_state", vm, state=kvm_tdx.state)
     finally:
@@ -320,6 +330,111 @@ async def tdx_vcpu_init_mem_region(vcpu: Vcpu, region: uapi.TdxInitMemRegion, fl
             raise KvmError(-ret, "KVM_TDX_INIT_MEM_REGION")
     finally:
         await tdx_release_vm_state_locks(taken)
+
+
+async def tdx_init_mem_region(vm: Vm, region: uapi.TdxInitMemRegion, flags: int, *, caller: Vcpu | None = None) -> None:
+    """tdx.c: tdx_init_mem_region() (TDX KVM series v18/v19, 2024; not merged): each page is
+    faulted in through vCPU 0's MMU after its source page was left in the per-VM
+    ``kvm_tdx->source_pa``, which the S-EPT hook PAGE.ADDs from (and MR.EXTENDs).
+
+    "vm-ioctl" (as posted: a VM ioctl under kvm->lock that takes vCPU 0's mutex) serializes every
+    user of the scratch field; "caller-mutex" (`caller`: reached from each thread's own vCPU fd,
+    under that vCPU's mutex only) does not.
+    """
+    kvm_tdx = to_kvm_tdx(vm)
+    vcpu0 = vm.vcpus.get(0)
+    if vcpu0 is None:
+        raise KvmError(uapi.EINVAL, "the BSP vCPU must be created before initializing memory regions")
+    held: list[Any] = []
+    if caller is None:
+        await vm.lock.lock()
+        held.append(vm.lock)
+        await vcpu0.mutex.lock()
+        held.append(vcpu0.mutex)
+    try:
+        _vcpu_gate(kvm_tdx)
+        if flags & ~uapi.KVM_TDX_MEASURE_MEMORY_REGION:
+            raise KvmError(uapi.EINVAL, "unknown flags")
+        end = region.gpa + region.nr_pages * PAGE_SIZE
+        if (
+            region.source_addr % PAGE_SIZE
+            or region.gpa % PAGE_SIZE
+            or region.nr_pages == 0
+            or end <= region.gpa
+            or not tdx_is_private_gpa(vm, region.gpa)
+            or not tdx_is_private_gpa(vm, end - 1)
+        ):
+            raise KvmError(uapi.EINVAL, "bad source_addr/gpa/nr_pages")
+        idx = await vm.srcu.read_lock()
+        try:
+            ret = await vcpu0.arch.mmu.kvm_mmu_reload()
+            while not ret and region.nr_pages:
+                if signal_pending():
+                    ret = -uapi.EINTR
+                    break
+                try:
+                    src_folio, src_pfn = await vm.kvm.mm.get_user_page(region.source_addr)
+                except KvmError as e:
+                    ret = -(e.errno or uapi.EFAULT)
+                    break
+                try:
+                    measure = bool(flags & uapi.KVM_TDX_MEASURE_MEMORY_REGION)
+                    kvm_tdx.source_pa = (src_folio.read_page(src_pfn - src_folio.pfn), measure)
+                    error_code = PFERR_GUEST_FINAL_MASK | PFERR_PRIVATE_ACCESS
+                    gfn = region.gpa >> PAGE_SHIFT
+                    # the oracles learn which task is adding which gfn from the populate tracepoints
+                    trace_kvm_gmem_populate(vm, gfn)
+                    r = -uapi.EIO
+                    try:
+                        r, _level = await kvm_tdp_map_page(vcpu0, region.gpa, error_code)
+                    finally:
+                        leaf = kvm_tdx.module.sept.get(gfn)
+                        trace_kvm_gmem_populated(vm, gfn, leaf.pfn if leaf is not None else -1, r)
+                finally:
+                    vm.kvm.allocator.put(src_folio)
+                if r < 0:
+                    ret = r
+                    break
+                trace_tdx_init_mem_region_page(vm, region.gpa >> PAGE_SHIFT)
+                region.source_addr += PAGE_SIZE
+                region.gpa += PAGE_SIZE
+                region.nr_pages -= 1
+                await cond_resched()
+        finally:
+            await vm.srcu.read_unlock(idx)
+        if ret:
+            raise KvmError(-ret, "KVM_TDX_INIT_MEM_REGION")
+    finally:
+        for lock in reversed(held):
+            await lock.unlock()
+
+
+async def tdx_mem_page_add(vm: Vm, gfn: int, pfn: int) -> int:
+    """tdx.c: tdx_mem_page_add() (TDX KVM series v18/v19): the S-EPT hook before finalization
+    PAGE.ADDs from ``kvm_tdx->source_pa``, consumes it, and MR.EXTENDs if asked."""
+    kvm_tdx = to_kvm_tdx(vm)
+    if kvm_tdx.source_pa is None:
+        vm.kvm_bug("KVM_BUG_ON: source_pa == INVALID_PAGE in the S-EPT hook")
+        return -uapi.EINVAL
+    source, measure = kvm_tdx.source_pa
+    kvm_tdx.source_pa = None
+    while True:
+        # the posted code looped on TDX_ERROR_SEPT_BUSY ("race is rare"): wait for the holder
+        seen = vm.mmu_word.version
+        err = await kvm_tdx.module.tdh_mem_page_add(gfn, pfn, source)
+        if not is_busy(err):
+            break
+        await spin_wait(vm.mmu_word, seen)
+    if err:
+        vm.kvm_bug(f"KVM_BUG_ON: TDH.MEM.PAGE.ADD failed {err:#x}")
+        return -uapi.EIO
+    if measure:
+        for off in range(0, PAGE_SIZE, TDX_EXTENDMR_CHUNKSIZE):
+            err = await kvm_tdx.module.tdh_mr_extend((gfn << PAGE_SHIFT) + off)
+            if err:
+                vm.kvm_bug(f"KVM_BUG_ON: TDH.MR.EXTEND failed {err:#x}")
+                return -uapi.EIO
+    return 0
 
 
 async def tdx_gmem_post_populate(vm: Vm, gfn: int, pfn: int, src: int | None, order: int, opaque: Any) -> int:
@@ -448,9 +563,11 @@ async def tdx_sept_set_private_spte(vm: Vm, gfn: int, level: int, leaf: Leaf) ->
         return 0
     trace_tdx_sept_set_private_spte(vm, gfn, level, pfn)
     hb.access(hb.LOAD_ACQUIRE, "pre_fault_allowed", vm)  # after the smp_rmb()
-    if vm.arch.pre_fault_allowed:
+    if vm.arch.pre_fault_allowed and not vm.profile.prefault_before_finalize:
         vm.kvm_bug("KVM_BUG_ON: pre_fault_allowed before the TD is RUNNABLE")
         return -uapi.EIO
+    if vm.profile.tdx_init_mem_region_vcpu0:
+        return await tdx_mem_page_add(vm, gfn, pfn)
     if not _t19(vm):
         hb.access(hb.ATOMIC_RMW, "nr_premapped", vm)  # atomic64_inc()
         kvm_tdx.nr_premapped += 1

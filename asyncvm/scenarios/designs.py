@@ -1,0 +1,145 @@
+"""Scenarios that settle the design questions of the mailing-list threads (``asyncvm compare``).
+
+Each declares the profiles it is meaningful for: the merged kernel the design was argued against
+and the design profiles (``asyncvm profiles``) that answer the question differently. Their checks
+are what the VMM relies on (the image it built is the image it asked for, FINALIZE succeeds, the
+pre-fault loop of the selftest terminates with progress or an error, never both).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncvm
+from asyncvm import uapi
+from asyncvm.check.errno import expect_errno
+from asyncvm.runtime.failures import Violation
+from asyncvm.uapi import PAGE_SIZE, KvmError
+
+from .common import pre_fault, private_vm
+from .tdx import build_td, finalize, init_mem_region
+
+VCPU0_DESIGNS = ("6.18", "7.0", "tdx-init-mem-region-vcpu0", "tdx-init-mem-region-vcpu0-locked")
+PREFAULT_DESIGNS = ("6.18", "7.0", "prefault-before-finalize")
+MAP_MEMORY_DESIGNS = ("6.18", "7.0", "map-memory-v2")
+
+
+def check_td_image(vm: Any, src: bytes, pages: int) -> None:
+    """Every page of the TD image holds what its source page held (read through the S-EPT leaf)."""
+    module = vm.tdx_module
+    allocator = vm.kvm.allocator
+    for gfn in range(pages):
+        leaf = module.sept.get(gfn)
+        if leaf is None:
+            raise Violation("tdx_image", f"gfn {gfn:#x} is not in the TD image", signature="tdx_image:missing")
+        folio = allocator.folio_at(leaf.pfn)
+        got = folio.read_page(leaf.pfn - folio.pfn) if folio is not None else b""
+        want = src[gfn * PAGE_SIZE : (gfn + 1) * PAGE_SIZE]
+        if got != want:
+            raise Violation(
+                "tdx_image",
+                f"gfn {gfn:#x} of the TD image holds source page {got[:1].hex() or '?'}, not {want[:1].hex()}: "
+                "PAGE.ADD copied another call's source (and MR.EXTEND measured it)",
+                signature="tdx_image:contents",
+                gfn=gfn,
+            )
+
+
+@asyncvm.scenario(name="tdx_init_mem_region_threads", params={"vcpus": 2, "pages": 4}, profiles=VCPU0_DESIGNS)
+async def tdx_init_mem_region_threads(kvm: Any, vcpus: int = 2, pages: int = 4) -> None:
+    """Several VMM threads build one TD image, each with measured INIT_MEM_REGION on its own vCPU.
+
+    Settles the vCPU-0 scratch-page question: with the source passed per call (6.16+) or the
+    scratch field under the lock it needed, every page holds its own source; with the per-VM
+    ``source_pa`` shared by unserialized callers, a page gets another call's contents (and MRTD
+    measures them) or the S-EPT hook finds the field consumed (KVM_BUG_ON). Watched by kvm_bug,
+    the image check after FINALIZE, PAGE.ADD-once and MR.EXTEND-once.
+    """
+    vcpus = max(2, vcpus)
+    vm, _gmem, cpus, src = await build_td(kvm, pages, vcpus)
+    image = await kvm.mm.read(src, pages * PAGE_SIZE)
+    per = max(1, pages // vcpus)
+
+    async def work(i: int) -> None:
+        first = i * per
+        n = per if i < vcpus - 1 else pages - first
+        if n > 0:
+            await init_mem_region(cpus[i], src, first, n)
+
+    async with asyncvm.TaskGroup() as tg:
+        for i in range(vcpus):
+            tg.spawn(work, i, name=f"vcpu{i}")
+    await finalize(vm)
+    check_td_image(vm, image, pages)
+
+
+@asyncvm.scenario(name="tdx_prefault_then_finalize", params={"pages": 4}, profiles=PREFAULT_DESIGNS)
+async def tdx_prefault_then_finalize(kvm: Any, pages: int = 4) -> None:
+    """A VMM pre-faults the whole private range on vCPU 1 while vCPU 0 adds the first half of the
+    image, then finalizes.
+
+    Merged kernels refuse the pre-fault before FINALIZE (-EOPNOTSUPP) and the launch succeeds.
+    With pre-fault allowed before finalization, the pre-faulted GPAs that no INIT_MEM_REGION
+    covers have a mirror SPTE and no S-EPT entry, and FINALIZE refuses (-EINVAL: pages premapped
+    without PAGE.ADD). Watched by the errno oracle (FINALIZE may only be retried on EBUSY) and the
+    TDX premap oracles.
+    """
+    vm, _gmem, cpus, src = await build_td(kvm, pages, 2)
+
+    async def prefault() -> None:
+        await pre_fault(cpus[1], 0, pages * PAGE_SIZE, tolerate=(uapi.EOPNOTSUPP,))
+
+    async with asyncvm.TaskGroup() as tg:
+        tg.spawn(init_mem_region, cpus[0], src, 0, max(1, pages // 2), name="vcpu0")
+        tg.spawn(prefault, name="vcpu1")
+    try:
+        await finalize(vm)
+    except KvmError as e:
+        expect_errno(e, (), "KVM_TDX_FINALIZE_VM")
+
+
+@asyncvm.scenario(name="prefault_loop_vs_punch_hole", params={"pages": 4}, profiles=MAP_MEMORY_DESIGNS)
+async def prefault_loop_vs_punch_hole(kvm: Any, pages: int = 4) -> None:
+    """The pre_fault_memory_test loop (re-issue after progress or EINTR; progress XOR error) on a
+    private slot while userspace punches a hole in it.
+
+    Settles the KVM_MAP_MEMORY RFC v2 question: the merged ioctl retries an invalidation in the
+    kernel and reports any progress as success, so this loop is all a VMM needs; the RFC v2
+    returned -EAGAIN on RET_PF_RETRY (the loop must learn a new errno) and the error even after
+    progress (the selftest's "progress XOR error" assertion breaks). Watched by the errno oracle
+    and the loop's own assertion.
+    """
+    vm, gmem, _hva = await private_vm(kvm, uapi.KVM_X86_SW_PROTECTED_VM, pages)
+    vcpu = await vm.create_vcpu(0)
+
+    async def prefault() -> None:
+        r = uapi.PreFaultMemory(0, pages * PAGE_SIZE)
+        while r.size:
+            before = r.size
+            try:
+                await vcpu.pre_fault_memory(r)
+            except KvmError as e:
+                if r.size < before:
+                    raise Violation(
+                        "prefault_progress",
+                        f"KVM_PRE_FAULT_MEMORY failed with {uapi.errno_name(e.errno or 0)} after mapping "
+                        f"{before - r.size:#x} bytes; the selftest expects progress or an error, not both",
+                        signature="prefault_progress:error_after_progress",
+                    ) from None
+                if e.errno == uapi.EINTR:
+                    continue
+                expect_errno(e, (), "KVM_PRE_FAULT_MEMORY")
+            else:
+                if r.size >= before:
+                    raise Violation(
+                        "prefault_progress",
+                        "KVM_PRE_FAULT_MEMORY returned 0 without progress",
+                        signature="prefault_progress:success_without_progress",
+                    )
+
+    async def punch() -> None:
+        await gmem.fallocate(uapi.FALLOC_FL_KEEP_SIZE | uapi.FALLOC_FL_PUNCH_HOLE, PAGE_SIZE, 2 * PAGE_SIZE)
+
+    async with asyncvm.TaskGroup() as tg:
+        tg.spawn(prefault, name="vcpu0")
+        tg.spawn(punch, name="punch_hole")
