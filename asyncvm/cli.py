@@ -1027,6 +1027,30 @@ def bench(
         raise typer.Exit(130) from None
 
 
+@app.command()
+def soak(
+    calls: Annotated[int, typer.Option("--calls", metavar="N", help="uAPI calls the state machine makes.")] = 2000,
+    replays: Annotated[
+        int, typer.Option("--replays", metavar="M", help="Schedules replayed here and in a fresh process.")
+    ] = 200,
+    seed: Annotated[int, typer.Option("--seed", metavar="S", help="Seed of the fuzzing and of the campaigns.")] = 0,
+    profile: Annotated[
+        list[str] | None,
+        typer.Option("--profile", metavar="NAME", help="Kernel profile to fuzz (repeatable); default: every kernel."),
+    ] = None,
+) -> None:
+    """Fuzz the uAPI with a Hypothesis state machine and audit replay; exit 1 on any finding.
+
+    Every call must succeed or fail with an errno the spec lists for it (a wrong Python type: a
+    TypeError); M schedules of every bundled scenario must replay to the same event log here and
+    in a fresh process with another PYTHONHASHSEED.
+    """
+    from .explore.soak import soak_command
+
+    code = soak_command(calls, replays, seed, profile or [], echo=typer.echo, fail=_die)
+    raise typer.Exit(code)
+
+
 def _click_errors() -> tuple[type[Exception], type[Exception], type[Exception] | None, tuple[type[BaseException], ...]]:
     """(ClickException, UsageError, NoArgsIsHelpError, Abort classes) of the click that typer uses.
 
