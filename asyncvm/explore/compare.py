@@ -45,6 +45,8 @@ class Row:
     first_failure_s: float | None = None
     #: signature -> its artifact folder
     artifacts: dict[str, str] = field(default_factory=dict)
+    #: signature -> the known kernel (or design) behaviour it is, with the change that explains it
+    known: dict[str, str] = field(default_factory=dict)
     folder: Path | None = None
     elapsed: float = 0.0
 
@@ -63,6 +65,7 @@ class Row:
             "artifacts": dict(self.artifacts),
             "kind": self.kind,
             "fired": dict(self.fired),
+            "known": dict(self.known),
             "folder": None if self.folder is None else str(self.folder),
         }
 
@@ -160,6 +163,8 @@ def _row(kind: str, name: str, report: Report, where: Path) -> Row:
         errno = f.failure.evidence.get("errno") if isinstance(f.failure.evidence, dict) else None
         row.fired[f.signature] = f"{f.kind} {errno}" if errno else f.kind
         row.artifacts[f.signature] = str(where / slug(f.signature))
+        if f.known:
+            row.known[f.signature] = f.known
     if report.failures:
         row.first_failure_run = min(f.first_run for f in report.failures)
         row.first_failure_s = seconds_to(where / "ledger.jsonl", row.first_failure_run)
@@ -206,6 +211,8 @@ def _cells(row: Row, base: Path | None = None) -> list[str]:
         secs = "" if row.first_failure_s is None else f", {row.first_failure_s:.2f} s"
         first = f"run {row.first_failure_run}{secs}"
     fired = "; ".join(sorted(set(row.fired.values()))) or "clean"
+    if row.known:
+        fired += " (known)" if len(row.known) == len(row.fired) else f" ({len(row.known)} known)"
     artifacts = " ".join(_rel(row.artifacts[s], base) for s in row.signatures) or "-"
     kind = "" if row.kind == "kernel" else f" ({row.kind})"
     return [row.profile + kind, str(row.runs), str(row.failures), str(len(row.fired)), fired, first, artifacts]
@@ -218,7 +225,19 @@ def render_markdown(rows: list[Row], base: Path | None = None) -> str:
         cells = _cells(row, base)
         cells[-1] = "<br>".join(f"`{_rel(row.artifacts[s], base)}`" for s in row.signatures) or "-"
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    notes = known_notes(rows)
+    if notes:
+        lines += [""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+def known_notes(rows: list[Row]) -> list[str]:
+    """One line per distinct known behaviour the rows hit: which profile, and why (with the fix)."""
+    seen: dict[tuple[str, str], None] = {}
+    for row in rows:
+        for text in row.known.values():
+            seen[(row.profile, text)] = None
+    return [f"{profile}: {text}" for profile, text in seen]
 
 
 def render_json(rows: list[Row]) -> str:
@@ -252,5 +271,8 @@ def print_rows(scenario: str, rows: list[Row], folder: Path, fmt: str) -> None:
         from rich.console import Console
 
         wide = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 1000
-        Console(width=wide).print(table(scenario, rows, folder))
+        console = Console(width=wide)
+        console.print(table(scenario, rows, folder))
+        for note in known_notes(rows):
+            console.print(note, markup=False, highlight=False)
     sys.stdout.flush()

@@ -13,6 +13,7 @@ from typing import Any
 import asyncvm
 from asyncvm import uapi
 from asyncvm.check.errno import expect_errno
+from asyncvm.explore.known import Known
 from asyncvm.runtime.failures import Violation
 from asyncvm.uapi import PAGE_SIZE, KvmError
 
@@ -22,6 +23,27 @@ from .tdx import build_td, finalize, init_mem_region
 VCPU0_DESIGNS = ("6.18", "7.0", "tdx-init-mem-region-vcpu0", "tdx-init-mem-region-vcpu0-locked")
 PREFAULT_DESIGNS = ("6.18", "7.0", "prefault-before-finalize")
 MAP_MEMORY_DESIGNS = ("6.18", "7.0", "map-memory-v2")
+
+#: what each design's thread predicted, reported as that design's behaviour (not a new finding)
+VCPU0_PREDICTED = Known(
+    ("kvm_bug", "tdx_image"),
+    "the per-VM kvm_tdx->source_pa is shared by unserialized INIT_MEM_REGION callers: a page gets "
+    "another call's source, the other hook finds the field consumed, or their SEAMCALLs meet BUSY",
+    "design tdx-init-mem-region-vcpu0 (TDX KVM series v18/v19); the merged design passes the source "
+    "per call through kvm_gmem_populate() (6.16)",
+)
+PREFAULT_PREDICTED = Known(
+    ("tdx_premapped", "errno", "exception"),
+    "a pre-fault before FINALIZE leaves mirror SPTEs with no S-EPT entry (and prepared folios that "
+    "INIT_MEM_REGION then refuses), so FINALIZE refuses",
+    "design prefault-before-finalize; the merged kernel keeps pre_fault_allowed false until "
+    "tdx_td_finalize() (6.16)",
+)
+MAP_MEMORY_PREDICTED = Known(
+    ("errno", "prefault_progress"),
+    "RET_PF_RETRY reaches userspace as -EAGAIN and an error is returned after progress",
+    "design map-memory-v2 (KVM_MAP_MEMORY RFC v2); merged as KVM_PRE_FAULT_MEMORY (6.11)",
+)
 
 
 def check_td_image(vm: Any, src: bytes, pages: int) -> None:
@@ -45,7 +67,12 @@ def check_td_image(vm: Any, src: bytes, pages: int) -> None:
             )
 
 
-@asyncvm.scenario(name="tdx_init_mem_region_threads", params={"vcpus": 2, "pages": 4}, profiles=VCPU0_DESIGNS)
+@asyncvm.scenario(
+    name="tdx_init_mem_region_threads",
+    params={"vcpus": 2, "pages": 4},
+    profiles=VCPU0_DESIGNS,
+    known={"tdx-init-mem-region-vcpu0": VCPU0_PREDICTED},
+)
 async def tdx_init_mem_region_threads(kvm: Any, vcpus: int = 2, pages: int = 4) -> None:
     """Several VMM threads build one TD image, each with measured INIT_MEM_REGION on its own vCPU.
 
@@ -73,7 +100,12 @@ async def tdx_init_mem_region_threads(kvm: Any, vcpus: int = 2, pages: int = 4) 
     check_td_image(vm, image, pages)
 
 
-@asyncvm.scenario(name="tdx_prefault_then_finalize", params={"pages": 4}, profiles=PREFAULT_DESIGNS)
+@asyncvm.scenario(
+    name="tdx_prefault_then_finalize",
+    params={"pages": 4},
+    profiles=PREFAULT_DESIGNS,
+    known={"prefault-before-finalize": PREFAULT_PREDICTED},
+)
 async def tdx_prefault_then_finalize(kvm: Any, pages: int = 4) -> None:
     """A VMM pre-faults the whole private range on vCPU 1 while vCPU 0 adds the first half of the
     image, then finalizes.
@@ -98,7 +130,12 @@ async def tdx_prefault_then_finalize(kvm: Any, pages: int = 4) -> None:
         expect_errno(e, (), "KVM_TDX_FINALIZE_VM")
 
 
-@asyncvm.scenario(name="prefault_loop_vs_punch_hole", params={"pages": 4}, profiles=MAP_MEMORY_DESIGNS)
+@asyncvm.scenario(
+    name="prefault_loop_vs_punch_hole",
+    params={"pages": 4},
+    profiles=MAP_MEMORY_DESIGNS,
+    known={"map-memory-v2": MAP_MEMORY_PREDICTED},
+)
 async def prefault_loop_vs_punch_hole(kvm: Any, pages: int = 4) -> None:
     """The pre_fault_memory_test loop (re-issue after progress or EINTR; progress XOR error) on a
     private slot while userspace punches a hole in it.

@@ -17,6 +17,7 @@ from typing import Any
 import asyncvm
 from asyncvm import uapi
 from asyncvm.check.errno import expect_errno
+from asyncvm.explore.known import Known
 from asyncvm.uapi import PAGE_SIZE, KvmError
 
 from .common import private_vm
@@ -24,6 +25,22 @@ from .tdx import finalize, init_mem_region
 
 #: the kernel profiles these races are meaningful for: the one that has them, the one that fixed them
 STATE_IOCTL_PROFILES = ("6.18", "7.0")
+
+#: [6.18] the races are the kernel's own, fixed in the 6.19 TDX overhaul ("7.0" here)
+KNOWN_6_18_INIT = Known(
+    ("kvm_bug", "errno"),
+    "KVM_TDX_INIT_VCPU held only its own vcpu->mutex, so TDH.VP.CREATE/INIT met another vCPU's "
+    "INIT_MEM_REGION PAGE.ADD/MR.EXTEND BUSY on the TDR (KVM_BUG_ON, or -EBUSY to userspace)",
+    'arch/x86/kvm/vmx/tdx.c: tdx_vcpu_unlocked_ioctl(); fixed by "KVM: TDX: Guard VM state transitions '
+    'with "all" the locks" (tdx_acquire_vm_state_locks(), 6.19)',
+)
+KNOWN_6_18_PUNCH = Known(
+    ("kvm_bug",),
+    "TDH.VP.INIT (the TDR exclusively) ran outside mmu_lock, so the zap's TDH.MEM.RANGE.BLOCK under "
+    "mmu_lock met it BUSY (or VP.CREATE/INIT lost to the zap's SEAMCALLs): KVM_BUG_ON",
+    'arch/x86/kvm/vmx/tdx.c: tdx_td_vcpu_init(); fixed by "KVM: TDX: Take MMU lock around tdh_vp_init()" '
+    'and the all-locks guard (6.19)',
+)
 
 
 async def _td_with_vcpus(kvm: Any, pages: int, vcpus: int) -> tuple[Any, Any, list[Any], int]:
@@ -61,6 +78,7 @@ async def populate(vcpu: Any, src: int, gfn: int, n: int) -> None:
     name="tdx_init_mem_region_vs_init_vcpu",
     params={"vcpus": 3, "pages": 3},
     profiles=STATE_IOCTL_PROFILES,
+    known={"6.18": KNOWN_6_18_INIT},
 )
 async def tdx_init_mem_region_vs_init_vcpu(kvm: Any, vcpus: int = 3, pages: int = 3) -> None:
     """vCPU 0 builds the image with measured INIT_MEM_REGION while the other vCPUs are INIT_VCPU'd.
@@ -83,6 +101,7 @@ async def tdx_init_mem_region_vs_init_vcpu(kvm: Any, vcpus: int = 3, pages: int 
     name="tdx_init_vcpu_vs_punch_hole",
     params={"pages": 4},
     profiles=STATE_IOCTL_PROFILES,
+    known={"6.18": KNOWN_6_18_PUNCH},
 )
 async def tdx_init_vcpu_vs_punch_hole(kvm: Any, pages: int = 4) -> None:
     """With part of the image added, vCPU 1 is INIT_VCPU'd while userspace punches a hole in it.
