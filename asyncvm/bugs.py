@@ -77,6 +77,13 @@ BUGS: dict[str, Bug] = {
             detect_races=True,
         ),
         Bug(
+            "fault_ignores_invalid_root",
+            "is_page_fault_stale() does not treat an invalid root as obsolete, so a fault that raced "
+            "kvm_mmu_zap_all_fast() installs into a root whose zap has already run",
+            "arch/x86/kvm/mmu/mmu.c: is_page_fault_stale() -> is_obsolete_root()",
+            "fault_vs_zap_all",
+        ),
+        Bug(
             "gmem_fault_ignores_init_shared",
             "the guest_memfd user-mapping fault hands out pages of a file created without "
             "GUEST_MEMFD_FLAG_INIT_SHARED (private memory) instead of answering SIGBUS",

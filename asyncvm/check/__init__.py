@@ -4,7 +4,7 @@ Importing this package attaches them, as loading a module registers its probes; 
 every VM created is watched. The model never imports it.
 """
 
-from . import gmem_mmap, invariants, snp, tdx
+from . import gmem_mmap, invariants, snp, tdp_mmu, tdx
 
 
 def attach() -> None:
@@ -13,6 +13,7 @@ def attach() -> None:
     tdx.attach()
     snp.attach()
     gmem_mmap.attach()
+    tdp_mmu.attach()
 
 
 attach()
@@ -21,7 +22,7 @@ attach()
 def check_quiescent(vm: object) -> None:
     """Run every quiescence check of `vm`'s oracles now (for live mode, which has no executor
     to run them when the last task ends); raises the first ``Violation``."""
-    for registry in (invariants.ORACLES, tdx.ORACLES, snp.ORACLES):
+    for registry in (invariants.ORACLES, tdx.ORACLES, snp.ORACLES, tdp_mmu.ORACLES):
         oracles = registry.get(vm)
         if oracles is not None:
             oracles.at_quiescence()

@@ -261,8 +261,8 @@ def is_page_fault_stale(vcpu: Vcpu, fault: KvmPageFault) -> bool:
     root = vcpu.arch.mmu.root_for(fault.is_private)
     if root is None:
         return vcpu.has_request("KVM_REQ_MMU_FREE_OBSOLETE_ROOTS")
-    if root.invalid:
-        return True
+    if root.invalid and "fault_ignores_invalid_root" not in vcpu.vm.bugs:
+        return True  # is_obsolete_root()
     if fault.slot is not None:
         fault.slot.check_live("is_page_fault_stale")
     if "drop_invalidate_retry" in vcpu.vm.bugs:
@@ -305,7 +305,7 @@ async def kvm_tdp_mmu_map(vcpu: Vcpu, fault: KvmPageFault) -> int:
     kvm_mmu_hugepage_adjust(vcpu, fault)
     root = vcpu.arch.mmu.root_for(fault.is_private)
     assert root is not None
-    if root.invalid:
+    if root.invalid and "fault_ignores_invalid_root" not in vm.bugs:
         return RET_PF_RETRY
     gfn = fault.gfn
     for level in (3, 2):
@@ -339,6 +339,7 @@ async def _split_huge_spte(mmu: Any, root: Root, level: int, base: int, spte: Le
     child = Leaf(spte.delta, level - 1, spte.writable, spte.private, spte.accessed)
     root.levels[level - 1].assign(base, base + PAGES[level], child)
     root.levels[level].assign(base, base + PAGES[level], TABLE)
+    mmu.tdp_mmu_link_sp(root, level, base)
     mmu.vm.mmu_word.write()
     traps.emit("spte_split", mmu.vm, root=root.name, level=level, gfn=base)
     return True

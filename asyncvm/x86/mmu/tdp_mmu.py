@@ -63,6 +63,22 @@ class Leaf:
 
 
 @dataclass(eq=False)
+class KvmMmuPage:
+    """``struct kvm_mmu_page`` of a page table below a root: ``role.level`` (the level of the SPTEs
+    it holds), ``gfn`` (the first gfn it maps) and ``ptep``, the non-leaf SPTE of its parent that
+    links it (tdp_mmu_init_child_sp(): the parent's level and the same base gfn)."""
+
+    root: Root
+    level: int
+    gfn: int
+
+    @property
+    def ptep(self) -> tuple[int, int]:
+        """(level, gfn) of the parent SPTE in `root`."""
+        return self.level + 1, self.gfn
+
+
+@dataclass(eq=False)
 class Root:
     """A TDP root (``struct kvm_mmu_page`` with ``role.level == 4``)."""
 
@@ -77,6 +93,8 @@ class Root:
     def __post_init__(self) -> None:
         self.levels: dict[int, IntervalMap[Any]] = {lvl: IntervalMap() for lvl in (1, 2, 3)}
         self.name = f"root{self.id}{'(mirror)' if self.is_mirror else ''}"
+        #: the shadow pages linked below this root, by their parent SPTE's (level, gfn)
+        self.sps: dict[tuple[int, int], KvmMmuPage] = {}
 
     def role_matches(self, as_id: int, is_mirror: bool) -> bool:
         return not self.invalid and self.as_id == as_id and self.is_mirror == is_mirror
@@ -115,6 +133,8 @@ class TdpMmu:
     def __init__(self, vm: Vm) -> None:
         self.vm = vm
         self.roots: list[Root] = []
+        #: kvm->arch.tdp_mmu_pages: shadow pages linked below every root (tdp_account_mmu_page())
+        self.nr_pages = 0
         self._ids = 0
         self.mmu_valid_gen = 0
 
@@ -141,6 +161,9 @@ class TdpMmu:
             if not root.invalid:
                 self.vm.kvm_bug(f"KVM_BUG_ON: freeing valid {root.name}")
             root.freed = True
+            # tdp_mmu_free_sp_rcu_callback() for the root's page tables
+            self.nr_pages -= len(root.sps)
+            root.sps.clear()
             self.roots.remove(root)
             self.vm.mmu_word.write()
             traps.emit("root_free", self.vm, root=root.name)
@@ -253,10 +276,25 @@ class TdpMmu:
             )
         if root.is_mirror and shared and old is not None and new is None:
             self.vm.kvm_bug("KVM_BUG_ON: atomic zap of a mirror SPTE")
+        if new is TABLE:
+            self.tdp_mmu_link_sp(root, level, base)
+        elif old is TABLE:
+            self.tdp_mmu_unlink_sp(root, level, base)
         self.vm.mmu_word.write()
         trace_kvm_tdp_mmu_spte_changed(self.vm, root, level, base, old, new)
         if traps.tracing():
             traps.emit("spte", self.vm, root=root.name, level=level, gfn=base, old=_fmt(old, base), new=_fmt(new, base))
+
+    def tdp_mmu_link_sp(self, root: Root, level: int, base: int) -> None:
+        """tdp_mmu.c: tdp_mmu_link_sp() (6.8+) + tdp_account_mmu_page(): the child table the
+        non-leaf SPTE at (level, base) now points to."""
+        root.sps[(level, base)] = KvmMmuPage(root, level - 1, base)
+        self.nr_pages += 1
+
+    def tdp_mmu_unlink_sp(self, root: Root, level: int, base: int) -> None:
+        """tdp_mmu.c: handle_removed_pt() -> tdp_mmu_unlink_sp(): the child table is gone."""
+        if root.sps.pop((level, base), None) is not None:
+            self.nr_pages -= 1
 
     # -- zapping ----------------------------------------------------------------------------
     async def unmap_gfn_range(self, start: int, end: int, attr_filter: int, may_block: bool) -> bool:
@@ -335,6 +373,7 @@ __all__ = [
     "READ",
     "TABLE",
     "WRITE",
+    "KvmMmuPage",
     "Leaf",
     "Root",
     "TdpMmu",
