@@ -109,20 +109,20 @@ def generate(
     if private:
         s.append("g0 = await vm.create_guest_memfd(size=PAGES * PAGE)")
     s.append("h0 = await kvm.mm.mmap(PAGES * PAGE)")
-    s.append("await set_slot(vm, 0, 0, PAGES, h0" + (", g0)" if private else ")"))
+    s.append("await call(set_slot(vm, 0, 0, PAGES, h0" + (", g0))" if private else "))"))
     if slot1:
         s.append("h1 = await kvm.mm.mmap(SLOT1 * PAGE)")
-        s.append("await set_slot(vm, 1, PAGES, SLOT1, h1)")
+        s.append("await call(set_slot(vm, 1, PAGES, SLOT1, h1))")
     if g1:
         s.append("g1 = await vm.create_guest_memfd(size=G1 * PAGE)")
         s.append("h2 = await kvm.mm.mmap(G1 * PAGE)")
     if coco:
-        s.append("await set_attributes(vm, 0, PAGES, private=True)")
+        s.append("await call(set_attributes(vm, 0, PAGES, private=True))")
     elif private:
         # none, all, or the first half of the guest private to start with
         shape = g.pick("fuzz.private_setup", 3)
         if shape:
-            s.append(f"await set_attributes(vm, 0, {pages if shape == 1 else pages // 2}, private=True)")
+            s.append(f"await call(set_attributes(vm, 0, {pages if shape == 1 else pages // 2}, private=True))")
     s += [f"v{i} = await vm.create_vcpu({i})" for i in range(vcpus)]
     launched = False
     if coco:
@@ -133,15 +133,15 @@ def generate(
             for i in range(vcpus):
                 # before the launch some vCPUs may be left for an actor to INIT_VCPU
                 if g.coin("fuzz.init_vcpu", 0.7) or launched:
-                    s.append(f"await init_vcpu(v{i})")
+                    s.append(f"await call(init_vcpu(v{i}))")
             if launched:
                 if built:
-                    s.append(f"await init_mem_region(v0, src, 0, {built})")
-                s.append("await finalize(vm)")
+                    s.append(f"await call(init_mem_region(v0, src, 0, {built}))")
+                s.append("await call(finalize(vm))")
         elif launched:
             if built:
-                s.append(f"await launch_update(vm, src, 0, {built})")
-            s.append("await launch_finish(vm)")
+                s.append(f"await call(launch_update(vm, src, 0, {built}))")
+            s.append("await call(launch_finish(vm))")
     for i in range(2 + g.pick("fuzz.actors", max_actors - 1)):
         ctx = Ctx(kind, launched, f"v{i}" if i < vcpus else None, slot1, g1)
         calls = applicable(ctx)

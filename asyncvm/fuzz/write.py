@@ -34,7 +34,7 @@ def program_of(schedule: Schedule) -> Program:
     """The program a fuzz schedule ran: its first data draws, read back in order."""
     if schedule.scenario != "fuzz":
         raise ToolError(f"schedule is for scenario {schedule.scenario!r}, not a fuzz program")
-    draws = iter(c[0] for c in schedule.choices[1:] if isinstance(c, tuple))
+    draws = iter(c[0] for c in schedule.choices if isinstance(c, tuple))
     params = {**get_scenario_params(), **schedule.params}
 
     def replayed(kind: str, n: int, p: float) -> int:
@@ -77,8 +77,14 @@ def program_text(program: Program, *, title: str, signature: str, profile: str, 
 
 def strip_program(schedule: Schedule, program: Program) -> list[Any]:
     """The fuzz stream without the program's draws: the written file's stream."""
-    choices = list(schedule.choices)
-    return choices[:1] + choices[1 + program.draws :]
+    out: list[Any] = []
+    skip = program.draws
+    for c in schedule.choices:
+        if skip and isinstance(c, tuple):
+            skip -= 1  # no task runs before the program is drawn: the first draws are its own
+            continue
+        out.append(c)
+    return out
 
 
 def write_program(schedule: Schedule, folder: Path, stem: str | None = None) -> tuple[Path, Path | None]:

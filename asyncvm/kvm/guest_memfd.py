@@ -94,6 +94,8 @@ class GuestMemfd:
         self.bindings: IntervalMap[Memslot] = IntervalMap()
         self.refcount = 1
         self.released = False
+        #: close() ran: the fd is gone even while kernel paths still hold references
+        self.fd_closed = False
         inode.files.append(self)
         self.name = f"guest_memfd{vm.next_fd()}"
 
@@ -124,8 +126,9 @@ class GuestMemfd:
     @traps.syscall
     async def close(self) -> None:
         """close(fd): drop the VMM's reference; the last one releases the file."""
-        if self.refcount <= 0:
+        if self.fd_closed or self.refcount <= 0:
             raise KvmError(uapi.EBADF, "guest_memfd already closed")
+        self.fd_closed = True
         await self.fput(returning_to_user=True)
 
     # -- file operations a VMM might try ----------------------------------------------------
@@ -138,7 +141,14 @@ class GuestMemfd:
         mode = uapi.check_int(mode, "mode", "gmem.fallocate")
         offset = uapi.check_int(offset, "offset", "gmem.fallocate")
         len = uapi.check_int(len, "len", "gmem.fallocate")
-        await kvm_gmem_fallocate(self, uapi.s32(mode), uapi.s64(offset), uapi.s64(len))
+        # fs/open.c: ksys_fallocate(): fdget() fails on a closed fd; on a shared fd table it holds
+        # a reference for the call, so a close() meanwhile releases the file only after it.
+        if self.fd_closed or self.get_file_active() is None:
+            raise KvmError(uapi.EBADF, "guest_memfd is closed")
+        try:
+            await kvm_gmem_fallocate(self, uapi.s32(mode), uapi.s64(offset), uapi.s64(len))
+        finally:
+            await self.fput(returning_to_user=True)
 
     def read(self, length: int, offset: int = 0) -> bytes:
         """read()/pread(): guest_memfd has no read method."""
@@ -291,7 +301,7 @@ async def kvm_gmem_bind(vm: Vm, slot: Memslot, fd: object, offset: int) -> None:
         if isinstance(fd, int) or fd is None:
             raise KvmError(uapi.EBADF, "guest_memfd is not an open file")
         raise KvmError(uapi.EINVAL, "not a guest_memfd file")
-    file = fd.get_file_active()
+    file = None if fd.fd_closed else fd.get_file_active()  # fdget(): the fd must still be open
     if file is None:
         raise KvmError(uapi.EBADF, "guest_memfd is closed")
     try:
