@@ -66,17 +66,16 @@ def _watch_parent(parent: int) -> None:
     threading.Thread(target=watch, name="asyncvm-parent-watch", daemon=True).start()
 
 
-#: One controlled execution at a time per process: the executor is process-global (runtime.traps),
-#: so a Dask worker with several threads, or an in-process cluster (processes=False) sharing the
-#: campaign's own process, must not run two executions at once. Held around every chunk here and
-#: around the campaign's merge (which replays new failures) in the driver.
+#: Held around the campaign's merge in the driver, which reads the report other callbacks see.
+#: Executions themselves need no lock: the executor is context-local (runtime.traps), so a Dask
+#: worker's threads, or an in-process cluster sharing the campaign's own process, run chunks side
+#: by side.
 EXECUTION_LOCK = threading.RLock()
 
 
 def _run(spec_json: dict[str, Any], first: int, count: int) -> dict[str, Any]:
     spec = CampaignSpec(**spec_json)
-    with EXECUTION_LOCK:
-        return run_chunk(spec, first, count).to_json()
+    return run_chunk(spec, first, count).to_json()
 
 
 def _left(deadline: float | None) -> float | None:
