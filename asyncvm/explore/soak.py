@@ -613,8 +613,8 @@ def _machine_class() -> type:
                     1 << 32 | uapi.FALLOC_FL_KEEP_SIZE,
                 ]
             ),
-            offset=mostly(pages, 1, -PAGE, 1 << 62, 1 << 63, _WRAP),
-            length=mostly(small_sizes, 0, 1, 1 << 62, (1 << 63) - PAGE, -PAGE, U64_MAX),
+            offset=mostly(st.integers(0, 8).map(lambda n: n * PAGE), 1, -PAGE, 1 << 62, 1 << 63, _WRAP),
+            length=mostly(st.integers(1, 8).map(lambda n: n * PAGE), 0, 1, 1 << 62, (1 << 63) - PAGE, -PAGE, U64_MAX),
         )
         def fallocate(self, pick: int, mode: int, offset: int, length: int) -> None:
             gmem = self._pick(self.gmems, pick)
