@@ -22,3 +22,5 @@ trace_tdx_init_mem_region_page = Tracepoint("tdx_init_mem_region_page")
 trace_tdx_sept_set_private_spte = Tracepoint("tdx_sept_set_private_spte")
 #: sev_gmem_prepare(vm, pfn, gfn): a faulted private page is about to be RMP-assigned
 trace_sev_gmem_prepare = Tracepoint("sev_gmem_prepare")
+#: snp_launch_finish(vm): SNP_LAUNCH_FINISH succeeded; the launch digest is final
+trace_snp_launch_finish = Tracepoint("snp_launch_finish")

@@ -18,7 +18,7 @@ from ...kvm.guest_memfd import kvm_gmem_populate
 from ...kvm.trace import WARN
 from ...runtime import hb, traps
 from ...uapi import PAGE_SHIFT, PAGE_SIZE, KvmError
-from ..trace import trace_sev_gmem_prepare
+from ..trace import trace_sev_gmem_prepare, trace_snp_launch_finish
 from .firmware import PAGE_TYPE_CPUID, SEV_RET_INVALID_PARAM, SnpFirmware
 
 if TYPE_CHECKING:
@@ -248,5 +248,6 @@ async def snp_launch_finish(vm: Vm, params: uapi.SevSnpLaunchFinish) -> None:
         vm.arch.pre_fault_allowed = True
         sev.launch_finished = True
         traps.emit("snp_launch_finish", vm, digest=sev.firmware.launch_digest.hex())
+        trace_snp_launch_finish(vm)
     finally:
         await vm.lock.unlock()
