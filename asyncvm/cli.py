@@ -992,6 +992,10 @@ def bench(
         Path | None,
         typer.Option("--out", metavar="DIR", help="Write DIR/NAME.json per benchmark instead of stdout lines."),
     ] = None,
+    fuzz_budget: Annotated[
+        float | None,
+        typer.Option("--fuzz-budget", metavar="SECONDS", help="The fuzz benchmark's time per named bug (default 10)."),
+    ] = None,
 ) -> None:
     """Run the benchmarks: each one's JSON as soon as it finishes, progress on stderr.
 
@@ -1004,6 +1008,12 @@ def bench(
         names = check_names(only) if only else list(BENCHMARKS)
     except UnknownBenchmark as e:
         _die(str(e))
+    if fuzz_budget is not None:
+        if not fuzz_budget > 0:
+            _die("--fuzz-budget must be a positive number of seconds")
+        from .bench.fuzz import BUDGET_VARIABLE
+
+        os.environ[BUDGET_VARIABLE] = repr(fuzz_budget)
     emit = to_stdout
     if out is not None:
         try:

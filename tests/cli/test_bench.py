@@ -68,6 +68,15 @@ def _check_false_positives(r: dict[str, Any]) -> None:
     assert r["executions"] == sum(row["runs"] for row in r["scenarios"].values())
 
 
+def _check_fuzz(r: dict[str, Any]) -> None:
+    assert r["bugs"] == len(BUGS) and set(r["per_bug"]) == set(BUGS)
+    assert r["found"] == sum(row["found"] for row in r["per_bug"].values())
+    for row in r["per_bug"].values():
+        assert row["runs"] > 0
+        if row["found"]:
+            assert 1 <= row["runs_to_first"] <= row["runs"] and row["seconds_to_first"] >= 0
+
+
 CHECKS = {
     "scheduling_decision": _check_scheduling_decision,
     "executions_per_second": _check_executions_per_second,
@@ -75,6 +84,7 @@ CHECKS = {
     "first_failure": _check_first_failure,
     "scale": _check_scale,
     "false_positives": _check_false_positives,
+    "fuzz": _check_fuzz,
 }
 
 
