@@ -1,5 +1,7 @@
-"""Exploring schedules: explore(), replay(), shrink(), campaigns and the schedule file format."""
+"""Exploring schedules: explore(), replay(), shrink() (and their awaitable forms aexplore(),
+areplay(), ashrink()), campaigns and the schedule file format."""
 
+from .awaitable import aexplore, areplay, ashrink
 from .campaign import CampaignSpec, FoundFailure, Report
 from .driver import explore
 from .engine import Program, replay
@@ -15,6 +17,9 @@ __all__ = [
     "Report",
     "Schedule",
     "ScheduleError",
+    "aexplore",
+    "areplay",
+    "ashrink",
     "explore",
     "replay",
     "scenario",

@@ -142,3 +142,69 @@ def test_an_execution_is_invisible_to_other_threads_while_it_runs() -> None:
     leave.set()
     t.join()
     assert seen[0] is None and seen[1] is not None
+
+
+# -- the awaitable forms ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_aexplore_finds_what_explore_finds_while_the_loop_keeps_serving(backend: str) -> None:
+    alone = _signatures(_explore(7))
+
+    async def main() -> tuple[asyncvm.Report, int]:
+        ticks = 0
+        running = True
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while running:
+                ticks += 1
+                await anyio.sleep(0)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ticker)
+            report = await asyncvm.aexplore(
+                "prefault_vs_punch_hole", strategy="random", runs=40, seed=7, bugs=["drop_invalidate_retry"]
+            )
+            running = False
+        return report, ticks
+
+    report, ticks = anyio.run(main, backend=backend)
+    assert _signatures(report) == alone
+    assert ticks > 1  # the event loop ran other tasks while the campaign ran
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_cancelled_aexplore_stops_at_the_next_chunk(backend: str) -> None:
+    chunks: list[int] = []
+
+    async def main() -> bool:
+        with anyio.CancelScope() as scope:
+
+            def progress(report: asyncvm.Report) -> None:
+                chunks.append(report.runs)
+                if len(chunks) == 1:
+                    anyio.from_thread.run_sync(scope.cancel)
+
+            await asyncvm.aexplore("prefault_vs_punch_hole", strategy="random", runs=100_000, progress=progress)
+        return scope.cancelled_caught
+
+    assert anyio.run(main, backend=backend)
+    assert len(chunks) == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_areplay_and_ashrink_await_what_replay_and_shrink_return(backend: str) -> None:
+    found = _explore(7).failures[0]
+    expected = asyncvm.replay(found.schedule, "prefault_vs_punch_hole").failure
+    assert expected is not None
+
+    async def main() -> tuple[Any, Any]:
+        result = await asyncvm.areplay(found.schedule, "prefault_vs_punch_hole")
+        shrunk = await asyncvm.ashrink(found.schedule, "prefault_vs_punch_hole", max_attempts=50)  # type: ignore[arg-type]
+        return result.failure, shrunk
+
+    failure, shrunk = anyio.run(main, backend=backend)
+    assert failure is not None and failure.signature == expected.signature and failure.step == expected.step
+    assert shrunk.failure is not None and shrunk.failure.signature == expected.signature
+    assert len(shrunk.choices) <= len(found.schedule.choices)
