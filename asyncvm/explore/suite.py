@@ -19,6 +19,17 @@ A suite file (``stress/smoke.toml``)::
 plus ``depth``, ``preemptions``, ``max_steps``, ``stop_on_first_failure`` and ``shrink`` (false: keep
 the failing schedule as found, e.g. where shrinking takes longer than the search) as on the command
 line.
+
+A comparison (``asyncvm compare`` as a suite kind) runs one scenario under several profiles with the
+same budget and expects an outcome per profile; it becomes one campaign per profile, named
+``<name>@<profile>``::
+
+    [[compare]]
+    name = "tdx_state_ioctls"                  # optional; default: the scenario
+    scenario = "tdx_init_vcpu_vs_punch_hole"
+    profiles = ["6.18", "7.0"]                 # at least two, each one the scenario declares
+    expect = { "6.18" = "fail", "7.0" = "clean" }   # or one string for all; default "clean"
+    runs = 300                                 # and any other campaign key but profile
 A campaign meets its expectation when it is clean and expected clean, or found at least one failure
 and was expected to fail. The seed, the worker count and the output folder belong to the run, not
 to the file (``asyncvm stress --suite FILE --seed N --jobs N --out DIR``).
@@ -66,7 +77,7 @@ CAMPAIGN_KEYS = {
     "stop_on_first_failure": "true or false",
     "shrink": "true or false",
 }
-TOP_KEYS = ("description", "defaults", "campaign")
+TOP_KEYS = ("description", "defaults", "campaign", "compare")
 EXPECTATIONS = ("clean", "fail")
 DEFAULT_RUNS = 1000
 UNBOUNDED = 10**12
@@ -165,16 +176,27 @@ def load_suite(path: Path) -> Suite:
         if key in ("name", "scenario"):
             raise SuiteError(f"{path}: [defaults]: {key}: cannot be a default (set it in each campaign)")
         _check_key(f"{path}: [defaults]", key, value)
-    tables = data.get("campaign")
-    if not isinstance(tables, list) or not tables or not all(isinstance(t, dict) for t in tables):
-        raise SuiteError(f"{path}: expected at least one campaign ([[campaign]] tables)")
-    campaigns: list[SuiteCampaign] = []
-    names: dict[str, int] = {}
+    tables = data.get("campaign", [])
+    compares = data.get("compare", [])
+    for kind, given in (("campaign", tables), ("compare", compares)):
+        if not isinstance(given, list) or not all(isinstance(t, dict) for t in given):
+            raise SuiteError(f"{path}: {kind}: expected [[{kind}]] tables")
+    if not tables and not compares:
+        raise SuiteError(f"{path}: expected at least one campaign ([[campaign]] or [[compare]] tables)")
+    expanded: list[tuple[str, SuiteCampaign]] = []
     for n, table in enumerate(tables, 1):
         where = f"{path}: campaign {n}"
         if isinstance(table.get("name"), str):
             where += f" ({table['name']})"
-        campaign = _campaign(where, {**defaults, **table})
+        expanded.append((where, _campaign(where, {**defaults, **table})))
+    for n, table in enumerate(compares, 1):
+        where = f"{path}: compare {n}"
+        if isinstance(table.get("name"), str):
+            where += f" ({table['name']})"
+        expanded += [(where, c) for c in _compare(where, defaults, table)]
+    campaigns: list[SuiteCampaign] = []
+    names: dict[str, int] = {}
+    for n, (where, campaign) in enumerate(expanded, 1):
         if campaign.name in names:
             raise SuiteError(
                 f"{where}: name: {campaign.name!r} is also campaign {names[campaign.name]}'s name; "
@@ -183,6 +205,41 @@ def load_suite(path: Path) -> Suite:
         names[campaign.name] = n
         campaigns.append(campaign)
     return Suite(path, campaigns, description)
+
+
+def _compare(where: str, defaults: dict[str, Any], table: dict[str, Any]) -> list[SuiteCampaign]:
+    """A [[compare]] table: one campaign per profile, the same keys otherwise."""
+    from .compare import CompareError, check_profiles
+
+    if "profile" in table:
+        raise SuiteError(f"{where}: profile: a comparison names its profiles (profiles = [...])")
+    profiles = table.get("profiles")
+    if not isinstance(profiles, list) or not all(isinstance(p, str) for p in profiles):
+        raise SuiteError(f"{where}: profiles: expected a list of at least two profile names, got {profiles!r}")
+    if "scenario" not in table or not isinstance(table["scenario"], str):
+        raise SuiteError(f"{where}: scenario: missing (every comparison names its scenario)")
+    try:
+        check_profiles(get_scenario(table["scenario"]), profiles)
+    except UnknownScenario as e:
+        raise SuiteError(_one_line(f"{where}: scenario: {e}")) from None
+    except CompareError as e:
+        raise SuiteError(_one_line(f"{where}: profiles: {e}")) from None
+    expect = table.get("expect", "clean")
+    if isinstance(expect, str):
+        expect = dict.fromkeys(profiles, expect)
+    if not isinstance(expect, dict) or set(expect) - set(profiles):
+        raise SuiteError(
+            f'{where}: expect: expected "clean", "fail" or a table of them by profile ({", ".join(profiles)}), '
+            f"got {expect!r}"
+        )
+    name = table.get("name", table["scenario"])
+    base = {k: v for k, v in table.items() if k not in ("profiles", "expect", "name")}
+    out = []
+    for profile in profiles:
+        one = {**defaults, **base, "profile": profile, "expect": expect.get(profile, "clean")}
+        one["name"] = f"{name}@{profile}"
+        out.append(_campaign(f"{where} [{profile}]", one))
+    return out
 
 
 def _campaign(where: str, table: dict[str, Any]) -> SuiteCampaign:

@@ -132,3 +132,55 @@ def test_compare_json_merged_design_clean_variant_failing(tmp_path: Path) -> Non
     assert variant["failures"] > 0 and variant["first_failure_run"] is not None
     assert any(s.startswith("kvm_bug:") for s in variant["signatures"]), variant
     assert set(variant["artifacts"]) == set(variant["signatures"])
+
+
+# -- comparisons as a suite kind (stress/*.toml [[compare]]) ----------------------------------------
+
+COMPARE_SUITE = """
+[[compare]]
+name = "state"
+scenario = "tdx_init_vcpu_vs_punch_hole"
+profiles = ["6.18", "7.0"]
+expect = { "6.18" = "fail", "7.0" = "clean" }
+runs = 60
+shrink = false
+"""
+
+
+def test_compare_suite_kind_expands_per_profile(tmp_path: Path) -> None:
+    from asyncvm.explore.scenarios import load_bundled
+    from asyncvm.explore.suite import load_suite
+
+    load_bundled()
+    path = tmp_path / "c.toml"
+    path.write_text(COMPARE_SUITE)
+    suite = load_suite(path)
+    assert [(c.name, c.spec.profile, c.expect, c.spec.runs) for c in suite.campaigns] == [
+        ("state@6.18", "6.18", "fail", 60),
+        ("state@7.0", "7.0", "clean", 60),
+    ]
+    shipped = load_suite(Path(__file__).parents[2] / "stress" / "compare.toml")
+    assert {c.spec.profile for c in shipped.campaigns} >= {"6.18", "7.0", "tdx-init-mem-region-vcpu0"}
+
+
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        ('profiles = ["6.18", "7.0"]', 'profiles = ["6.10", "7.0"]'),
+        ('profiles = ["6.18", "7.0"]', 'profiles = ["6.18"]'),
+        ('expect = { "6.18" = "fail", "7.0" = "clean" }', 'expect = { "9.9" = "fail" }'),
+    ],
+)
+def test_compare_suite_kind_bad_tables_one_line(tmp_path: Path, edit: str, needle: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(COMPARE_SUITE.replace(edit, needle))
+    proc = run_cli("stress", "--suite", path, "--out", "logs", cwd=tmp_path)
+    assert_one_line_error(proc, "compare 1")
+
+
+def test_compare_suite_kind_runs(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(COMPARE_SUITE)
+    proc = run_cli("stress", "--suite", path, "--jobs", "1", "--out", "logs", cwd=tmp_path)
+    assert proc.returncode == 0, explain(proc)
+    assert "2/2 campaigns as expected" in proc.stdout, explain(proc)
