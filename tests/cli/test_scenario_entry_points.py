@@ -18,6 +18,9 @@ from .conftest import SCENARIO, cli_env, explain, run_cli
 
 BUNDLED = {
     "fault_vs_attribute_flip",
+    "gmem_conversion_vs_host_fault",
+    "gmem_host_write_vs_prefault_vs_punch_hole",
+    "gmem_mmap_coco_refuses",
     "gmem_release_vs_memslot_delete",
     "prefault_vs_memslot_delete",
     "prefault_vs_munmap",
