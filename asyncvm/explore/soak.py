@@ -732,7 +732,7 @@ def _machine_class() -> type:
 
         @rule(
             pick=picks,
-            gfn=mostly(st.one_of(st.integers(0, 32), in_slot), 1 << 40, U64_MAX >> 12, -1, 1 << 64),
+            gfn=mostly(in_slot, 0, 1, 1 << 40, U64_MAX >> 12, -1, 1 << 64),
             uaddr=hvas,
             length=mostly(small_sizes, 0, 1, 1 << 40, _WRAP, -PAGE),
             page_type=mostly(st.sampled_from([1, 3, 4, 5, 6]), 0, 2, 7, 255),
