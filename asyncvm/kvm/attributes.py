@@ -75,7 +75,8 @@ async def kvm_vm_set_mem_attributes(vm: Vm, start: int, end: int, attributes: in
         await _handle_gfn_range(vm, start, end, attributes, pre=True)
         # The store happens outside mmu_lock but inside the invalidation window.
         await traps.point(vm)
-        hb.access(hb.STORE_RELEASE, "mem_attr_array", vm)  # xa_store(): rcu_assign_pointer()
+        if hb.ACTIVE:
+            hb.access(hb.STORE_RELEASE, "mem_attr_array", vm)  # xa_store(): rcu_assign_pointer()
         if attributes:
             vm.attributes.assign(start, end, attributes)
         else:

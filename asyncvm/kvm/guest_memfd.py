@@ -644,7 +644,8 @@ async def kvm_gmem_get_pfn(vm: Vm, slot: Memslot, gfn: int) -> tuple[int, Folio,
         folio = await __kvm_gmem_get_pfn(file, slot, index)
         prof = vm.profile
         if prof.gmem_prepare_tracking:
-            hb.access(hb.LOAD_ACQUIRE, "folio_uptodate", folio)  # folio_test_uptodate()
+            if hb.ACTIVE:
+                hb.access(hb.LOAD_ACQUIRE, "folio_uptodate", folio)  # folio_test_uptodate()
             if not folio.uptodate:
                 folio.zero()
                 early = "mark_uptodate_before_prepare" in vm.bugs
@@ -657,7 +658,8 @@ async def kvm_gmem_get_pfn(vm: Vm, slot: Memslot, gfn: int) -> tuple[int, Folio,
                     await folio_unlock(folio)
                     vm.kvm.allocator.put(folio)
                     raise KvmError(-r if r < 0 else r, "arch prepare hook failed")
-                hb.access(hb.STORE_RELEASE, "folio_uptodate", folio)  # folio_mark_uptodate()
+                if hb.ACTIVE:
+                    hb.access(hb.STORE_RELEASE, "folio_uptodate", folio)  # folio_mark_uptodate()
                 folio.uptodate = True
         elif prof.gmem_fallocate_prepares:
             # [6.8-6.10]: a folio is zeroed and prepared when it is allocated.
@@ -768,7 +770,8 @@ async def _populate_one(
     except KvmError as e:
         return -(e.errno or uapi.EIO)
     try:
-        hb.access(hb.LOAD_ACQUIRE, "folio_uptodate", folio)  # folio_test_uptodate()
+        if hb.ACTIVE:
+            hb.access(hb.LOAD_ACQUIRE, "folio_uptodate", folio)  # folio_test_uptodate()
         if vm.profile.gmem_populate_eexist and folio.uptodate and "populate_skips_uptodate_check" not in vm.bugs:
             await folio_unlock(folio)
             return -uapi.EEXIST
@@ -784,7 +787,8 @@ async def _populate_one(
         finally:
             trace_kvm_gmem_populated(vm, gfn, folio.pfn, r)
         if r == 0:
-            hb.access(hb.STORE_RELEASE, "folio_uptodate", folio)  # kvm_gmem_mark_prepared()
+            if hb.ACTIVE:
+                hb.access(hb.STORE_RELEASE, "folio_uptodate", folio)  # kvm_gmem_mark_prepared()
             folio.uptodate = True
             traps.emit("gmem_populated", vm, gfn=gfn, pfn=folio.pfn)
         return r

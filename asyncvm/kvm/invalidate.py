@@ -50,11 +50,13 @@ class GfnRange:
 def kvm_mmu_invalidate_begin(kvm: Vm) -> None:
     """virt/kvm/kvm_main.c: kvm_mmu_invalidate_begin() (6.8+)."""
     lockdep_assert_held_write(kvm.mmu_lock)
-    hb.access(hb.PLAIN_RMW, "mmu_invalidate_in_progress", kvm)
+    if hb.ACTIVE:
+        hb.access(hb.PLAIN_RMW, "mmu_invalidate_in_progress", kvm)
     kvm.mmu_invalidate_in_progress += 1
     if kvm.mmu_invalidate_in_progress == 1:
         # aligned word stores, which KCSAN (ASSUME_PLAIN_WRITES_ATOMIC) does not count as plain
-        hb.access(hb.WRITE_ONCE, "mmu_invalidate_range", kvm)
+        if hb.ACTIVE:
+            hb.access(hb.WRITE_ONCE, "mmu_invalidate_range", kvm)
         kvm.mmu_invalidate_range_start = INVALID_GPA
         kvm.mmu_invalidate_range_end = INVALID_GPA
     kvm.mmu_word.write()
@@ -65,7 +67,8 @@ def kvm_mmu_invalidate_begin(kvm: Vm) -> None:
 def kvm_mmu_invalidate_range_add(kvm: Vm, start: int, end: int) -> None:
     """virt/kvm/kvm_main.c: kvm_mmu_invalidate_range_add() (6.8+): the range only grows."""
     lockdep_assert_held_write(kvm.mmu_lock)
-    hb.access(hb.PLAIN_RMW, "mmu_invalidate_range", kvm)
+    if hb.ACTIVE:
+        hb.access(hb.PLAIN_RMW, "mmu_invalidate_range", kvm)
     if "invalidate_range_add_no_widen" in kvm.bugs and kvm.mmu_invalidate_range_start != INVALID_GPA:
         # bug: a later invalidation replaces the accumulated range instead of widening it
         kvm.mmu_invalidate_range_start, kvm.mmu_invalidate_range_end = start, end
@@ -82,9 +85,11 @@ def kvm_mmu_invalidate_range_add(kvm: Vm, start: int, end: int) -> None:
 def kvm_mmu_invalidate_end(kvm: Vm) -> None:
     """virt/kvm/kvm_main.c: kvm_mmu_invalidate_end() (6.8+): seq++ before in_progress--."""
     lockdep_assert_held_write(kvm.mmu_lock)
-    hb.access(hb.PLAIN_RMW, "mmu_invalidate_seq", kvm)
+    if hb.ACTIVE:
+        hb.access(hb.PLAIN_RMW, "mmu_invalidate_seq", kvm)
     kvm.mmu_invalidate_seq += 1
-    hb.access(hb.PLAIN_RMW, "mmu_invalidate_in_progress", kvm)
+    if hb.ACTIVE:
+        hb.access(hb.PLAIN_RMW, "mmu_invalidate_in_progress", kvm)
     kvm.mmu_invalidate_in_progress -= 1
     kvm.mmu_word.write()
     traps.emit("invalidate_end", kvm, seq=kvm.mmu_invalidate_seq, in_progress=kvm.mmu_invalidate_in_progress)
@@ -94,7 +99,7 @@ def kvm_mmu_invalidate_end(kvm: Vm) -> None:
 def mmu_invalidate_retry_gfn(kvm: Vm, mmu_seq: int, gfn: int) -> bool:
     """include/linux/kvm_host.h: mmu_invalidate_retry_gfn() (6.8+), under mmu_lock."""
     lockdep_assert_held(kvm.mmu_lock)
-    if hb.enabled():
+    if hb.ACTIVE:
         for word in ("mmu_invalidate_in_progress", "mmu_invalidate_range", "mmu_invalidate_seq"):
             hb.access(hb.PLAIN_READ, word, kvm)
     return _retry(kvm, mmu_seq, gfn)
@@ -102,7 +107,7 @@ def mmu_invalidate_retry_gfn(kvm: Vm, mmu_seq: int, gfn: int) -> bool:
 
 def mmu_invalidate_retry_gfn_unsafe(kvm: Vm, mmu_seq: int, gfn: int) -> bool:
     """include/linux/kvm_host.h: mmu_invalidate_retry_gfn_unsafe() (6.8+): lockless pre-check."""
-    if hb.enabled():
+    if hb.ACTIVE:
         # READ_ONCE() of in_progress and seq; start/end are read plainly, and the kernel's comment
         # accepts stale values there (only in_progress's 1->0 matters): counted as marked.
         for word in ("mmu_invalidate_in_progress", "mmu_invalidate_range", "mmu_invalidate_seq"):

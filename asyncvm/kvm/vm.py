@@ -321,7 +321,8 @@ class Vm:
             await self.mn_invalidate_lock.lock()
         self.generation += 2
         new.generation = self.generation
-        hb.access(hb.STORE_RELEASE, "memslots", self, as_id)  # rcu_assign_pointer()
+        if hb.ACTIVE:
+            hb.access(hb.STORE_RELEASE, "memslots", self, as_id)  # rcu_assign_pointer()
         self.memslots[as_id] = new
         self.mmu_word.write()
         traps.emit("memslots_publish", self, as_id=as_id, generation=self.generation)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
+from . import hb as hb_mod
 from . import traps
 from .failures import Failure, ToolError, Violation
 from .sites import Site, fmt_site, model_site, short_site
@@ -281,6 +282,8 @@ class Executor:
         # Bound once per execution, in this context only: live code in other threads (or other
         # contexts of an event loop) still sees live mode while this runs.
         token = traps._current_exe.set(self)
+        if self.hb is not None:
+            hb_mod.ACTIVE += 1
         try:
             self.spawn(main(), name)
             self._loop()
@@ -288,6 +291,8 @@ class Executor:
                 self._quiesce()
         finally:
             traps._current_exe.reset(token)
+            if self.hb is not None:
+                hb_mod.ACTIVE -= 1
             self._close_all()
         return ExecutionResult(
             raw_choices=self.choices,

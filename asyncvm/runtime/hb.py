@@ -70,6 +70,12 @@ class Observer(Protocol):
     def access(self, task: Any, word: Hashable, kind: int, site: Any) -> None: ...
 
 
+#: executions with an observer running in this process (Executor.run counts them). Model code
+#: tests it before announcing an access, ``if hb.ACTIVE: hb.access(...)``, so an announcement
+#: costs one module attribute test when no detector runs anywhere.
+ACTIVE = 0
+
+
 def access(kind: int, *word: Hashable) -> None:
     """The running task touches `word` (a key whose first element names the word's class) as
     `kind` says; a no-op unless the execution has an observer."""
@@ -82,6 +88,8 @@ def access(kind: int, *word: Hashable) -> None:
 
 def enabled() -> bool:
     """Whether an observer listens: guards announcements that loop over a range."""
+    if not ACTIVE:
+        return False
     exe = traps.active()
     return exe is not None and exe.hb is not None
 

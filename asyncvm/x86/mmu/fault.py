@@ -71,7 +71,8 @@ def kvm_mmu_fault_snapshot(vcpu: Vcpu, fault: KvmPageFault) -> None:
     """mmu.c: kvm_mmu_faultin_pfn(): ``fault->mmu_seq = kvm->mmu_invalidate_seq; smp_rmb()``."""
     # A plain load then smp_rmb() in the kernel, paired with the writer's ordering under
     # mmu_lock: the protocol tolerates the race, so it counts as marked.
-    hb.access(hb.READ_ONCE, "mmu_invalidate_seq", vcpu.vm)
+    if hb.ACTIVE:
+        hb.access(hb.READ_ONCE, "mmu_invalidate_seq", vcpu.vm)
     fault.mmu_seq = vcpu.vm.mmu_invalidate_seq
     trace_kvm_mmu_fault_snapshot(vcpu, fault)
 
@@ -86,7 +87,8 @@ async def kvm_mmu_do_page_fault(vcpu: Vcpu, gpa: int, error_code: int, prefetch:
     """mmu_internal.h: kvm_mmu_do_page_fault() (6.10+ synthetic private bit): returns (r, level)."""
     vm = vcpu.vm
     gfn = (gpa >> PAGE_SHIFT) & ~vm.arch.gfn_direct_bits
-    hb.access(hb.LOAD_ACQUIRE, "memslots", vm, vcpu.arch.mmu.as_id)  # srcu_dereference()
+    if hb.ACTIVE:
+        hb.access(hb.LOAD_ACQUIRE, "memslots", vm, vcpu.arch.mmu.as_id)  # srcu_dereference()
     fault = KvmPageFault(
         addr=gpa,
         error_code=error_code,
@@ -170,7 +172,8 @@ async def kvm_mmu_faultin_pfn(vcpu: Vcpu, fault: KvmPageFault) -> int:
     # 2. snapshot the invalidation sequence before reading anything the mapping depends on
     await traps.point(vm)
     kvm_mmu_fault_snapshot(vcpu, fault)
-    hb.access(hb.READ_ONCE, "mem_attr_array", vm)  # xa_load() under RCU
+    if hb.ACTIVE:
+        hb.access(hb.READ_ONCE, "mem_attr_array", vm)  # xa_load() under RCU
     if fault.is_private != vm.mem_is_private(fault.gfn):
         kvm_mmu_prepare_memory_fault_exit(vcpu, fault)
         return -uapi.EFAULT
@@ -312,7 +315,8 @@ async def kvm_tdp_mmu_map(vcpu: Vcpu, fault: KvmPageFault) -> int:
         if level <= fault.goal_level:
             break
         base = align(gfn, level)
-        hb.access(hb.READ_ONCE, "spte", root, level, base)  # the walk: kvm_tdp_mmu_read_spte()
+        if hb.ACTIVE:
+            hb.access(hb.READ_ONCE, "spte", root, level, base)  # the walk: kvm_tdp_mmu_read_spte()
         spte = root.get(level, base)
         if spte is FROZEN:
             return RET_PF_RETRY
@@ -333,7 +337,8 @@ async def kvm_tdp_mmu_map(vcpu: Vcpu, fault: KvmPageFault) -> int:
 async def _split_huge_spte(mmu: Any, root: Root, level: int, base: int, spte: Leaf) -> bool:
     """tdp_mmu.c: tdp_mmu_split_huge_page(): the children map what the huge SPTE mapped."""
     await traps.point(root)
-    hb.access(hb.ATOMIC_RMW, "spte", root, level, base)  # tdp_mmu_link_sp() with shared=true
+    if hb.ACTIVE:
+        hb.access(hb.ATOMIC_RMW, "spte", root, level, base)  # tdp_mmu_link_sp() with shared=true
     if root.get(level, base) is not spte:
         return False
     child = Leaf(spte.delta, level - 1, spte.writable, spte.private, spte.accessed)
@@ -350,7 +355,8 @@ async def _map_target_level(vcpu: Vcpu, fault: KvmPageFault, root: Root) -> int:
     vm = vcpu.vm
     level = fault.goal_level
     base = align(fault.gfn, level)
-    hb.access(hb.READ_ONCE, "spte", root, level, base)
+    if hb.ACTIVE:
+        hb.access(hb.READ_ONCE, "spte", root, level, base)
     old = root.get(level, base)
     if old is FROZEN:
         return RET_PF_RETRY

@@ -77,7 +77,8 @@ async def kvm_arch_vcpu_pre_fault_memory(vcpu: Vcpu, gpa: int, size: int) -> int
     vm = vcpu.vm
     # A plain load in the kernel, racing the launch that sets it (the writers' smp_wmb() makes a
     # stale false harmless): counted as marked, ordering nothing.
-    hb.access(hb.READ_ONCE, "pre_fault_allowed", vm)
+    if hb.ACTIVE:
+        hb.access(hb.READ_ONCE, "pre_fault_allowed", vm)
     if not vm.arch.pre_fault_allowed:
         return -uapi.EOPNOTSUPP
     gfn = gpa >> PAGE_SHIFT

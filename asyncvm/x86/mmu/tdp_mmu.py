@@ -206,9 +206,11 @@ class TdpMmu:
         await traps.point(root)  # the cmpxchg itself is the racy step
         if "plain_spte_store" in self.vm.bugs:
             # bug: a plain store where try_cmpxchg64() belongs; a concurrent change is overwritten
-            hb.access(hb.PLAIN_WRITE, "spte", root, level, base)
+            if hb.ACTIVE:
+                hb.access(hb.PLAIN_WRITE, "spte", root, level, base)
         else:
-            hb.access(hb.ATOMIC_RMW, "spte", root, level, base)
+            if hb.ACTIVE:
+                hb.access(hb.ATOMIC_RMW, "spte", root, level, base)
             if root.get(level, base) is not old:
                 return False
         if old is FROZEN:
@@ -236,7 +238,8 @@ class TdpMmu:
         else:
             r = await ops.set_external_spte(vm, base, level, new)
         # __kvm_tdp_mmu_write_spte(): the frozen SPTE is owned, so WRITE_ONCE suffices
-        hb.access(hb.WRITE_ONCE, "spte", root, level, base)
+        if hb.ACTIVE:
+            hb.access(hb.WRITE_ONCE, "spte", root, level, base)
         if r:
             root.levels[level].clear(base, base + span)
             vm.mmu_word.write()
@@ -254,7 +257,8 @@ class TdpMmu:
             if root.get(level, gfn) is None:
                 continue
             await vm.arch.kvm_x86_ops.remove_external_spte(vm, gfn, level)
-            hb.access(hb.WRITE_ONCE, "spte", root, level, gfn)
+            if hb.ACTIVE:
+                hb.access(hb.WRITE_ONCE, "spte", root, level, gfn)
             self.handle_changed_spte(root, level, gfn, leaf, None, shared=False)
             root.levels[level].clear(gfn, gfn + 1)
 
@@ -326,7 +330,7 @@ class TdpMmu:
                 if root.is_mirror:
                     await self.remove_external_spte(root, level, lo, hi, v)
                 else:
-                    if hb.enabled():
+                    if hb.ACTIVE:
                         # tdp_mmu_set_spte_atomic() when shared, else WRITE_ONCE under the write lock
                         kind = hb.ATOMIC_RMW if shared else hb.WRITE_ONCE
                         for gfn in range(lo, hi, PAGES[level]):

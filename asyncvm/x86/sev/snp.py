@@ -244,7 +244,8 @@ async def snp_launch_finish(vm: Vm, params: uapi.SevSnpLaunchFinish) -> None:
         if rc:
             sev.fw_error = rc
             raise SnpError(uapi.EIO, "SNP_LAUNCH_FINISH failed", rc)
-        hb.access(hb.STORE_RELEASE, "pre_fault_allowed", vm)
+        if hb.ACTIVE:
+            hb.access(hb.STORE_RELEASE, "pre_fault_allowed", vm)
         vm.arch.pre_fault_allowed = True
         sev.launch_finished = True
         traps.emit("snp_launch_finish", vm, digest=sev.firmware.launch_digest.hex())

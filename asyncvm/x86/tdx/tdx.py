@@ -468,7 +468,8 @@ async def tdx_gmem_post_populate(vm: Vm, gfn: int, pfn: int, src: int | None, or
             err = await kvm_tdx.module.tdh_mem_page_add(gfn, pfn, source)
             if err:
                 return -uapi.EBUSY if is_busy(err) else -uapi.EIO
-            hb.access(hb.ATOMIC_RMW, "nr_premapped", vm)  # atomic64_dec_return()
+            if hb.ACTIVE:
+                hb.access(hb.ATOMIC_RMW, "nr_premapped", vm)  # atomic64_dec_return()
             kvm_tdx.nr_premapped -= 1
             if kvm_tdx.nr_premapped < 0:
                 vm.kvm_bug("KVM_BUG_ON: nr_premapped underflow in post_populate")
@@ -498,7 +499,8 @@ async def tdx_td_finalize(vm: Vm, cmd: uapi.TdxCmd) -> None:
             if cmd.flags:
                 raise KvmError(uapi.EINVAL, "flags must be 0")
             if not _t19(vm):
-                hb.access(hb.READ_ONCE, "nr_premapped", vm)  # atomic64_read()
+                if hb.ACTIVE:
+                    hb.access(hb.READ_ONCE, "nr_premapped", vm)  # atomic64_read()
             if not _t19(vm) and kvm_tdx.nr_premapped:
                 raise KvmError(uapi.EINVAL, f"{kvm_tdx.nr_premapped} pages premapped without PAGE.ADD")
             err = await kvm_tdx.module.tdh_mr_finalize()
@@ -510,7 +512,8 @@ async def tdx_td_finalize(vm: Vm, cmd: uapi.TdxCmd) -> None:
                 raise KvmError(uapi.EIO, "TDH.MR.FINALIZE failed")
             kvm_tdx.state = TD_STATE_RUNNABLE
             await traps.point(vm)  # smp_wmb(): RUNNABLE is visible before pre_fault_allowed
-            hb.access(hb.STORE_RELEASE, "pre_fault_allowed", vm)
+            if hb.ACTIVE:
+                hb.access(hb.STORE_RELEASE, "pre_fault_allowed", vm)
             vm.arch.pre_fault_allowed = True
             kvm_tdx.module.vcpus_in_guest = True
             traps.emit("tdx_state", vm, state=kvm_tdx.state)
@@ -562,14 +565,16 @@ async def tdx_sept_set_private_spte(vm: Vm, gfn: int, level: int, leaf: Leaf) ->
             return -uapi.EIO
         return 0
     trace_tdx_sept_set_private_spte(vm, gfn, level, pfn)
-    hb.access(hb.LOAD_ACQUIRE, "pre_fault_allowed", vm)  # after the smp_rmb()
+    if hb.ACTIVE:
+        hb.access(hb.LOAD_ACQUIRE, "pre_fault_allowed", vm)  # after the smp_rmb()
     if vm.arch.pre_fault_allowed and not vm.profile.prefault_before_finalize:
         vm.kvm_bug("KVM_BUG_ON: pre_fault_allowed before the TD is RUNNABLE")
         return -uapi.EIO
     if vm.profile.tdx_init_mem_region_vcpu0:
         return await tdx_mem_page_add(vm, gfn, pfn)
     if not _t19(vm):
-        hb.access(hb.ATOMIC_RMW, "nr_premapped", vm)  # atomic64_inc()
+        if hb.ACTIVE:
+            hb.access(hb.ATOMIC_RMW, "nr_premapped", vm)  # atomic64_inc()
         kvm_tdx.nr_premapped += 1
         traps.emit("tdx_premap", vm, gfn=gfn, nr_premapped=kvm_tdx.nr_premapped)
         return 0
@@ -604,7 +609,8 @@ async def tdx_sept_remove_private_spte(vm: Vm, gfn: int, level: int) -> None:
     ):
         if gfn not in module.sept:
             # tdx_is_sept_zap_err_due_to_premap(): never PAGE.ADDed, only premapped
-            hb.access(hb.ATOMIC_RMW, "nr_premapped", vm)  # atomic64_dec_return()
+            if hb.ACTIVE:
+                hb.access(hb.ATOMIC_RMW, "nr_premapped", vm)  # atomic64_dec_return()
             kvm_tdx.nr_premapped -= 1
             if kvm_tdx.nr_premapped < 0:
                 vm.kvm_bug("KVM_BUG_ON: nr_premapped underflow in the zap path")
