@@ -79,6 +79,8 @@ ACTIVE = 0
 def access(kind: int, *word: Hashable) -> None:
     """The running task touches `word` (a key whose first element names the word's class) as
     `kind` says; a no-op unless the execution has an observer."""
+    if not ACTIVE:
+        return
     exe = traps.active()
     if exe is not None:
         observer = exe.hb
@@ -96,6 +98,8 @@ def enabled() -> bool:
 
 def acquire(obj: object, mode: Any = None) -> None:
     """The running task synchronizes with the releases of `obj` (SRCU, completions, atomics...)."""
+    if not ACTIVE:
+        return
     exe = traps.active()
     if exe is not None and exe.hb is not None:
         exe.hb.acquire(exe.current, obj, mode)
@@ -103,6 +107,8 @@ def acquire(obj: object, mode: Any = None) -> None:
 
 def release(obj: object, mode: Any = None) -> None:
     """What the running task did so far happens before the next acquire of `obj`."""
+    if not ACTIVE:
+        return
     exe = traps.active()
     if exe is not None and exe.hb is not None:
         exe.hb.release(exe.current, obj, mode)
