@@ -30,6 +30,8 @@ class Gen:
         self.slot1_pages = slot1_pages
         self.g1_pages = g1_pages
         self.count = 0
+        #: the page many ranges start at (drawn first, see range())
+        self.hot = self.pick("fuzz.hot", pages)
 
     def pick(self, kind: str, n: int) -> int:
         """A value in [0, n); no draw when there is no choice."""
@@ -43,8 +45,10 @@ class Gen:
         return bool(self.draw(kind, 2, p))
 
     def range(self, span: int) -> tuple[int, int]:
-        """(first, count) inside [0, span): where the range starts, then how long it is."""
-        first = self.pick("fuzz.first", span)
+        """(first, count) inside [0, span): where the range starts, then how long it is. Half the
+        ranges start at the program's hot page, so that actors meet on it."""
+        at_hot = self.coin("fuzz.at_hot", 0.5) and self.hot < span
+        first = self.hot if at_hot else self.pick("fuzz.first", span)
         return first, 1 + self.pick("fuzz.count", min(MAX_RANGE, span - first))
 
 

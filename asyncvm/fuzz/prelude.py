@@ -23,7 +23,7 @@ FINALIZE_TRIES = 8
 #: errnos the kernel may return for each call in a legal program (after the helper's own retries);
 #: any other is a finding (see asyncvm/fuzz/describe.py for where each comes from)
 ALLOWED: dict[str, tuple[str, ...]] = {
-    "pre_fault": ("ENOENT", "EFAULT", "EAGAIN", "EOPNOTSUPP", "EHWPOISON"),
+    "pre_fault": ("ENOENT", "EFAULT", "EAGAIN", "EOPNOTSUPP", "EHWPOISON", "EINVAL"),
     "punch_hole": ("EBADF",),
     "allocate": ("EBADF", "EINTR", "ENOMEM"),
     "set_attributes": ("EINTR", "EAGAIN", "ENOMEM"),
