@@ -145,8 +145,9 @@ pages get SIGBUS; shared->private unmaps the host and is refused (-EAGAIN, error
 page is still mapped or pinned. Based on 7.0 because the series relies on populate pinning its
 source before the invalidate lock (else mmap_lock and the invalidate lock are taken in both
 orders). Modeled: per-page shareability, the fault and conversion locking, the refcount check,
-invalidation of both mapping kinds. Not modeled: guest faults consulting the file's shareability
-(VM attributes still decide them), huge folios and their splitting.""",
+invalidation of both mapping kinds, guest faults following the file (the VM's attribute map of
+bound gfns is kept in step with it). Not modeled: KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES and the
+VM ioctl being withdrawn (vm_memory_attributes=false), huge folios and their splitting.""",
         gmem_in_place_conversion=True,
     )
 )

@@ -164,7 +164,8 @@ class Mm:
             raise uapi.KvmError(uapi.EBADF, "not a mappable open file")
         if offset < 0 or offset % PAGE_SIZE:
             raise uapi.KvmError(uapi.EINVAL, "mmap offset must be page aligned")
-        file = fd.get_file_active()
+        # fdget(): a closed fd is EBADF even while a mapping still holds the file
+        file = None if getattr(fd, "fd_closed", False) else fd.get_file_active()
         if file is None:
             raise uapi.KvmError(uapi.EBADF, "file is closed")
         try:

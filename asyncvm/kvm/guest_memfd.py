@@ -321,6 +321,8 @@ async def kvm_gmem_bind(vm: Vm, slot: Memslot, fd: object, offset: int) -> None:
             if file.inode.flags & uapi.GUEST_MEMFD_FLAG_MMAP:
                 slot.flags |= KVM_MEMSLOT_GMEM_ONLY
             file.bindings.assign(start, end, slot)
+            if file.inode.shared is not None:
+                kvm_gmem_sync_vm_attributes(file, start, end)
         finally:
             await file.inode.invalidate_lock.up_write()
     finally:
@@ -449,6 +451,24 @@ async def kvm_gmem_set_attributes(file: GuestMemfd, attrs: uapi.MemoryAttributes
         raise KvmError(uapi.EAGAIN, f"guest_memfd page {err_index:#x} is mapped or pinned by the host")
 
 
+def kvm_gmem_sync_vm_attributes(file: GuestMemfd, start: int, end: int) -> None:
+    """[design] kvm_mem_is_private() answers from guest_memfd for its bound gfns: the model keeps
+    the VM's attribute map in step with the file's shareability over [start, end) of `file`'s
+    bindings (under the invalidate lock, inside the conversion's invalidation window)."""
+    shared = file.inode.shared
+    assert shared is not None
+    vm = file.vm
+    for s, e, slot in file.bindings.overlaps(start, end):
+        for ps, pe, is_shared in shared.overlaps(s, e):
+            g0 = slot.base_gfn + ps - slot.gmem_pgoff
+            g1 = g0 + (pe - ps)
+            if is_shared:
+                vm.attributes.clear(g0, g1)
+            else:
+                vm.attributes.assign(g0, g1, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    vm.mmu_word.write()
+
+
 def kvm_gmem_unsafe_for_conversion(inode: GmemInode, start: int, end: int) -> int | None:
     """[design] kvm_gmem_is_safe_for_conversion(): every folio in range holds only the page
     cache's reference (no host PTE, no pin, no fault in flight); the first that does not, or None."""
@@ -481,6 +501,8 @@ async def __kvm_gmem_set_attributes(file: GuestMemfd, start: int, end: int, attr
                     return bad
         await kvm_gmem_invalidate_begin(inode, start, end)
         shared.assign(start, end, not to_private)
+        for f in inode.files:
+            kvm_gmem_sync_vm_attributes(f, start, end)
         trace_kvm_gmem_set_attributes(inode, start, end, attributes)
         await traps.point(inode.invalidate_lock)
         if not (to_private and "gmem_convert_skips_invalidate_end" in vm.bugs):

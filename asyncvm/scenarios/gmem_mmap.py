@@ -9,9 +9,10 @@ from typing import Any
 import asyncvm
 from asyncvm import SigBus, uapi
 from asyncvm.check.errno import expect_errno
+from asyncvm.kvm.vcpu import GuestAccess
 from asyncvm.uapi import PAGE_SIZE, KvmError
 
-from .common import pre_fault
+from .common import pre_fault, run_guest
 
 MMAP = uapi.GUEST_MEMFD_FLAG_MMAP
 INIT_SHARED = uapi.GUEST_MEMFD_FLAG_INIT_SHARED
@@ -119,14 +120,15 @@ async def gmem_mmap_coco_refuses(kvm: Any, vm: str = "tdx", pages: int = 2) -> N
 
 @asyncvm.scenario(
     name="gmem_conversion_vs_host_fault",
-    params={"rounds": 2},
+    params={"rounds": 2, "guest": True},
     profiles=("gmem-inplace-conversion",),
 )
-async def gmem_conversion_vs_host_fault(kvm: Any, rounds: int = 2) -> None:
+async def gmem_conversion_vs_host_fault(kvm: Any, rounds: int = 2, guest: bool = True) -> None:
     """[design gmem-inplace-conversion] userspace converts a page of an MMAP|INIT_SHARED
     guest_memfd to private (KVM_SET_MEMORY_ATTRIBUTES2 on the file) while a VMM thread faults the
-    same page through its mapping, then converts it back; under a kernel profile (no in-place
-    conversion) the file refuses the ioctl and the scenario checks only that.
+    same page through its mapping (and, with `guest`, a vCPU reads it as whatever it is now), then
+    converts it back; under a kernel profile (no in-place conversion) the file refuses the ioctl
+    and the scenario checks only that.
 
     Hunts: a host fault that checked shareability before the conversion mapping the page after it
     (the check must be under the invalidate lock), a conversion leaving the host mapping a private
@@ -135,7 +137,7 @@ async def gmem_conversion_vs_host_fault(kvm: Any, rounds: int = 2) -> None:
     """
     in_place = kvm.profile.gmem_in_place_conversion
     vm_type = uapi.KVM_X86_SW_PROTECTED_VM if in_place else uapi.KVM_X86_DEFAULT_VM
-    _vm, gmem, mem = await gmem_only_vm(kvm, vm_type, 2, MMAP | INIT_SHARED)
+    the_vm, gmem, mem = await gmem_only_vm(kvm, vm_type, 2, MMAP | INIT_SHARED)
     if not in_place:
         try:
             await gmem.set_memory_attributes2(uapi.MemoryAttributes2(0, PAGE_SIZE, 0))
@@ -163,6 +165,15 @@ async def gmem_conversion_vs_host_fault(kvm: Any, rounds: int = 2) -> None:
             except SigBus:
                 pass
 
+    async def no_conversion(_fault: Any) -> None:
+        """A memory fault exit: the page changed kind under the access; re-enter, and the guest
+        accesses it as what it is now."""
+
+    async def vcpu_reads(vcpu: Any) -> None:
+        await run_guest(vcpu, [GuestAccess.read(0, 8)] * (rounds + 1), convert=no_conversion)
+
     async with asyncvm.TaskGroup() as tg:
         tg.spawn(convert, name="convert")
         tg.spawn(host, name="vmm_write")
+        if guest:
+            tg.spawn(vcpu_reads, await the_vm.create_vcpu(0), name="vcpu0")

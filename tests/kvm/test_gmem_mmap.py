@@ -342,3 +342,24 @@ def test_kernel_copy_from_a_private_mapping_is_efault() -> None:
         assert e.value.errno == uapi.EIO and not isinstance(e.value, SigBus)
 
     run_once(body)
+
+
+def test_mmap_of_a_closed_guest_memfd_is_ebadf() -> None:
+    """mm/mmap.c: ksys_mmap_pgoff(): fget() of a closed fd fails, even while an older mapping still
+    holds the file."""
+
+    async def body(kvm: asyncvm.Kvm) -> None:
+        vm = await kvm.create_vm(uapi.KVM_X86_DEFAULT_VM)
+        gmem = await vm.create_guest_memfd(size=TOTAL, flags=MMAP | INIT_SHARED)
+        first = gmem.mmap(PAGE)
+        await gmem.close()
+        with pytest.raises(KvmError) as e:
+            kvm.mm.mmap(PAGE, fd=gmem, shared=True)
+        assert e.value.errno == uapi.EBADF
+        await kvm.mm.munmap(first, PAGE)
+        assert gmem.released
+        with pytest.raises(KvmError) as e:
+            kvm.mm.mmap(PAGE, fd=gmem, shared=True)
+        assert e.value.errno == uapi.EBADF
+
+    run_once(body)

@@ -8,6 +8,7 @@ import pytest
 
 import asyncvm
 from asyncvm import KvmError, SigBus, uapi
+from asyncvm.kvm.vcpu import GuestAccess
 from asyncvm.profile import PROFILES, design, register
 from asyncvm.runtime.sync import cond_resched
 
@@ -367,5 +368,35 @@ def test_conversion_and_host_truncation_unmap_balanced() -> None:
         await gmem.fallocate(PUNCH, 0, 2 * PAGE)
         await gmem.set_memory_attributes2(uapi.MemoryAttributes2(0, PAGE, 0))
         assert vm.mmu_invalidate_in_progress == 0 and vm.mn_active_invalidate_count == 0
+
+    run_once(body, profile=INPLACE)
+
+
+def test_inplace_conversion_is_seen_by_guest_faults_and_keeps_the_data() -> None:
+    """[design] kvm_mem_is_private() follows guest_memfd: after shared->private the guest's
+    private access maps the same folio the host wrote (conversion in place), the host gets SIGBUS;
+    back to shared, the host sees what the guest wrote privately."""
+
+    async def body(kvm: asyncvm.Kvm) -> None:
+        vm = await kvm.create_vm(uapi.KVM_X86_SW_PROTECTED_VM)
+        gmem = await vm.create_guest_memfd(size=2 * PAGE, flags=MMAP | INIT_SHARED)
+        mem = await kvm.mm.mmap(2 * PAGE, fd=gmem, shared=True)
+        await vm.set_user_memory_region2(
+            uapi.UserspaceMemoryRegion2(0, uapi.KVM_MEM_GUEST_MEMFD, 0, 2 * PAGE, mem, 0, gmem)
+        )
+        assert not vm.mem_is_private(0)
+        await kvm.mm.write(mem, b"host" * 2)
+        vcpu = await vm.create_vcpu(0)
+        vcpu.load_program([GuestAccess.read(0, 8)])
+        assert await vcpu.run() == [b"host" * 2]
+        await gmem.set_memory_attributes2(uapi.MemoryAttributes2(0, PAGE, PRIVATE))
+        assert vm.mem_is_private(0) and not vm.mem_is_private(1)
+        vcpu.load_program([GuestAccess.read(0, 8), GuestAccess.write(0, b"guest!!!")])
+        assert await vcpu.run() == [b"host" * 2]
+        with pytest.raises(SigBus):
+            await kvm.mm.read(mem, 8)
+        await gmem.set_memory_attributes2(uapi.MemoryAttributes2(0, PAGE, 0))
+        assert not vm.mem_is_private(0)
+        assert await kvm.mm.read(mem, 8) == b"guest!!!"
 
     run_once(body, profile=INPLACE)
