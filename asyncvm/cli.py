@@ -253,7 +253,7 @@ def stress(
     ] = None,
     strategy: Annotated[
         str | None,
-        typer.Option(metavar="NAME", help="random, pct, idpct, pos, dfs or portfolio.  [default: pct]"),
+        typer.Option(metavar="NAME", help="random, pct, idpct, pos, dfs, feedback or portfolio.  [default: pct]"),
     ] = None,
     depth: Annotated[
         int | None, typer.Option(metavar="N", help="PCT bug depth (change points + 1).  [default: 3]")
@@ -699,7 +699,9 @@ def compare(
     time_budget: Annotated[
         float | None, typer.Option("--time", metavar="SECONDS", help="Stop each profile's campaign after this long.")
     ] = None,
-    strategy: Annotated[str, typer.Option(metavar="NAME", help="random, pct, idpct, pos, dfs or portfolio.")] = "pct",
+    strategy: Annotated[
+        str, typer.Option(metavar="NAME", help="random, pct, idpct, pos, dfs, feedback or portfolio.")
+    ] = "pct",
     seed: Annotated[int, typer.Option(metavar="N", help="The seed every profile's campaign uses.")] = 0,
     jobs: Annotated[int, typer.Option(metavar="N", help="Worker processes per campaign.")] = 1,
     bug: Annotated[
@@ -996,6 +998,10 @@ def bench(
         float | None,
         typer.Option("--fuzz-budget", metavar="SECONDS", help="The fuzz benchmark's time per named bug (default 10)."),
     ] = None,
+    strategy_runs: Annotated[
+        int | None,
+        typer.Option("--strategy-runs", metavar="N", help="Runs per seed of the strategy comparison (default 100)."),
+    ] = None,
 ) -> None:
     """Run the benchmarks: each one's JSON as soon as it finishes, progress on stderr.
 
@@ -1014,6 +1020,12 @@ def bench(
         from .bench.fuzz import BUDGET_VARIABLE
 
         os.environ[BUDGET_VARIABLE] = repr(fuzz_budget)
+    if strategy_runs is not None:
+        if strategy_runs < 1:
+            _die("--strategy-runs must be a positive number of runs")
+        from .bench.strategies import RUNS_VARIABLE
+
+        os.environ[RUNS_VARIABLE] = str(strategy_runs)
     emit = to_stdout
     if out is not None:
         try:

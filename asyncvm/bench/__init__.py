@@ -24,6 +24,11 @@ BENCHMARKS: dict[str, tuple[str, str, str]] = {
     "first_failure": ("race", "first_failure", "seconds and runs to each named bug's first failure, vs trio"),
     "scale": ("race", "scale", "pre-fault of a 1, 16 and 256 GiB guest: time and memory"),
     "false_positives": ("race", "false_positives", "every shipped scenario without bugs: no failure"),
+    "strategy_comparison": (
+        "strategies",
+        "strategy_comparison",
+        "runs to each named bug's first failure: random, PCT, POS and feedback, median of 20 seeds",
+    ),
     "fuzz": ("fuzz", "fuzz", "named bugs `asyncvm fuzz` finds without their scenario; runs and seconds to each"),
 }
 

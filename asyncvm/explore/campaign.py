@@ -14,7 +14,7 @@ from typing import Any
 from ..runtime.executor import ExecutionResult
 from ..runtime.failures import Failure, ToolError
 from ..runtime.lockdep import Edge
-from ..runtime.strategies import make_strategy
+from ..runtime.strategies import attach_runner, make_strategy
 from .engine import DEFAULT_MAX_STEPS, Program, ScenarioFn, scenario_params
 from .scenarios import get_scenario
 from .schedule import Schedule
@@ -255,6 +255,8 @@ def run_chunk(
     strat = make_strategy(
         spec.strategy, spec.seed, depth=spec.depth, steps=spec.steps or 1000, preemptions=spec.preemptions
     )
+    # A strategy that learns across executions rebuilds its state for `first` by running the program.
+    attach_runner(strat, program.run)
     res = ChunkResult(first, count)
     seen: set[tuple[str, str]] = set()
     smallest: dict[str, tuple[int, int]] = {}

@@ -23,6 +23,7 @@ from typing import Any
 
 from ..runtime.failures import Failure, ToolError, Violation
 from ..runtime.lockdep import Lockdep
+from ..runtime.strategies import make_strategy
 from .campaign import CampaignSpec, ChunkResult, FoundFailure, Report, run_chunk
 from .engine import DEFAULT_MAX_STEPS, Program, ScenarioFn, calibrate_steps, confirm, scenario_name
 from .executors import EXECUTION_LOCK, connect_dask, dask_slots, run_dask, run_here, run_pool
@@ -211,6 +212,11 @@ class Campaign:
         size = max(20, min(CHUNK, spec.runs // (workers * 4) or 1))
         if spec.stop_on_first_failure:
             size = min(size, 20)
+        period = getattr(make_strategy(spec.strategy, spec.seed), "period", None)
+        if period:
+            # A strategy that learns within an epoch (feedback): chunks on epoch boundaries need
+            # no warm-up executions (a chunk that starts mid-epoch re-runs the epoch's first part).
+            size = max(period, size - size % period)
         if self.time_budget is not None and spec.strategy != "dfs":
             t0 = time.perf_counter()
             calibrate_steps(self.program, spec.seed, samples=3)

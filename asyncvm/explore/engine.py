@@ -11,7 +11,7 @@ from .. import __version__
 from ..runtime.executor import ExecutionResult, Executor
 from ..runtime.failures import Failure, ToolError
 from ..runtime.lockdep import Lockdep
-from ..runtime.strategies import RandomStrategy, ReplayStrategy, Strategy, make_strategy
+from ..runtime.strategies import RandomStrategy, ReplayStrategy, Strategy, attach_runner, make_strategy
 from .schedule import Schedule, ScheduleError
 
 ScenarioFn = Callable[..., Coroutine[Any, Any, Any]]
@@ -181,7 +181,9 @@ def build_strategy(
         return strategy
     if steps is None and strategy in ("pct", "idpct", "portfolio"):
         steps = calibrate_steps(program, seed)
-    return make_strategy(strategy, seed, depth=depth, steps=steps or 1000, preemptions=preemptions)
+    built = make_strategy(strategy, seed, depth=depth, steps=steps or 1000, preemptions=preemptions)
+    attach_runner(built, program.run)
+    return built
 
 
 def confirm(

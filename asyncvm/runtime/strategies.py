@@ -417,6 +417,232 @@ class ReplayStrategy(SeededStrategy):
         return {"name": self.name}
 
 
+def _label(obj: object) -> str:
+    """What an operation touches, as coverage names it: a lock class, a word's or cell's name, or
+    the type of object (instances come and go between executions; their classes stay)."""
+    label = getattr(obj, "lock_class", None) or getattr(obj, "name", None)
+    return label if type(label) is str else type(obj).__name__
+
+
+class _Seed:
+    """A corpus entry: one execution's own decisions (task ids) and draws, and how much new
+    coverage it reached (its weight when a schedule to mutate is chosen)."""
+
+    __slots__ = ("decisions", "new", "pairs", "values")
+
+    def __init__(self, decisions: list[int], values: list[int], pairs: list[tuple[str, ...]]) -> None:
+        self.decisions = decisions
+        self.values = values
+        #: the coverage it reached first (access pairs and lock-class pairs)
+        self.pairs = pairs
+        self.new = len(pairs)
+
+
+class FeedbackStrategy(POSStrategy):
+    """Feedback-directed scheduling in the spirit of Reads-From Fuzzing (Wolff et al., "Greybox
+    Fuzzing for Concurrency Testing", ASPLOS 2024): keep the schedules that reached new coverage
+    and mutate them, instead of choosing blindly.
+
+    Coverage is read from what the strategy already sees, the target of each operation it lets run
+    (``Runnable.target``: the lock, word, atomic cell or object the operation touches): an ordered
+    pair (object, the task that touched it last, the task touching it now) for two different tasks,
+    which is a conflicting access pair and its order, and (lock class, lock class) for two
+    lock operations of different tasks in a row, a lock-class pair and its order. Names stand for
+    objects and tasks, so coverage means the same thing in every execution.
+
+    Each execution either runs fresh (POS) or mutates a corpus schedule, chosen by the new
+    coverage it reached: its decisions are followed up to a cut point, with a few of them flipped
+    to another runnable task, and the rest is POS again (a re-randomized suffix); its data draws
+    are followed while its decisions are. An execution that reaches coverage not seen before
+    enters the corpus.
+
+    Determinism: executions are grouped in epochs of `epoch` consecutive indices; the corpus starts
+    empty at each epoch, so execution i depends on (seed, i) and the executions of its epoch before
+    it. Run in order (a campaign chunk) they follow each other; a strategy asked for execution i
+    out of order rebuilds its epoch first by running those executions itself through `runner` (set
+    by whoever owns the program: ``run_chunk``, ``build_strategy``). So a campaign finds the same
+    failures with any number of jobs, at the cost of up to epoch-1 extra executions per chunk that
+    does not start on an epoch boundary. Without a runner an out-of-order execution starts from an
+    empty corpus (still a function of (seed, i) alone, but not the same one).
+    """
+
+    name = "feedback"
+
+    #: share of executions that mutate a corpus schedule once there is one
+    MUTATE = 0.1
+    #: corpus entries kept (the oldest goes first)
+    CORPUS = 64
+    #: share of free decisions that go to a task whose next operation makes an unseen access order
+    STEER = 0.8
+    #: share of mutations that reverse a corpus entry's new access pair (the rest replay a prefix
+    #: with a re-randomized suffix, or flip a few decisions, half and half)
+    REVERSE = 0.6
+
+    def __init__(self, seed: int = 0, epoch: int = 50) -> None:
+        super().__init__(seed)
+        if epoch < 1:
+            raise ValueError("the feedback strategy's epoch must be >= 1")
+        self.epoch = epoch
+        #: runs one whole execution of the program under the given strategy (see the class doc)
+        self.runner: Callable[[Any], object] | None = None
+        self.coverage: set[tuple[str, ...]] = set()
+        self.corpus: list[_Seed] = []
+        self._next = -1
+        self._epoch_start = -1
+        self._reset_execution(None)
+
+    def _reset_execution(self, parent: _Seed | None) -> None:
+        self._parent = parent
+        #: access pairs this execution tries to make (the reverse of a corpus entry's new pair)
+        self._wanted: frozenset[tuple[str, ...]] = frozenset()
+        self._cut = 0
+        self._flips: frozenset[int] = frozenset()
+        self._decisions: list[int] = []
+        self._values: list[int] = []
+        self._cov: set[tuple[str, ...]] = set()
+        self._last: dict[str, str] = {}
+        self._last_lock: tuple[str, str] | None = None
+        self._active = False
+
+    def new_execution(self, index: int) -> bool:
+        start = index - index % self.epoch
+        if not (index == self._next and start == self._epoch_start):
+            # The state is not the one execution `index` follows from: rebuild its epoch.
+            self._absorb()
+            self.coverage = set()
+            self.corpus = []
+            self._epoch_start = start
+            self._active = False
+            if self.runner is not None:
+                for j in range(start, index):
+                    self._begin(j)
+                    self.runner(self)
+        self._begin(index)
+        return True
+
+    def _begin(self, index: int) -> None:
+        self._absorb()
+        super().new_execution(index)
+        self._next = index + 1
+        rng = self.rng
+        parent = None
+        if self.corpus and rng.random() < self.MUTATE:
+            parent = self._choose(rng)
+        self._reset_execution(parent)
+        self._active = True
+        if parent is not None:
+            n = len(parent.decisions)
+            op = rng.random()
+            access = [p for p in parent.pairs if len(p) == 3]
+            if op < self.REVERSE and access:
+                # the same two tasks at the same object, the other way round (RFF's mutation of a
+                # reads-from pair): steered toward from a fresh schedule
+                label, a, b = access[rng.randrange(len(access))]
+                self._wanted = frozenset({(label, b, a)})
+                self._parent = None
+            elif op < (1 + self.REVERSE) / 2:
+                # re-randomize a suffix, keeping the prefix as it was
+                self._cut = rng.randrange(n + 1)
+            else:
+                # flip a few decisions and follow the rest of the schedule
+                self._cut = n
+                k = 1 + rng.randrange(3)
+                self._flips = frozenset(rng.randrange(n) for _ in range(k)) if n else frozenset()
+
+    def _choose(self, rng: random.Random) -> _Seed:
+        total = sum(e.new for e in self.corpus)
+        x = rng.random() * total
+        for e in self.corpus:
+            x -= e.new
+            if x < 0:
+                return e
+        return self.corpus[-1]
+
+    def _absorb(self) -> None:
+        """The execution that just ran: into the corpus if it reached new coverage."""
+        if not self._active:
+            return
+        self._active = False
+        new = self._cov - self.coverage
+        if new:
+            self.coverage |= new
+            self.corpus.append(_Seed(self._decisions, self._values, sorted(new)))
+            if len(self.corpus) > self.CORPUS:
+                del self.corpus[0]
+
+    def next_task(self, runnable: Sequence[R], current: R | None, is_yielding: bool) -> R:
+        k = len(self._decisions)
+        parent = self._parent
+        t: R | None = None
+        if parent is not None and k < self._cut:
+            want = parent.decisions[k]
+            if k in self._flips and len(runnable) > 1:
+                others = [r for r in runnable if r.tid != want]
+                t = others[int(self.rng.random() * len(others))]
+            else:
+                for r in runnable:
+                    if r.tid == want:
+                        t = r
+                        break
+        if t is None and len(runnable) > 1 and self.rng.random() < self.STEER:
+            # Steer toward an access order not seen yet in this epoch (or the one this execution
+            # wants): a task whose next operation would make a new (object, last toucher, task).
+            last = self._last
+            seen = self.coverage
+            wanted = self._wanted
+            fresh = []
+            aimed = []
+            for r in runnable:
+                target = r.target
+                if target is not None:
+                    label = _label(target)
+                    prev = last.get(label)
+                    if prev is not None and prev != r.name:
+                        key = (label, prev, r.name)
+                        if key in wanted:
+                            aimed.append(r)
+                        elif key not in seen and key not in self._cov:
+                            fresh.append(r)
+            pool = aimed or fresh
+            if pool:
+                t = pool[int(self.rng.random() * len(pool))]
+        if t is None:
+            t = super().next_task(runnable, current, is_yielding)
+        self._decisions.append(t.tid)
+        target = t.target
+        if target is not None:
+            label = _label(target)
+            name = t.name
+            prev = self._last.get(label)
+            if prev is not None and prev != name:
+                self._cov.add((label, prev, name))
+            self._last[label] = name
+            if getattr(target, "lock_class", None) is not None:
+                before = self._last_lock
+                if before is not None and before[1] != name:
+                    self._cov.add(("lock-order", before[0], label))
+                self._last_lock = (label, name)
+        return t
+
+    def next_value(self, kind: str, n: int, p: float) -> int:
+        j = len(self._values)
+        parent = self._parent
+        if parent is not None and len(self._decisions) <= self._cut and j < len(parent.values) and parent.values[j] < n:
+            value = parent.values[j]
+        else:
+            value = super().next_value(kind, n, p)
+        self._values.append(value)
+        return value
+
+    @property
+    def period(self) -> int:
+        """Executions that share learned state: chunks of a multiple of it need no warm-up."""
+        return self.epoch
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "seed": self.seed, "epoch": self.epoch}
+
+
 class PortfolioStrategy(SeededStrategy):
     """Rotates its member strategies over executions: execution i uses member i mod n."""
 
@@ -428,6 +654,24 @@ class PortfolioStrategy(SeededStrategy):
             raise ValueError("a portfolio needs at least one strategy")
         self.members = list(members)
         self._active = self.members[0]
+
+    @property
+    def runner(self) -> Callable[[Any], object] | None:
+        """How to run one execution (see FeedbackStrategy); a member runs its own executions."""
+        return getattr(self, "_runner", None)
+
+    @runner.setter
+    def runner(self, run: Callable[[Any], object] | None) -> None:
+        self._runner = run
+        for m in self.members:
+            if hasattr(m, "runner"):
+                m.runner = run
+
+    @property
+    def period(self) -> int | None:
+        """Executions that share learned state (a member's epoch, rotated over the members)."""
+        epochs = [p for m in self.members if (p := getattr(m, "period", None))]
+        return len(self.members) * max(epochs) if epochs else None
 
     def new_execution(self, index: int) -> bool:
         self.index = index
@@ -452,7 +696,14 @@ class PortfolioStrategy(SeededStrategy):
         return {"name": self.name, "seed": self.seed, "members": [m.describe() for m in self.members]}
 
 
-STRATEGIES = ("random", "pct", "idpct", "pos", "dfs", "portfolio")
+STRATEGIES = ("random", "pct", "idpct", "pos", "dfs", "feedback", "portfolio")
+
+
+def attach_runner(strategy: object, run: Callable[[Any], object]) -> None:
+    """Give a strategy that learns across executions (FeedbackStrategy, a portfolio with one) the
+    means to run the program itself, so that any execution index can be asked for out of order."""
+    if hasattr(strategy, "runner"):
+        strategy.runner = run
 
 
 def make_strategy(
@@ -474,6 +725,8 @@ def make_strategy(
         return POSStrategy(seed)
     if name == "dfs":
         return DFSStrategy(seed, preemptions=preemptions)
+    if name == "feedback":
+        return FeedbackStrategy(seed)
     if name == "portfolio":
         return PortfolioStrategy(
             [
@@ -481,6 +734,7 @@ def make_strategy(
                 PCTStrategy(seed, depth=depth, steps=steps),
                 POSStrategy(seed),
                 IterativePCTStrategy(seed, depth=max(depth, 3), steps=steps),
+                FeedbackStrategy(seed),
             ],
             seed,
         )

@@ -77,6 +77,21 @@ def _check_fuzz(r: dict[str, Any]) -> None:
             assert 1 <= row["runs_to_first"] <= row["runs"] and row["seconds_to_first"] >= 0
 
 
+def _check_strategy_comparison(r: dict[str, Any]) -> None:
+    assert r["strategies"] == ["random", "pct", "pos", "feedback"] and r["seeds"] >= 1
+    assert set(r["bugs"]) == set(BUGS)
+    for name, row in r["bugs"].items():
+        assert row["scenario"] == BUGS[name].scenario
+        for strategy in r["strategies"]:
+            runs = row[strategy]["median_runs_to_first_failure"]
+            assert runs == f"not found in {r['max_runs']} runs" if isinstance(runs, str) else runs >= 1
+    assert sum(r["best_median_count"].values()) >= sum(
+        1
+        for row in r["bugs"].values()
+        if any(not isinstance(row[s]["median_runs_to_first_failure"], str) for s in r["strategies"])
+    )
+
+
 CHECKS = {
     "scheduling_decision": _check_scheduling_decision,
     "executions_per_second": _check_executions_per_second,
@@ -85,6 +100,7 @@ CHECKS = {
     "scale": _check_scale,
     "false_positives": _check_false_positives,
     "fuzz": _check_fuzz,
+    "strategy_comparison": _check_strategy_comparison,
 }
 
 
