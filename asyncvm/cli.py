@@ -307,7 +307,7 @@ def stress(
         bool,
         typer.Option(
             "--race-detector",
-            help="Also report data races (happens-before, KCSAN's rule); executions run about 1.5x slower.",
+            help="Also report data races (happens-before, KCSAN's rule); executions run about 1.5-1.7x slower.",
         ),
     ] = False,
 ) -> None:
