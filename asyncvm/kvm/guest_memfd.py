@@ -355,36 +355,48 @@ def kvm_gmem_get_invalidate_filter(inode: GmemInode) -> int:
     return KVM_FILTER_PRIVATE
 
 
+async def __kvm_gmem_invalidate_begin(file: GuestMemfd, start: int, end: int, attr_filter: int) -> None:
+    """virt/kvm/guest_memfd.c: __kvm_gmem_invalidate_begin() (6.18): begin in one file's VM if the
+    file has bindings in range."""
+    vm = file.vm
+    found = False
+    flush = False
+    for s, e, slot in file.bindings.overlaps(start, end):
+        check_binding_live(slot)
+        if not found:
+            found = True
+            trace_kvm_gmem_invalidate(vm, start, end)
+            await vm.mmu_lock.write_lock()
+            kvm_mmu_invalidate_begin(vm)
+        gfn0 = slot.base_gfn + s - slot.gmem_pgoff
+        flush |= await kvm_mmu_unmap_gfn_range(vm, GfnRange(gfn0, gfn0 + (e - s), slot, attr_filter, True))
+    if found:
+        if flush:
+            vm.ops.flush_remote_tlbs(vm)
+        await vm.mmu_lock.write_unlock()
+
+
 async def kvm_gmem_invalidate_begin(inode: GmemInode, start: int, end: int) -> None:
     """virt/kvm/guest_memfd.c: kvm_gmem_invalidate_begin() (6.8+): begin per VM with bindings in range."""
     attr_filter = kvm_gmem_get_invalidate_filter(inode)
     for file in inode.files:
+        await __kvm_gmem_invalidate_begin(file, start, end, attr_filter)
+
+
+async def __kvm_gmem_invalidate_end(file: GuestMemfd, start: int, end: int) -> None:
+    """virt/kvm/guest_memfd.c: __kvm_gmem_invalidate_end() (6.18): end in one file's VM only if the
+    file still has bindings in range (the bindings, not whether a begin ran, decide)."""
+    if file.bindings.any_overlap(start, end):
         vm = file.vm
-        found = False
-        flush = False
-        for s, e, slot in file.bindings.overlaps(start, end):
-            check_binding_live(slot)
-            if not found:
-                found = True
-                trace_kvm_gmem_invalidate(vm, start, end)
-                await vm.mmu_lock.write_lock()
-                kvm_mmu_invalidate_begin(vm)
-            gfn0 = slot.base_gfn + s - slot.gmem_pgoff
-            flush |= await kvm_mmu_unmap_gfn_range(vm, GfnRange(gfn0, gfn0 + (e - s), slot, attr_filter, True))
-        if found:
-            if flush:
-                vm.ops.flush_remote_tlbs(vm)
-            await vm.mmu_lock.write_unlock()
+        await vm.mmu_lock.write_lock()
+        kvm_mmu_invalidate_end(vm)
+        await vm.mmu_lock.write_unlock()
 
 
 async def kvm_gmem_invalidate_end(inode: GmemInode, start: int, end: int) -> None:
     """virt/kvm/guest_memfd.c: kvm_gmem_invalidate_end() (6.8+): end per VM with bindings in range."""
     for file in inode.files:
-        if file.bindings.any_overlap(start, end):
-            vm = file.vm
-            await vm.mmu_lock.write_lock()
-            kvm_mmu_invalidate_end(vm)
-            await vm.mmu_lock.write_unlock()
+        await __kvm_gmem_invalidate_end(file, start, end)
 
 
 async def truncate_inode_pages_range(inode: GmemInode, vm: Vm, start: int, end: int) -> int:
@@ -831,8 +843,9 @@ async def kvm_gmem_release(file: GuestMemfd) -> None:
         for _s, _e, slot in file.bindings.items():
             check_binding_live(slot)  # WRITE_ONCE(slot->gmem.file, NULL) on a freed slot: KASAN
             slot.gmem_file = None
-        await kvm_gmem_invalidate_begin(inode, 0, 1 << 62)
-        await kvm_gmem_invalidate_end(inode, 0, 1 << 62)
+        # Only this file's VM: the inode's other files (other VMs' views) keep their mappings.
+        await __kvm_gmem_invalidate_begin(file, 0, 1 << 62, kvm_gmem_get_invalidate_filter(inode))
+        await __kvm_gmem_invalidate_end(file, 0, 1 << 62)
         inode.files.remove(file)
         file.released = True
     finally:
