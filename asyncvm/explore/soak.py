@@ -75,6 +75,10 @@ ALLOWED: Final[dict[str, frozenset[int]]] = {
         # kvm-core.md 2.3 (vfs_fallocate() then kvm_gmem_fallocate()); a closed fd is -EBADF
         "gmem.fallocate": {_E.EINVAL, _E.EOPNOTSUPP, _E.EFBIG, _E.EINTR, _E.ENOMEM, _E.EBADF, _E.ENODEV},
         "gmem.close": {_E.EBADF},
+        # [design gmem-inplace-conversion] KVM_SET_MEMORY_ATTRIBUTES2 on a guest_memfd (the series'
+        # errnos: -EINVAL for bad input, -EAGAIN where the host still maps or pins a page); -ENOTTY
+        # on a kernel without in-place conversion
+        "gmem.set_memory_attributes2": {_E.ENOTTY, _E.EBADF, _E.EINVAL, _E.EAGAIN, _E.ENOMEM, _E.EINTR},
         # kvm-core.md 1.1/1.2 (api.rst 4.143), plus the fault's own errnos (1.5): -EFAULT,
         # -EHWPOISON, -ENOMEM, -EAGAIN ([6.10]: an INVALID slot)
         "vcpu.pre_fault_memory": {
@@ -625,6 +629,20 @@ def _machine_class() -> type:
             self._do(
                 "gmem.fallocate", lambda: gmem.fallocate(mode, offset, length), f"{gmem}, {mode}, {offset}, {length}"
             )
+
+        @rule(
+            pick=picks,
+            offset=mostly(st.integers(0, 8).map(lambda n: n * PAGE), 1, -PAGE, _WRAP, 1 << 63),
+            size=sizes,
+            attributes=mostly(st.sampled_from([uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE, 0]), 1, -1),
+            flags=flags64,
+        )
+        def set_memory_attributes2(self, pick: int, offset: int, size: int, attributes: int, flags: int) -> None:
+            gmem = self._pick(self.gmems, pick)
+            if self.done or gmem is None or not hasattr(gmem, "set_memory_attributes2"):
+                return
+            a = uapi.MemoryAttributes2(offset, size, attributes, flags)
+            self._do("gmem.set_memory_attributes2", lambda: gmem.set_memory_attributes2(a), f"{gmem}, {a}")
 
         @rule(pick=picks)
         def close_gmem(self, pick: int) -> None:
