@@ -129,8 +129,21 @@ def _check_choices(strategy: str, profile: str, bugs: list[str]) -> None:
             _die(unknown_bug(b))
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"asyncvm {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
     """Hunt races in the Linux KVM guest-memory paths under a controlled, replayable scheduler."""
 
 

@@ -77,7 +77,8 @@ class Task:
         """What the next operation touches: the strategies' view of `pending` (``strategies.Runnable``)."""
         pending = self.pending
         if type(pending) is tuple:
-            return pending[0]
+            obj: object = pending[0]
+            return obj
         return None if pending is YIELDING else pending
 
     def __repr__(self) -> str:

@@ -36,7 +36,7 @@ def _line(code: Any, offset: int) -> int | None:
         return int(code.co_firstlineno)
     for start, end, line in code.co_lines():
         if start <= offset < end:
-            return line
+            return int(line) if line is not None else None
     return None
 
 

@@ -333,7 +333,7 @@ class _Guard:
 
     __slots__ = ("_enter", "_exit")
 
-    def __init__(self, enter: Callable[[], Any], exit: Callable[[], Any]) -> None:
+    def __init__(self, enter: Callable[[], Awaitable[None]], exit: Callable[[], Awaitable[None]]) -> None:
         self._enter = enter
         self._exit = exit
 
