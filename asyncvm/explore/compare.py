@@ -210,10 +210,13 @@ def _cells(row: Row, base: Path | None = None) -> list[str]:
     if row.first_failure_run is not None:
         secs = "" if row.first_failure_s is None else f", {row.first_failure_s:.2f} s"
         first = f"run {row.first_failure_run}{secs}"
-    fired = "; ".join(sorted(set(row.fired.values()))) or "clean"
+    fired = "; ".join(row.signatures) or "clean"
     if row.known:
         fired += " (known)" if len(row.known) == len(row.fired) else f" ({len(row.known)} known)"
     artifacts = " ".join(_rel(row.artifacts[s], base) for s in row.signatures) or "-"
+    if row.folder is not None and row.signatures:
+        # one campaign folder per row, then each signature's folder in it
+        artifacts = f"{_rel(row.folder, base)}/: " + " ".join(Path(row.artifacts[s]).name for s in row.signatures)
     kind = "" if row.kind == "kernel" else f" ({row.kind})"
     return [row.profile + kind, str(row.runs), str(row.failures), str(len(row.fired)), fired, first, artifacts]
 
@@ -223,7 +226,12 @@ def render_markdown(rows: list[Row], base: Path | None = None) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
     for row in rows:
         cells = _cells(row, base)
-        cells[-1] = "<br>".join(f"`{_rel(row.artifacts[s], base)}`" for s in row.signatures) or "-"
+        if row.folder is not None and row.signatures:
+            names = [f"`{Path(row.artifacts[s]).name}`" for s in row.signatures]
+            cells[-1] = "<br>".join([f"`{_rel(row.folder, base)}/`", *names])
+        cells[4] = "<br>".join(f"`{s}`" for s in row.signatures) or "clean"
+        if row.known:
+            cells[4] += "<br>(known)" if len(row.known) == len(row.fired) else f"<br>({len(row.known)} known)"
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     notes = known_notes(rows)
     if notes:
