@@ -22,6 +22,9 @@ VM_TYPES: dict[str, str] = {
     "default": "KVM_X86_DEFAULT_VM",
     "tdx": "KVM_X86_TDX_VM",
     "snp": "KVM_X86_SNP_VM",
+    # a default VM whose slot 0 is an MMAP|INIT_SHARED guest_memfd the VMM maps (6.18): last, so
+    # the draws of the others keep their meaning
+    "gmem": "KVM_X86_DEFAULT_VM",
 }
 
 
@@ -37,6 +40,11 @@ class Ctx:
 
     @property
     def private(self) -> bool:
+        return self.vm_type not in ("default", "gmem")
+
+    @property
+    def has_gmem(self) -> bool:
+        """Slot 0 is in guest_memfd g0 (private memory, or the host-mappable file of "gmem")."""
         return self.vm_type != "default"
 
     @property
@@ -92,7 +100,7 @@ def _run(g: Gen, ctx: Ctx) -> str:
 
 def _set_slot(g: Gen, ctx: Ctx) -> str:
     """Re-create slot 0 (deleted by someone), create/move/flag slot 1, or bind g1 as slot 2."""
-    choices = ["vm, 0, 0, PAGES, h0" + (", g0" if ctx.private else "")]
+    choices = ["vm, 0, 0, PAGES, h0" + (", g0" if ctx.has_gmem else "")]
     if ctx.slot1:
         base = g.pages
         moved = (base, base + 2, base + g.slot1_pages, 0)[g.pick("fuzz.move", 4)]
@@ -120,8 +128,8 @@ def _init_mem_region(g: Gen, ctx: Ctx) -> str:
 
 CALLS: list[Call] = [
     Call("pre_fault", lambda c: c.vcpu is not None, _prefault),
-    Call("punch_hole", lambda c: c.private, _gmem_range),
-    Call("allocate", lambda c: c.private, _gmem_range),
+    Call("punch_hole", lambda c: c.has_gmem, _gmem_range),
+    Call("allocate", lambda c: c.has_gmem, _gmem_range),
     Call("set_attributes", lambda c: c.private, _attributes),
     Call("set_slot", lambda c: True, _set_slot),
     Call("delete_slot", lambda c: True, _delete_slot),
@@ -133,7 +141,11 @@ CALLS: list[Call] = [
     Call("finalize", lambda c: c.vm_type == "tdx", lambda g, c: "vm"),
     Call("launch_update", lambda c: c.vm_type == "snp", lambda g, c: f"vm, src, {_range(g, c)}"),
     Call("launch_finish", lambda c: c.vm_type == "snp", lambda g, c: "vm"),
-    Call("close", lambda c: c.private, lambda g, c: "g1" if c.g1 and g.pick("fuzz.file", 2) else "g0"),
+    Call("close", lambda c: c.has_gmem, lambda g, c: "g1" if c.g1 and g.pick("fuzz.file", 2) else "g0"),
+    # the VMM's loads and stores through its guest_memfd mapping (only "gmem": the other kinds'
+    # call lists, and so their recorded draws, stay as they were)
+    Call("host_write", lambda c: c.vm_type == "gmem", _mm_range),
+    Call("host_read", lambda c: c.vm_type == "gmem", _mm_range),
 ]
 
 # Where prelude.ALLOWED's errnos come from (kernel functions):
@@ -145,6 +157,8 @@ CALLS: list[Call] = [
 # kvm_set_memory_region(): overlap (EEXIST), a change KVM refuses or a missing slot (EINVAL),
 # a closed guest_memfd (EBADF), a guest_memfd range already bound (EINVAL/EEXIST)
 # madvise(): nothing mapped there (ENOMEM)
+# host_write/host_read: nothing mapped there, or SIGBUS from a guest_memfd mapping (EFAULT: SigBus
+# is a KvmError(EFAULT))
 # KVM_RUN: a memory fault exit the VMM does not convert (EFAULT), a poisoned page, no memslot
 # tdx_vcpu_init(): twice or after FINALIZE (EINVAL)
 # tdx_vcpu_init_mem_region(), kvm_gmem_populate(): not private / not bound / not building

@@ -99,7 +99,7 @@ def generate(
     if kind not in VM_TYPES:
         raise ValueError(f"unknown VM type {vm_type!r} (choose one of: {', '.join(VM_TYPES)}, any)")
     p = Program(kind, pages, g.slot1_pages, g.g1_pages)
-    private = kind != "default"
+    private = kind not in ("default", "gmem")
     coco = kind in ("tdx", "snp")
     slot1 = g.coin("fuzz.slot1", 0.5)
     g1 = private and g.coin("fuzz.g1", 0.4)
@@ -112,8 +112,12 @@ def generate(
         s.append("await vm.snp_launch_start(uapi.SevSnpLaunchStart(policy=SNP_POLICY))")
     if private:
         s.append("g0 = await vm.create_guest_memfd(size=PAGES * PAGE)")
-    s.append("h0 = await kvm.mm.mmap(PAGES * PAGE)")
-    s.append("await call(set_slot(vm, 0, 0, PAGES, h0" + (", g0))" if private else "))"))
+    if kind == "gmem":
+        s.append("g0 = await vm.create_guest_memfd(size=PAGES * PAGE, flags=MMAP_SHARED)")
+        s.append("h0 = await kvm.mm.mmap(PAGES * PAGE, fd=g0, shared=True)")
+    else:
+        s.append("h0 = await kvm.mm.mmap(PAGES * PAGE)")
+    s.append("await call(set_slot(vm, 0, 0, PAGES, h0" + (", g0))" if kind != "default" else "))"))
     if slot1:
         s.append("h1 = await kvm.mm.mmap(SLOT1 * PAGE)")
         s.append("await call(set_slot(vm, 1, PAGES, SLOT1, h1))")

@@ -15,6 +15,8 @@ from asyncvm import GuestAccess, KvmError, TaskGroup, Violation, uapi  # noqa: F
 
 PAGE = uapi.PAGE_SIZE
 SNP_POLICY = 1 << 17  # the policy bit that must be one
+#: guest_memfd flags of a file the VMM maps and shares with the guest (6.18)
+MMAP_SHARED = uapi.GUEST_MEMFD_FLAG_MMAP | uapi.GUEST_MEMFD_FLAG_INIT_SHARED
 #: conversions a vCPU's VMM answers before it gives up on a guest that keeps faulting
 MAX_CONVERSIONS = 4
 #: KVM_TDX_FINALIZE_VM tries while the TDX module is busy
@@ -38,6 +40,8 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "launch_update": ("EINVAL", "EEXIST", "EFAULT", "EIO", "ENOENT", "EAGAIN"),
     "launch_finish": ("EINVAL", "EIO"),
     "close": ("EBADF",),
+    "host_write": ("EFAULT",),
+    "host_read": ("EFAULT",),
 }
 
 
@@ -179,6 +183,16 @@ async def launch_finish(vm: Any) -> None:
 async def close(gmem: Any) -> None:
     """close() of the guest_memfd."""
     await gmem.close()
+
+
+async def host_write(kvm: Any, hva: int, first: int, count: int) -> None:
+    """The VMM stores to pages [first, first + count) of its mapping at `hva`."""
+    await kvm.mm.write(hva + first * PAGE, b"\x5e" * (count * PAGE))
+
+
+async def host_read(kvm: Any, hva: int, first: int, count: int) -> None:
+    """The VMM loads pages [first, first + count) of its mapping at `hva`."""
+    await kvm.mm.read(hva + first * PAGE, count * PAGE)
 
 
 async def image(kvm: Any, pages: int) -> int:

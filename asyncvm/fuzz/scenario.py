@@ -56,8 +56,10 @@ async def fuzz(kvm: Any, vm_type: str = "any", pages: int = 8, actors: int = 6, 
     The calls (asyncvm/fuzz/describe.py) are pre-fault, guest_memfd fallocate and PUNCH_HOLE,
     attribute changes, memslot create/move/flags/delete, munmap and MADV_DONTNEED, KVM_RUN with
     conversions, TDX INIT_VCPU / INIT_MEM_REGION / FINALIZE, SNP LAUNCH_UPDATE / FINISH and close,
-    over ranges of a small guest (`pages`) so that actors collide. `vm_type` is sw, default, tdx,
-    snp or any. An errno the kernel does not return for a call is a failure, as is any oracle.
+    over ranges of a small guest (`pages`) so that actors collide; for gmem (a default VM on an
+    MMAP|INIT_SHARED guest_memfd the VMM maps) also host loads and stores through that mapping.
+    `vm_type` is sw, default, tdx, snp, gmem or any. An errno the kernel does not return for a
+    call is a failure, as is any oracle.
     """
     if actors < 2 or calls < 1 or pages < 2:
         raise ValueError("fuzz needs actors >= 2, calls >= 1 and pages >= 2")
