@@ -262,6 +262,8 @@ def _distinct(findings: list[Finding], limit: int) -> list[str]:
 
 @dataclass
 class SoakStats:
+    #: told how far the fuzzing got, now and then (a long soak on stderr)
+    progress: Callable[[str], None] | None = None
     calls: int = 0
     examples: int = 0
     outcomes: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
@@ -386,6 +388,8 @@ def _machine_class() -> type:
             stats = self.stats
             assert self.session is not None
             stats.calls += 1
+            if stats.progress is not None and stats.calls % 10_000 == 0:
+                stats.progress(f"{stats.calls} calls")
             self.steps.append(f"{name}({what})")
             out = self.session.call(make)
             tally = stats.outcomes[name]
@@ -865,6 +869,7 @@ def run_fuzz(
     steps_per_example: int = 50,
     data_probs: dict[str, float] | None = None,
     machine: type | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> SoakStats:
     """Run the state machine until `calls` calls were made; Hypothesis examples of
     `steps_per_example` rules each, seeded from `seed`."""
@@ -872,7 +877,7 @@ def run_fuzz(
     from hypothesis import seed as hypothesis_seed
     from hypothesis.stateful import run_state_machine_as_test
 
-    stats = SoakStats()
+    stats = SoakStats(progress=progress)
     base = machine or _machine_class()
     probs = {"signal": 0.02, "fatal_signal": 0.002, "alloc_fail": 0.002, **(data_probs or {})}
     batch = 0
@@ -974,13 +979,21 @@ def replay_hash(schedule: Any, scenario: Any = None) -> str:
 
 
 def audit_replays(
-    count: int, seed: int, *, subprocess_check: bool = True, programs: list[Any] | None = None
+    count: int,
+    seed: int,
+    *,
+    subprocess_check: bool = True,
+    programs: list[Any] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> ReplayStats:
     """Replay `count` fresh schedules here and in a fresh process with another PYTHONHASHSEED."""
     stats = ReplayStats()
     if count <= 0:
         return stats
+    say = progress or (lambda _msg: None)
+    say(f"recording {count} schedules")
     schedules = collect_schedules(count, seed, programs)
+    say("replaying them in this process")
     stats.scenarios = len({s.scenario for s, _, _ in schedules})
     stats.failing_schedules = sum(1 for s, _, _ in schedules if s.failure is not None)
     for n, (schedule, first, fn) in enumerate(schedules):
@@ -993,6 +1006,7 @@ def audit_replays(
         if again != first:
             stats.divergences.append(f"#{n} {schedule.scenario} (same process): event log hash differs")
     if subprocess_check:
+        say("replaying them in a fresh process")
         hashes = _replay_in_subprocess([s for s, _, _ in schedules], seed)
         for n, ((schedule, first, _fn), got) in enumerate(zip(schedules, hashes, strict=True)):
             stats.subprocess_replays += 1
@@ -1090,10 +1104,17 @@ class SoakReport:
         return out
 
 
-def soak(calls: int, replays: int, seed: int = 0, *, profiles: Iterable[str] = ("6.18",)) -> SoakReport:
+def soak(
+    calls: int,
+    replays: int,
+    seed: int = 0,
+    *,
+    profiles: Iterable[str] = ("6.18",),
+    progress: Callable[[str], None] | None = None,
+) -> SoakReport:
     """``asyncvm soak``: the fuzzing, then the replay audit."""
-    fuzz = run_fuzz(calls, seed, profiles=profiles) if calls > 0 else SoakStats()
-    return SoakReport(fuzz, audit_replays(replays, seed))
+    fuzz = run_fuzz(calls, seed, profiles=profiles, progress=progress) if calls > 0 else SoakStats()
+    return SoakReport(fuzz, audit_replays(replays, seed, progress=progress))
 
 
 def soak_command(
@@ -1118,7 +1139,7 @@ def soak_command(
         fail(f"unknown profile {unknown[0]!r}; choose from: {', '.join(PROFILES)}")
     chosen = tuple(names) or tuple(n for n, p in PROFILES.items() if p.kind == "kernel")
     echo(f"asyncvm: soak: {calls} calls on profiles {', '.join(chosen)}, {replays} replays, seed {seed}", err=True)
-    report = soak(calls, replays, seed, profiles=chosen)
+    report = soak(calls, replays, seed, profiles=chosen, progress=lambda msg: echo(f"asyncvm: soak: {msg}", err=True))
     for line in report.lines():
         echo(line)
     return 1 if report.failed else 0
