@@ -144,3 +144,30 @@ async def _close_vs_madvise(kvm: asyncvm.Kvm) -> None:
     async with asyncvm.TaskGroup() as tg:
         tg.spawn(p.close, g0, name="close")
         tg.spawn(p.madvise_dontneed, kvm, h0, 3, 1, name="madvise")
+
+
+def test_the_fuzz_command_writes_programs_and_keeps_a_corpus(tmp_path: Path) -> None:
+    args = ("fuzz", "--vm-type", "sw", "--bug", BUG, "--programs", "60", "--jobs", "1", "-q", "--out", "logs")
+    proc = run_cli(*args, cwd=tmp_path, env=cli_env())
+    assert proc.returncode == 1, explain(proc)
+    programs = sorted((tmp_path / "logs" / "fuzz").glob("*/*/fuzz_*.py"))
+    assert programs, explain(proc)
+    assert f"asyncvm stress {programs[0].relative_to(tmp_path)}" in proc.stdout, explain(proc)
+    corpus = tmp_path / "logs" / "fuzz" / "corpus"
+    assert sorted(p.name for p in corpus.glob("fuzz_*.py")) == sorted({p.name for p in programs})
+    # The next campaign replays the corpus first: the bug is still in, so its programs still fail.
+    proc = run_cli(*args, cwd=tmp_path, env=cli_env())
+    assert f"{len(programs)} programs still fail, 0 no longer do" in proc.stdout, explain(proc)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--vm-type", "sev"), "unknown VM type 'sev'"),
+        (("--programs", "0"), "--programs must be positive"),
+        (("--bug", "no_such_bug"), "unknown bug 'no_such_bug'"),
+    ],
+)
+def test_bad_fuzz_input_is_one_line(args: tuple[str, ...], message: str, tmp_path: Path) -> None:
+    proc = run_cli("fuzz", *args, cwd=tmp_path, env=cli_env())
+    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.splitlines()) == 1, explain(proc)
