@@ -41,10 +41,12 @@ class Param:
         if self.choices:
             return f"{self.default!r} (one of {', '.join(repr(c) for c in self.choices)})"
         if self.ge is not None or self.le is not None:
-            low = "" if self.ge is None else f"{self.ge:g}"
-            high = "" if self.le is None else f"{self.le:g}"
-            return f"{self.default!r} ({low}..{high})"
+            return f"{self.default!r} ({_num(self.ge)}..{_num(self.le)})"
         return repr(self.default)
+
+
+def _num(x: float | None) -> str:
+    return "" if x is None else str(int(x)) if float(x).is_integer() else repr(x)
 
 
 def declare(value: Any) -> Param:
@@ -86,9 +88,7 @@ def _model(declared: Mapping[str, Any]) -> type[BaseModel]:
     model = _MODELS.get(key)
     if model is None:
         fields: dict[str, Any] = {k: (_annotation(p), p.default) for k, p in key}
-        model = create_model(
-            "ScenarioParams", __config__=ConfigDict(extra="forbid", allow_inf_nan=False), **fields
-        )
+        model = create_model("ScenarioParams", __config__=ConfigDict(extra="forbid", allow_inf_nan=False), **fields)
         _MODELS[key] = model
     return model
 
