@@ -11,6 +11,10 @@ which is what KCSAN reports. Marked accesses never race with each other (the ker
 accesses it means to race), so a correct model is silent and one executed schedule shows a race
 that would need a specific interleaving to break an invariant.
 
+A ``Word`` and ``spin_wait`` are deliberately not synchronization here: a Word's version counts
+writes of many unrelated fields so that a spinner knows when to re-check, and ordering a spinner
+after every such write would invent orderings the kernel does not have (and hide races).
+
 Vector clocks are lists indexed by task id; a task's own entry advances at every release, so an
 access is identified by (task, epoch) and is ordered before another task's access exactly when
 that task's clock has reached the epoch (FastTrack's test). Each word keeps, per task and per
