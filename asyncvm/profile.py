@@ -62,6 +62,9 @@ class Profile:
     tdx_init_mem_region_vcpu0: str = ""
     #: [design prefault-before-finalize] pre-fault is allowed on a TD from INIT_VM on
     prefault_before_finalize: bool = False
+    #: [design populate-zeroes-at-fallocate] fallocate(allocate) clears new folios and marks them
+    #: uptodate (uptodate = cleared), without the arch prepare hook
+    gmem_fallocate_zeroes: bool = False
     #: [design gmem-*] what a guest_memfd is before it is bound: "" (mainline: private from creation),
     #: "shared" (starts shared, keeps data written before binding) or "unbound" (only bind or close)
     gmem_initial_state: str = ""
@@ -215,6 +218,44 @@ already present and tdp_mmu_map_handle_target_level() would only say RET_PF_SPUR
 never reaches the image; FINALIZE refuses with -EINVAL (nr_premapped != 0). Modeled on the 6.18
 flow without the KVM_BUG_ON 6.18 has for exactly this; the TDX premap oracle reports the leaf.""",
         prefault_before_finalize=True,
+    )
+)
+
+
+register(
+    design(
+        "populate-no-uptodate-check",
+        "6.18",
+        """guest_memfd without preparation tracking: populate never refuses an uptodate folio.
+The position of the "Remove preparation tracking" series (an SNP maintainer, late 2025, argued
+with the TDX MMU reviewers): the uptodate flag only says a folio was cleared, the arch prepare hook
+runs on every fault and each architecture tracks its own state (SNP through the RMP), so
+kvm_gmem_populate() drops its -EEXIST and a second population of a page reaches the arch, which
+must refuse it. Modeled on 6.18 (the TDX flow with PAGE.ADD after the map): no uptodate check in
+populate, prepare on every fault. fallocate then LAUNCH_UPDATE or INIT_MEM_REGION works; two
+overlapping INIT_MEM_REGIONs reach the TDX module twice for the shared page (the double-add the
+check was added for). 7.0 merged this position with the T19 TDX flow, which refuses the second
+mapping itself.""",
+        gmem_prepare_tracking=False,
+        gmem_populate_eexist=False,
+    )
+)
+
+register(
+    design(
+        "populate-zeroes-at-fallocate",
+        "6.18",
+        """guest_memfd clears folios when fallocate() allocates them and marks them uptodate, once.
+The alternative the same thread discussed (clear the whole folio at initial allocation and never
+touch it again; uptodate means cleared, preparation is the arch's business): unlike 6.8-6.10,
+fallocate() does not call the arch prepare hook, so a pre-allocated folio can still be populated.
+Modeled on populate-no-uptodate-check plus fallocate(allocate) zeroing new folios and marking them
+uptodate; faults and populate do not clear uptodate folios again. fallocate then LAUNCH_UPDATE or
+INIT_MEM_REGION works (only 6.10's preparing fallocate breaks it), and so does fallocate,
+PUNCH_HOLE, populate (the punched folio is gone; populate allocates a new one).""",
+        gmem_prepare_tracking=False,
+        gmem_populate_eexist=False,
+        gmem_fallocate_zeroes=True,
     )
 )
 

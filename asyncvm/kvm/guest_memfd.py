@@ -598,7 +598,10 @@ async def kvm_gmem_allocate(file: GuestMemfd, offset: int, length: int) -> None:
         for index in range(start, end):
             if signal_pending():
                 raise KvmError(uapi.EINTR, "signal during fallocate")
-            folio = await kvm_gmem_get_folio(vm, inode, index, prepare=vm.profile.gmem_fallocate_prepares)
+            prof = vm.profile
+            folio = await kvm_gmem_get_folio(
+                vm, inode, index, prepare=prof.gmem_fallocate_prepares or prof.gmem_fallocate_zeroes
+            )
             await folio_unlock(folio)
             vm.kvm.allocator.put(folio)
             await cond_resched()
@@ -610,7 +613,8 @@ async def kvm_gmem_get_folio(vm: Vm, inode: GmemInode, index: int, *, prepare: b
     """virt/kvm/guest_memfd.c: kvm_gmem_get_folio(): find or create the folio, locked and referenced.
 
     With `prepare` (the [6.8-6.10] allocate path) a new folio is zeroed and marked uptodate, and
-    [6.10] runs the arch prepare hook for every VM that has the offset bound.
+    [6.10] runs the arch prepare hook for every VM that has the offset bound ([design
+    populate-zeroes-at-fallocate]: zeroed and uptodate only).
     """
     while True:
         folio = inode.folios.get(index)
@@ -634,7 +638,7 @@ async def kvm_gmem_get_folio(vm: Vm, inode: GmemInode, index: int, *, prepare: b
     if created and prepare:
         folio.zero()
         folio.uptodate = True
-        for file in inode.files:
+        for file in inode.files if vm.profile.gmem_fallocate_prepares else ():
             slot = file.bindings.get(index)
             if slot is not None:
                 gfn = slot.base_gfn + index - slot.gmem_pgoff

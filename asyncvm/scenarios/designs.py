@@ -18,11 +18,20 @@ from asyncvm.runtime.failures import Violation
 from asyncvm.uapi import PAGE_SIZE, KvmError
 
 from .common import pre_fault, private_vm
+from .snp import _launch_update, _launched_vm
 from .tdx import build_td, finalize, init_mem_region
 
 VCPU0_DESIGNS = ("6.18", "7.0", "tdx-init-mem-region-vcpu0", "tdx-init-mem-region-vcpu0-locked")
 PREFAULT_DESIGNS = ("6.18", "7.0", "prefault-before-finalize")
 MAP_MEMORY_DESIGNS = ("6.18", "7.0", "map-memory-v2")
+POPULATE_DESIGNS = ("6.10", "6.18", "7.0", "populate-no-uptodate-check", "populate-zeroes-at-fallocate")
+#: [6.10] fallocate() ran the arch prepare hook: SNP's LAUNCH_UPDATE then finds the page assigned
+PREPARING_FALLOCATE_6_10 = Known(
+    ("errno",),
+    "fallocate() zeroed and prepared (RMP-assigned) the folios, so KVM_SEV_SNP_LAUNCH_UPDATE of them fails -EIO",
+    'virt/kvm/guest_memfd.c: kvm_gmem_allocate(); fixed in 6.11 by "KVM: guest_memfd: delay '
+    'kvm_gmem_prepare_folio() until the memory is passed to the guest"',
+)
 
 #: what each design's thread predicted, reported as that design's behaviour (not a new finding)
 VCPU0_PREDICTED = Known(
@@ -36,8 +45,7 @@ PREFAULT_PREDICTED = Known(
     ("tdx_premapped", "errno", "exception"),
     "a pre-fault before FINALIZE leaves mirror SPTEs with no S-EPT entry (and prepared folios that "
     "INIT_MEM_REGION then refuses), so FINALIZE refuses",
-    "design prefault-before-finalize; the merged kernel keeps pre_fault_allowed false until "
-    "tdx_td_finalize() (6.16)",
+    "design prefault-before-finalize; the merged kernel keeps pre_fault_allowed false until tdx_td_finalize() (6.16)",
 )
 MAP_MEMORY_PREDICTED = Known(
     ("errno", "prefault_progress"),
@@ -180,3 +188,54 @@ async def prefault_loop_vs_punch_hole(kvm: Any, pages: int = 4) -> None:
     async with asyncvm.TaskGroup() as tg:
         tg.spawn(prefault, name="vcpu0")
         tg.spawn(punch, name="punch_hole")
+
+
+PUNCH = uapi.FALLOC_FL_KEEP_SIZE | uapi.FALLOC_FL_PUNCH_HOLE
+
+
+# LAUNCH_UPDATE turns a first-page -EINTR into -EIO: signals would only end runs early.
+@asyncvm.scenario(
+    name="populate_sequences",
+    params={"vm": "snp", "pages": 4},
+    profiles=POPULATE_DESIGNS,
+    data={"signal": 0.0},
+    known={"6.10": PREPARING_FALLOCATE_6_10},
+)
+async def populate_sequences(kvm: Any, vm: str = "snp", pages: int = 4) -> None:
+    """The populate thread's sequences on the SNP (vm="snp") or TDX (vm="tdx") launch path:
+    fallocate then populate the first half; fallocate, PUNCH_HOLE, then populate the second half;
+    then finish the launch.
+
+    A VMM may pre-allocate its guest_memfd before launch, so each sequence must work. It fails
+    only where fallocate() prepares the folios (6.10: SNP's RMP-assigned pages refuse
+    LAUNCH_UPDATE); clearing and marking folios uptodate at fallocate (uptodate = cleared) or
+    dropping the uptodate check from populate both keep it working. Watched by the errno oracle
+    and the SNP/TDX launch oracles.
+    """
+    half = max(1, pages // 2)
+    if vm == "tdx":
+        td, gmem, cpus, src = await build_td(kvm, pages, 1)
+
+        async def populate(gfn: int, n: int) -> None:
+            await init_mem_region(cpus[0], src, gfn, n)
+    elif vm == "snp":
+        td, gmem, src = await _launched_vm(kvm, pages)
+
+        async def populate(gfn: int, n: int) -> None:
+            await _launch_update(td, src, gfn, n)
+    else:
+        raise ValueError(f"vm must be snp or tdx, not {vm!r}")
+    what = "KVM_TDX_INIT_MEM_REGION" if vm == "tdx" else "KVM_SEV_SNP_LAUNCH_UPDATE"
+    try:
+        await gmem.fallocate(uapi.FALLOC_FL_KEEP_SIZE, 0, half * PAGE_SIZE)
+        await populate(0, half)
+        if pages > half:
+            await gmem.fallocate(uapi.FALLOC_FL_KEEP_SIZE, half * PAGE_SIZE, (pages - half) * PAGE_SIZE)
+            await gmem.fallocate(PUNCH, half * PAGE_SIZE, (pages - half) * PAGE_SIZE)
+            await populate(half, pages - half)
+    except KvmError as e:
+        expect_errno(e, (), f"{what} after fallocate")
+    if vm == "tdx":
+        await finalize(td)
+    else:
+        await td.snp_launch_finish()

@@ -10,7 +10,7 @@ import pytest
 import asyncvm
 from asyncvm import KvmError, uapi
 from asyncvm.profile import PROFILES
-from asyncvm.scenarios.common import shared_vm
+from asyncvm.scenarios.common import private_vm, shared_vm
 from asyncvm.scenarios.designs import check_td_image
 from asyncvm.scenarios.tdx import build_td, finalize, init_mem_region
 from asyncvm.x86 import trace as x86_trace
@@ -213,3 +213,53 @@ def test_prefault_then_finalize_scenario_per_profile() -> None:
     assert asyncvm.explore("tdx_prefault_then_finalize", runs=60, seed=0, profile="7.0").ok
     design = asyncvm.explore("tdx_prefault_then_finalize", runs=60, seed=0, profile="prefault-before-finalize")
     assert design.failures and design.failing_runs == design.runs
+
+
+# -- populate-no-uptodate-check / populate-zeroes-at-fallocate ----------------------------------
+
+POPULATE = ["6.10", "6.18", "7.0", "populate-no-uptodate-check", "populate-zeroes-at-fallocate"]
+
+
+@pytest.mark.parametrize("vm", ["snp", "tdx"])
+@pytest.mark.parametrize("profile", POPULATE)
+def test_fallocate_before_populate_fails_only_where_fallocate_prepares(profile: str, vm: str) -> None:
+    """fallocate then populate, and fallocate, PUNCH_HOLE, populate: only 6.10's fallocate, which
+    runs the arch prepare hook (SNP: RMP-assigns the folio), breaks the launch."""
+    report = asyncvm.explore("populate_sequences", runs=5, seed=0, profile=profile, params={"vm": vm})
+    if profile == "6.10" and vm == "snp":
+        assert [f.signature for f in report.failures] == ["errno:KVM_SEV_SNP_LAUNCH_UPDATE after fallocate:EIO"]
+    else:
+        assert report.ok, report.summary()
+
+
+@pytest.mark.parametrize(
+    ("profile", "state"),
+    [
+        ("6.10", (True, True)),
+        ("6.18", (False, False)),
+        ("populate-no-uptodate-check", (False, False)),
+        ("populate-zeroes-at-fallocate", (True, False)),
+    ],
+)
+def test_what_fallocate_leaves_in_the_folio(profile: str, state: tuple[bool, bool]) -> None:
+    """(uptodate, RMP-assigned) of a folio fallocate() allocated on an SNP VM before launch."""
+    seen: list[tuple[bool, bool]] = []
+
+    async def body(kvm: asyncvm.Kvm) -> None:
+        vm, gmem, _hva = await private_vm(kvm, uapi.KVM_X86_SNP_VM, 2)
+        await vm.snp_launch_start(uapi.SevSnpLaunchStart(policy=1 << 17))
+        await gmem.fallocate(uapi.FALLOC_FL_KEEP_SIZE, 0, PAGE)
+        folio = gmem.inode.folios.get(0)
+        seen.append((folio.uptodate, vm.snp_firmware.lookup(folio.pfn) is not None))
+
+    run_once(body, profile=profile)
+    assert seen == [state]
+
+
+@pytest.mark.parametrize("profile", ["populate-no-uptodate-check", "populate-zeroes-at-fallocate", "6.10"])
+def test_without_the_uptodate_check_overlapping_populates_reach_the_tdx_module(profile: str) -> None:
+    """What the -EEXIST check was added for: the second INIT_MEM_REGION of a shared page asks the
+    TDX module to PAGE.ADD a GPA already in the image (6.18 refuses it with -EEXIST)."""
+    report = asyncvm.explore("tdx_init_mem_region_overlap", runs=30, seed=0, profile=profile)
+    assert [f.signature for f in report.failures] == ["tdx_double_add"], report.summary()
+    assert asyncvm.explore("tdx_init_mem_region_overlap", runs=30, seed=0, profile="6.18").ok
