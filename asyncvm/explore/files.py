@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -107,6 +108,38 @@ def non_finite(data: Any, path: str = "") -> str | None:
         elif isinstance(value, list):
             stack.extend((f"{where}.{i}" if where else str(i), v) for i, v in enumerate(value))
     return None
+
+
+def depth(data: Any) -> int:
+    """How deeply `data` nests lists and tables (a scalar is 0)."""
+    deepest, stack = 0, [(data, 0)]
+    while stack:
+        value, level = stack.pop()
+        if isinstance(value, (dict, list)):
+            deepest = max(deepest, level + 1)
+            stack.extend((v, level + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return deepest
+
+
+#: a suite file's tables and arrays nest a few levels; far deeper is not a suite
+TOML_DEPTH = 32
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """A TOML file (a suite), under the size limit and `TOML_DEPTH`, with finite numbers only."""
+    text = read_text(path, MAX_SUITE_BYTES)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise FileError(f"{path}: not valid TOML: {e}") from None
+    except RecursionError:  # tomllib recurses per nested array or inline table
+        raise FileError(f"{path}: nested deeper than {TOML_DEPTH} levels") from None
+    if depth(data) > TOML_DEPTH:
+        raise FileError(f"{path}: nested deeper than {TOML_DEPTH} levels")
+    where = non_finite(data)
+    if where is not None:
+        raise FileError(f"{path}: {where}: not a finite number")
+    return data
 
 
 def _size(n: int) -> str:

@@ -46,7 +46,6 @@ import os
 import re
 import sys
 import time
-import tomllib
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -56,6 +55,7 @@ from typing import Any
 from ..runtime.failures import ToolError
 from .campaign import CampaignSpec
 from .engine import DEFAULT_MAX_STEPS, scenario_params
+from .files import FileError, read_toml
 from .runner import run_campaign, stamped_dir
 from .scenarios import UnknownScenario, get_scenario, param_mismatch
 from .schedule import write_atomic
@@ -153,16 +153,9 @@ def load_suite(path: Path) -> Suite:
     """Read and validate a suite file; its scenarios must be registered already (entry points, or
     ``--module`` imports, which workers then import too)."""
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise SuiteError(f"{path}: no such file") from None
-    except OSError as e:
-        raise SuiteError(f"{path}: cannot read ({e.strerror or e})") from None
-    except tomllib.TOMLDecodeError as e:
-        raise SuiteError(_one_line(f"{path}: not valid TOML: {e}")) from None
-    except UnicodeDecodeError:
-        raise SuiteError(f"{path}: not valid TOML: not UTF-8 text") from None
+        data = read_toml(path)
+    except FileError as e:
+        raise SuiteError(_one_line(str(e))) from None
     for key in data:
         if key not in TOP_KEYS:
             raise SuiteError(f"{path}: unknown key {key!r} (a suite has: {', '.join(TOP_KEYS)})")

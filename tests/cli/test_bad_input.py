@@ -204,3 +204,23 @@ def test_artifacts_honour_the_umask(mask: int, tmp_path: Path) -> None:
     assert any(p.name == "schedule.json" for p in files) and any(p.name == "campaign.json" for p in files)
     for p in files:
         assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~mask, f"{p}: {oct(stat.S_IMODE(p.stat().st_mode))}"
+
+
+# -- suite files: the same limits ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("[defaults]\nruns = " + "[" * 20_000 + "]" * 20_000 + "\n", "nested deeper"),
+        ('[[campaign]]\nscenario = "prefault_vs_punch_hole"\ntime = nan\n', "time"),
+        ('[[campaign]]\nscenario = "prefault_vs_punch_hole"\nparams = { pages = 0 }\n', "pages"),
+        ('description = "' + "x" * (2 << 20) + '"\n', "larger than"),
+    ],
+    ids=["deep_nesting", "time_nan", "param_out_of_range", "too_large"],
+)
+def test_bad_suite_file_is_one_line(text: str, needle: str, tmp_path: Path) -> None:
+    (tmp_path / "bad.toml").write_text(text)
+    proc = run_cli("stress", "--suite", "bad.toml", "--out", "logs", cwd=tmp_path)
+    assert_one_line_error(proc, "bad.toml", needle)
+    assert not (tmp_path / "logs").exists()
