@@ -602,7 +602,7 @@ def _load(file: Path, module: list[str] | None) -> tuple[Any, Any]:
 @app.command()
 def fuzz(
     vm_type: Annotated[
-        str, typer.Option("--vm-type", metavar="TYPE", help="tdx, snp, sw, default, or any (drawn per program).")
+        str, typer.Option("--vm-type", metavar="TYPE", help="tdx, snp, sw, default, gmem, or any (drawn per program).")
     ] = "any",
     profile: Annotated[str, typer.Option(metavar="VERSION", help="Kernel profile.")] = "6.18",
     bug: Annotated[

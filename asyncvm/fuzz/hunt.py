@@ -21,7 +21,14 @@ from .run import fuzz_spec
 from .scenario import fuzz
 
 #: bug -> the VM type its scenario builds (by the scenario's name; the rest use SW-protected)
-VM_TYPE_PREFIXES = (("tdx", "tdx"), ("snp", "snp"), ("prefault_vs_munmap", "default"))
+VM_TYPE_PREFIXES = (
+    ("tdx", "tdx"),
+    ("snp", "snp"),
+    ("prefault_vs_munmap", "default"),
+    ("fault_vs_zap_all", "default"),
+    ("gmem_mmap_coco", "tdx"),
+    ("gmem_", "gmem"),
+)
 
 
 def vm_type_for(bug: str) -> str:
