@@ -3,7 +3,8 @@ design): what the VMM's own page tables may point at.
 
 - **No host mapping of private memory** (``gmem_host_private``): a host PTE of a guest_memfd page
   exists only while the page is shared with the host: the file is INIT_SHARED (6.18) or the page's
-  shareability says shared (in-place conversion), and the RMP does not assign the pfn to a guest.
+  shareability says shared (in-place conversion), and the hardware does not hold the pfn private
+  (assigned in the SNP RMP, mapped in a TDX Secure-EPT).
   Checked when a host PTE is set, when the host touches the page, when a range turns private, and
   at quiescence.
 - **No host access to a freed folio** (``gmem_host_freed``): a host PTE never outlives the folio's
@@ -44,6 +45,18 @@ def _freed(where: str, detail: str, **data: Any) -> Violation:
     return Violation("gmem_host_freed", f"host {where} {detail}", signature=f"gmem_host_freed:{where}", **data)
 
 
+def _hardware_owner(vm: Vm, pfn: int) -> str | None:
+    """Whether the hardware holds `pfn` private for `vm`: assigned in the SNP RMP, or mapped in the
+    TDX S-EPT (the host touching it would fault, or corrupt the guest)."""
+    firmware = vm.snp_firmware
+    if firmware is not None and firmware.lookup(pfn) is not None:
+        return f"the RMP assigns to {vm.name}"
+    module = vm.tdx_module
+    if module is not None and any(leaf.pfn == pfn for leaf in module.sept.values()):
+        return f"{vm.name}'s Secure-EPT maps"
+    return None
+
+
 class GmemMmapOracles:
     """The host-mapping oracles of one VMM address space."""
 
@@ -62,9 +75,10 @@ class GmemMmapOracles:
                 index=index,
                 pfn=folio.pfn,
             )
-        owner = self.mm.write_protected.get(folio.pfn)
-        if owner is not None:
-            raise _private(where, f"maps pfn {folio.pfn:#x}, which the RMP assigns to {owner}", pfn=folio.pfn)
+        for file in inode.files:
+            owner = _hardware_owner(file.vm, folio.pfn)
+            if owner is not None:
+                raise _private(where, f"maps pfn {folio.pfn:#x}, which {owner}", pfn=folio.pfn)
 
     def _check_cached(self, where: str, inode: GmemInode, index: int, folio: Folio) -> None:
         if folio.freed:

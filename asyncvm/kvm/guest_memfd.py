@@ -481,6 +481,15 @@ def kvm_gmem_sync_vm_attributes(file: GuestMemfd, start: int, end: int) -> None:
     vm.mmu_word.write()
 
 
+def kvm_gmem_invalidate(inode: GmemInode, start: int, end: int) -> None:
+    """[design] kvm_gmem_invalidate(): before private pages turn shared, the arch gives each folio
+    back to the host (kvm_arch_gmem_invalidate(): SNP makes it shared in the RMP), as it does when
+    a folio is freed."""
+    for _s, _e, folio in inode.folios.overlaps(start, end):
+        for file in inode.files:
+            file.vm.ops.gmem_invalidate(file.vm, folio)
+
+
 def kvm_gmem_unsafe_for_conversion(inode: GmemInode, start: int, end: int) -> int | None:
     """[design] kvm_gmem_is_safe_for_conversion(): every folio in range holds only the page
     cache's reference (no host PTE, no pin, no fault in flight); the first that does not, or None."""
@@ -512,6 +521,8 @@ async def __kvm_gmem_set_attributes(file: GuestMemfd, start: int, end: int, attr
                 if bad is not None:
                     return bad
         await kvm_gmem_invalidate_begin(inode, start, end)
+        if not to_private:
+            kvm_gmem_invalidate(inode, start, end)
         shared.assign(start, end, not to_private)
         for f in inode.files:
             kvm_gmem_sync_vm_attributes(f, start, end)

@@ -400,3 +400,54 @@ def test_inplace_conversion_is_seen_by_guest_faults_and_keeps_the_data() -> None
         assert await kvm.mm.read(mem, 8) == b"guest!!!"
 
     run_once(body, profile=INPLACE)
+
+
+# -- private in hardware: the SNP RMP ----------------------------------------------------------
+
+
+async def _snp_inplace(kvm: asyncvm.Kvm) -> tuple:
+    """An SNP guest (launched, no image) whose only memslot is an MMAP|INIT_SHARED guest_memfd."""
+    vm = await kvm.create_vm(uapi.KVM_X86_SNP_VM)
+    gmem = await vm.create_guest_memfd(size=2 * PAGE, flags=MMAP | INIT_SHARED)
+    mem = await kvm.mm.mmap(2 * PAGE, fd=gmem, shared=True)
+    await vm.set_user_memory_region2(
+        uapi.UserspaceMemoryRegion2(0, uapi.KVM_MEM_GUEST_MEMFD, 0, 2 * PAGE, mem, 0, gmem)
+    )
+    await vm.snp_launch_start(uapi.SevSnpLaunchStart(policy=1 << 17))
+    await vm.snp_launch_finish()
+    return vm, gmem, mem
+
+
+def test_host_access_to_an_rmp_private_page_fires() -> None:
+    """The mistake injected directly: the pfn behind a host mapping is RMP-assigned to the guest
+    (what a conversion that forgot to unmap the host, or to check, would leave)."""
+
+    async def body(kvm: asyncvm.Kvm) -> None:
+        vm, gmem, mem = await _snp_inplace(kvm)
+        await kvm.mm.write(mem, b"x")
+        folio = gmem.inode.folios.get(0)
+        assert await vm.snp_firmware.rmpupdate_private(folio.pfn, 0, immutable=False) == 0
+        await kvm.mm.read(mem, 1)
+
+    failure = run_failing(body, profile=INPLACE)
+    assert failure.signature == "gmem_host_private:access", failure
+
+
+def test_snp_conversion_round_trip_returns_the_page_to_the_host() -> None:
+    """[design] shared -> private (a private guest access RMP-assigns the page) -> shared: the
+    conversion gives the page back in the RMP (kvm_gmem_invalidate()) before the host maps it."""
+
+    async def body(kvm: asyncvm.Kvm) -> None:
+        vm, gmem, mem = await _snp_inplace(kvm)
+        await kvm.mm.write(mem, b"x")
+        await gmem.set_memory_attributes2(uapi.MemoryAttributes2(0, PAGE, PRIVATE))
+        vcpu = await vm.create_vcpu(0)
+        vcpu.load_program([GuestAccess.write(0, b"secret!!")])
+        await vcpu.run()
+        folio = gmem.inode.folios.get(0)
+        assert vm.snp_firmware.lookup(folio.pfn) is not None
+        await gmem.set_memory_attributes2(uapi.MemoryAttributes2(0, PAGE, 0))
+        assert vm.snp_firmware.lookup(folio.pfn) is None
+        assert len(await kvm.mm.read(mem, 8)) == 8
+
+    run_once(body, profile=INPLACE)
