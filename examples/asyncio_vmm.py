@@ -1,26 +1,31 @@
-"""A toy asyncio VMM that boots a SW-protected guest on the emulated /dev/kvm (live mode).
+"""A toy VMM that boots a SW-protected guest on the emulated /dev/kvm (live mode).
 
 It does what a real VMM does around guest_memfd: a private memory slot, KVM_PRE_FAULT_MEMORY
 from one task per vCPU, the guest writing and reading its memory, and a balloon-style PUNCH_HOLE
-after which the guest sees zeros. Nothing here is controlled by asyncvm's scheduler: asyncio
-decides the interleavings, exactly as it would around the real ioctls.
+after which the guest sees zeros. Nothing here is controlled by asyncvm's scheduler: the event
+loop (asyncio by default, or trio) decides the interleavings, exactly as it would around the
+real ioctls.
 
-    python examples/asyncio_vmm.py
+    python examples/asyncio_vmm.py [--backend asyncio|trio]
 """
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any
+import argparse
+
+import anyio
 
 import asyncvm
 from asyncvm import GuestAccess, uapi
+from asyncvm.kvm.guest_memfd import GuestMemfd
+from asyncvm.kvm.vcpu import Vcpu
+from asyncvm.kvm.vm import Vm
 
 PAGES = 16
 PAGE = uapi.PAGE_SIZE
 
 
-async def pre_fault(vcpu: asyncvm.kvm.vcpu.Vcpu, gpa: int, size: int) -> None:
+async def pre_fault(vcpu: Vcpu, gpa: int, size: int) -> None:
     r = uapi.PreFaultMemory(gpa, size)
     while r.size:
         try:
@@ -30,7 +35,7 @@ async def pre_fault(vcpu: asyncvm.kvm.vcpu.Vcpu, gpa: int, size: int) -> None:
                 raise
 
 
-async def create_private_vm(vcpus: int) -> tuple[Any, Any, list[Any]]:
+async def create_private_vm(vcpus: int) -> tuple[Vm, GuestMemfd, list[Vcpu]]:
     """A SW-protected VM whose only memslot is PAGES of private guest_memfd memory, and its vCPUs."""
     kvm = asyncvm.Kvm()
     vm = await kvm.create_vm(uapi.KVM_X86_SW_PROTECTED_VM)
@@ -46,7 +51,9 @@ async def create_private_vm(vcpus: int) -> tuple[Any, Any, list[Any]]:
 async def boot(vcpus: int = 2) -> list[bytes]:
     _vm, gmem, cpus = await create_private_vm(vcpus)
     per = PAGES // vcpus
-    await asyncio.gather(*(pre_fault(v, i * per * PAGE, per * PAGE) for i, v in enumerate(cpus)))
+    async with anyio.create_task_group() as tg:
+        for i, v in enumerate(cpus):
+            tg.start_soon(pre_fault, v, i * per * PAGE, per * PAGE)
 
     guest = cpus[0]
     guest.load_program([GuestAccess.write(0, b"hello, guest"), GuestAccess.read(0, 12)])
@@ -58,6 +65,13 @@ async def boot(vcpus: int = 2) -> list[bytes]:
     return before + after
 
 
-if __name__ == "__main__":
-    reads = asyncio.run(boot())
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Boot a toy guest on the emulated /dev/kvm.")
+    parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
+    args = parser.parse_args(argv)
+    reads = anyio.run(boot, backend=args.backend)
     print("before punch:", reads[0], "after punch:", reads[1])
+
+
+if __name__ == "__main__":
+    main()
