@@ -260,6 +260,38 @@ PUNCH_HOLE, populate (the punched folio is gone; populate allocates a new one)."
 )
 
 
+register(
+    design(
+        "gmem-bind-preserves-data",
+        "6.18",
+        """The fd-based private memory proposal (2021-22): a memfile starts as ordinary shared memory.
+Its authors (the TDX memory-management developers) let the VMM create the file, mmap and fill it,
+then bind it to a private memslot, at which point it becomes inaccessible to the host and keeps
+what was written; the thread asked what TDX and SNP then make of data written before binding.
+Modeled on 6.18's mmap-able guest_memfd (GUEST_MEMFD_FLAG_MMAP): until the first binding every
+page is host-faultable as if INIT_SHARED, binding zaps the host's PTEs and keeps the folios
+(uptodate, with their data); afterwards 6.18 rules. A SW-protected guest then reads the data
+written before binding through its private mapping; on SNP the folio counts as prepared without
+ever being RMP-assigned or measured; on TDX the data never reaches the TD (PAGE.ADD copies from a
+source page, PAGE.AUG pages are zeroed by the module).""",
+        gmem_initial_state="shared",
+    )
+)
+
+register(
+    design(
+        "gmem-unbound-state",
+        "6.18",
+        """The reply to the fd-based proposal: a private memfile starts UNBOUND, where only binding
+(or closing) is allowed, so nothing can be written into it before it is private and the TDX/SNP
+question of pre-binding data does not arise. Modeled on 6.18: mmap and fallocate of a guest_memfd
+no memslot has bound yet fail (-EBADF; the reply named no errno), and work as in 6.18 after the
+first binding.""",
+        gmem_initial_state="unbound",
+    )
+)
+
+
 def get_profile(profile: str | Profile | None) -> Profile:
     """Look a profile up by name; unknown names are a one-line error."""
     if isinstance(profile, Profile):

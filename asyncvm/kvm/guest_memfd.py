@@ -83,6 +83,8 @@ class GmemInode:
         #: [design gmem-inplace-conversion] per-page shareability (page offset -> True if shared);
         #: None in the kernel profiles, where INIT_SHARED alone says whether the host may fault
         self.shared: IntervalMap[bool] | None = None
+        #: [design gmem-bind-preserves-data / gmem-unbound-state] a memslot has bound the file
+        self.bound = False
 
 
 class GuestMemfd:
@@ -238,9 +240,17 @@ def kvm_gmem_create(vm: Vm, args: uapi.CreateGuestMemfd) -> GuestMemfd:
     return GuestMemfd(vm, inode)
 
 
+def kvm_gmem_check_unbound(file: GuestMemfd, what: str) -> None:
+    """[design gmem-unbound-state] an UNBOUND file allows only bind and close: anything else is
+    -EBADF (the design names no errno; the model uses the one for a file not usable that way)."""
+    if file.vm.profile.gmem_initial_state == "unbound" and not file.inode.bound:
+        raise KvmError(uapi.EBADF, f"guest_memfd is UNBOUND: {what} before KVM_SET_USER_MEMORY_REGION2")
+
+
 def kvm_gmem_mmap(file: GuestMemfd, shared: bool) -> None:
     """virt/kvm/guest_memfd.c: kvm_gmem_mmap() (6.18): -ENODEV without GUEST_MEMFD_FLAG_MMAP,
     -EINVAL unless the mapping is MAP_SHARED (no copy-on-write copies of guest memory)."""
+    kvm_gmem_check_unbound(file, "mmap")
     if not file.inode.flags & uapi.GUEST_MEMFD_FLAG_MMAP:
         raise KvmError(uapi.ENODEV, "guest_memfd was not created with GUEST_MEMFD_FLAG_MMAP")
     if not shared:
@@ -252,6 +262,9 @@ def kvm_gmem_is_shared_mem(inode: GmemInode, index: int) -> bool:
     gmem-inplace-conversion] per the page's shareability."""
     if inode.shared is not None:
         return bool(inode.shared.get(index))
+    if not inode.bound and any(f.vm.profile.gmem_initial_state == "shared" for f in inode.files):
+        # [design gmem-bind-preserves-data] the memfile is ordinary shared memory until bound
+        return True
     return bool(inode.flags & uapi.GUEST_MEMFD_FLAG_INIT_SHARED)
 
 
@@ -323,6 +336,12 @@ async def kvm_gmem_bind(vm: Vm, slot: Memslot, fd: object, offset: int) -> None:
             file.bindings.assign(start, end, slot)
             if file.inode.shared is not None:
                 kvm_gmem_sync_vm_attributes(file, start, end)
+            if not file.inode.bound and vm.profile.gmem_initial_state == "shared":
+                # [design gmem-bind-preserves-data] binding makes the memfile inaccessible to the
+                # host (its PTEs go) and keeps what the host wrote in the folios
+                file.inode.bound = True
+                await unmap_mapping_pages(file.inode, 0, file.inode.size >> PAGE_SHIFT)
+            file.inode.bound = True
         finally:
             await file.inode.invalidate_lock.up_write()
     finally:
@@ -570,6 +589,7 @@ def vfs_fallocate_check(file: GuestMemfd, mode: int, offset: int, length: int) -
 async def kvm_gmem_fallocate(file: GuestMemfd, mode: int, offset: int, length: int) -> None:
     """fs/open.c: vfs_fallocate() checks, then virt/kvm/guest_memfd.c: kvm_gmem_fallocate() (6.8+)."""
     vfs_fallocate_check(file, mode, offset, length)
+    kvm_gmem_check_unbound(file, "fallocate")
     if not (mode & uapi.FALLOC_FL_KEEP_SIZE):
         raise KvmError(uapi.EOPNOTSUPP, "guest_memfd fallocate needs KEEP_SIZE")
     if mode & ~(uapi.FALLOC_FL_KEEP_SIZE | uapi.FALLOC_FL_PUNCH_HOLE):

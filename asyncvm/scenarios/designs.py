@@ -14,10 +14,11 @@ import asyncvm
 from asyncvm import uapi
 from asyncvm.check.errno import expect_errno
 from asyncvm.explore.known import Known
+from asyncvm.kvm.vcpu import GuestAccess
 from asyncvm.runtime.failures import Violation
 from asyncvm.uapi import PAGE_SIZE, KvmError
 
-from .common import pre_fault, private_vm
+from .common import pre_fault, private_vm, run_guest
 from .snp import _launch_update, _launched_vm
 from .tdx import build_td, finalize, init_mem_region
 
@@ -239,3 +240,71 @@ async def populate_sequences(kvm: Any, vm: str = "snp", pages: int = 4) -> None:
         await finalize(td)
     else:
         await td.snp_launch_finish()
+
+
+GMEM_STATE_DESIGNS = ("6.18", "7.0", "gmem-bind-preserves-data", "gmem-unbound-state")
+PREBIND_PREDICTED = Known(
+    ("rmp_guest_shared", "gmem_prebind_data"),
+    "data the host wrote into the memfile before binding stays in the folio the guest then uses as "
+    "private memory: unmeasured on SNP (never RMP-assigned), visible on a SW-protected VM",
+    "design gmem-bind-preserves-data (the fd-based private memory proposal, 2021-22); mainline "
+    "guest_memfd is private from creation and refuses host faults without INIT_SHARED",
+)
+
+
+@asyncvm.scenario(
+    name="gmem_write_before_bind",
+    params={"vm": "snp"},
+    profiles=GMEM_STATE_DESIGNS,
+    data={"signal": 0.0},
+    known={"gmem-bind-preserves-data": PREBIND_PREDICTED},
+)
+async def gmem_write_before_bind(kvm: Any, vm: str = "snp") -> None:
+    """A VMM writes into its guest_memfd (mmap, GUEST_MEMFD_FLAG_MMAP) before binding it, then
+    binds it PRIVATE, launches the other page and lets the guest read the page it never launched.
+
+    The fd-based proposal's question, made concrete: where the memfile starts shared and keeps
+    its data, the guest finds the host's bytes in private memory (SW-protected: visible; SNP: a
+    private access to a page the RMP never assigned; TDX: the module's ACCEPT zeroes it). Where it
+    starts UNBOUND (or, mainline, private from creation), the write is refused and the guest reads
+    zeros. vm: "sw", "snp" or "tdx". Watched by the SNP RMP oracles and the guest's own check.
+    """
+    pages = 2
+    kinds = {"sw": uapi.KVM_X86_SW_PROTECTED_VM, "snp": uapi.KVM_X86_SNP_VM, "tdx": uapi.KVM_X86_TDX_VM}
+    if vm not in kinds:
+        raise ValueError(f"vm must be one of {', '.join(kinds)}, not {vm!r}")
+    td = await kvm.create_vm(kinds[vm])
+    if vm == "tdx":
+        await td.tdx_init_vm()
+    elif vm == "snp":
+        await td.snp_launch_start(uapi.SevSnpLaunchStart(policy=1 << 17))
+    gmem = await td.create_guest_memfd(size=pages * PAGE_SIZE, flags=uapi.GUEST_MEMFD_FLAG_MMAP)
+    try:
+        host = kvm.mm.mmap(pages * PAGE_SIZE, fd=gmem, offset=0, shared=True)
+        await kvm.mm.write(host, b"\xee" * 8)
+    except (KvmError, asyncvm.SigBus):
+        pass  # refused before binding: nothing of the host's reaches the guest
+    hva = kvm.mm.mmap(pages * PAGE_SIZE)
+    await td.set_user_memory_region2(
+        uapi.UserspaceMemoryRegion2(0, uapi.KVM_MEM_GUEST_MEMFD, 0, pages * PAGE_SIZE, hva, 0, gmem)
+    )
+    await td.set_memory_attributes(uapi.MemoryAttributes(0, pages * PAGE_SIZE, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE))
+    src = kvm.mm.mmap(PAGE_SIZE)
+    await kvm.mm.write(src, b"\x5a" * PAGE_SIZE)
+    vcpu = await td.create_vcpu(0)
+    if vm == "tdx":
+        await vcpu.tdx_init_vcpu()
+        await vcpu.tdx_init_mem_region(uapi.TdxInitMemRegion(src, PAGE_SIZE, 1), uapi.KVM_TDX_MEASURE_MEMORY_REGION)
+        await finalize(td)
+    elif vm == "snp":
+        update = uapi.SevSnpLaunchUpdate(1, src, PAGE_SIZE, uapi.KVM_SEV_SNP_PAGE_TYPE_NORMAL)
+        while update.len:
+            await td.snp_launch_update(update)
+        await td.snp_launch_finish()
+    reads = await run_guest(vcpu, [GuestAccess.read(0, 8, private=True)])
+    if reads and reads[0] != bytes(8):
+        raise Violation(
+            "gmem_prebind_data",
+            f"the guest read {reads[0].hex()} from private memory nobody launched: the host's pre-binding write",
+            signature="gmem_prebind_data:visible",
+        )

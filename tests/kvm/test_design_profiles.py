@@ -9,8 +9,9 @@ import pytest
 
 import asyncvm
 from asyncvm import KvmError, uapi
+from asyncvm.kvm.vcpu import GuestAccess
 from asyncvm.profile import PROFILES
-from asyncvm.scenarios.common import private_vm, shared_vm
+from asyncvm.scenarios.common import private_vm, run_guest, shared_vm
 from asyncvm.scenarios.designs import check_td_image
 from asyncvm.scenarios.tdx import build_td, finalize, init_mem_region
 from asyncvm.x86 import trace as x86_trace
@@ -263,3 +264,88 @@ def test_without_the_uptodate_check_overlapping_populates_reach_the_tdx_module(p
     report = asyncvm.explore("tdx_init_mem_region_overlap", runs=30, seed=0, profile=profile)
     assert [f.signature for f in report.failures] == ["tdx_double_add"], report.summary()
     assert asyncvm.explore("tdx_init_mem_region_overlap", runs=30, seed=0, profile="6.18").ok
+
+
+# -- gmem-bind-preserves-data / gmem-unbound-state ----------------------------------------------
+
+
+async def write_then_bind(kvm: asyncvm.Kvm, out: dict[str, Any]) -> None:
+    """SW-protected VM: mmap + write a guest_memfd before binding it, bind it PRIVATE, then look
+    from the host and from the guest."""
+    vm = await kvm.create_vm(uapi.KVM_X86_SW_PROTECTED_VM)
+    gmem = await vm.create_guest_memfd(size=2 * PAGE, flags=uapi.GUEST_MEMFD_FLAG_MMAP)
+    host = None
+    try:
+        host = kvm.mm.mmap(2 * PAGE, fd=gmem, offset=0, shared=True)
+        await kvm.mm.write(host, b"pre-bind")
+        out["before"] = "written"
+    except asyncvm.SigBus:
+        out["before"] = "SIGBUS"
+    except KvmError as e:
+        out["before"] = uapi.errno_name(e.errno or 0)
+    try:
+        await gmem.fallocate(uapi.FALLOC_FL_KEEP_SIZE, PAGE, PAGE)
+        out["fallocate"] = 0
+    except KvmError as e:
+        out["fallocate"] = e.errno
+    hva = kvm.mm.mmap(2 * PAGE)
+    await vm.set_user_memory_region2(
+        uapi.UserspaceMemoryRegion2(0, uapi.KVM_MEM_GUEST_MEMFD, 0, 2 * PAGE, hva, 0, gmem)
+    )
+    await vm.set_memory_attributes(uapi.MemoryAttributes(0, 2 * PAGE, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE))
+    if host is not None:
+        try:
+            await kvm.mm.read(host, 8)
+            out["host_after"] = "readable"
+        except asyncvm.SigBus:
+            out["host_after"] = "SIGBUS"
+    vcpu = await vm.create_vcpu(0)
+    out["guest"] = (await run_guest(vcpu, [GuestAccess.read(0, 8, private=True)]))[0]
+
+
+@pytest.mark.parametrize(
+    ("profile", "expected"),
+    [
+        # mainline: private from creation; without INIT_SHARED the host's fault is SIGBUS
+        ("6.18", {"before": "SIGBUS", "fallocate": 0, "host_after": "SIGBUS", "guest": bytes(8)}),
+        # the fd-based proposal: shared until bound, the data survives into private memory
+        (
+            "gmem-bind-preserves-data",
+            {"before": "written", "fallocate": 0, "host_after": "SIGBUS", "guest": b"pre-bind"},
+        ),
+        # the reply: UNBOUND allows only bind or close
+        ("gmem-unbound-state", {"before": "EBADF", "fallocate": uapi.EBADF, "guest": bytes(8)}),
+    ],
+)
+def test_data_written_before_binding(profile: str, expected: dict[str, Any]) -> None:
+    out: dict[str, Any] = {}
+    run_once(lambda kvm: write_then_bind(kvm, out), profile=profile)
+    assert out == expected
+
+
+def test_unbound_state_allows_everything_after_binding() -> None:
+    async def body(kvm: asyncvm.Kvm) -> None:
+        vm = await kvm.create_vm(uapi.KVM_X86_SW_PROTECTED_VM)
+        gmem = await vm.create_guest_memfd(size=2 * PAGE, flags=uapi.GUEST_MEMFD_FLAG_MMAP)
+        hva = kvm.mm.mmap(2 * PAGE)
+        await vm.set_user_memory_region2(
+            uapi.UserspaceMemoryRegion2(0, uapi.KVM_MEM_GUEST_MEMFD, 0, 2 * PAGE, hva, 0, gmem)
+        )
+        await gmem.fallocate(uapi.FALLOC_FL_KEEP_SIZE, 0, 2 * PAGE)
+        kvm.mm.mmap(2 * PAGE, fd=gmem, offset=0, shared=True)
+
+    run_once(body, profile="gmem-unbound-state")
+
+
+@pytest.mark.parametrize(("vm", "kinds"), [("snp", ["rmp_guest_shared"]), ("sw", ["gmem_prebind_data"]), ("tdx", [])])
+def test_what_tdx_and_snp_make_of_pre_binding_data(vm: str, kinds: list[str]) -> None:
+    """SNP: the folio counts as prepared but was never RMP-assigned, so the guest's private access
+    fails the RMP; TDX: the module's ACCEPT zeroes the page; the other designs refuse the write."""
+    params = {"vm": vm}
+    design = asyncvm.explore(
+        "gmem_write_before_bind", runs=5, seed=0, profile="gmem-bind-preserves-data", params=params
+    )
+    assert [f.kind for f in design.failures] == kinds, design.summary()
+    assert all(f.known for f in design.failures)
+    for profile in ("6.18", "gmem-unbound-state"):
+        assert asyncvm.explore("gmem_write_before_bind", runs=5, seed=0, profile=profile, params=params).ok

@@ -372,12 +372,17 @@ class TdxModule:
         return await self._seamcall("TDH.PHYMEM.PAGE.WBINVD", [], lambda: TDX_SUCCESS)
 
     async def guest_accept(self, gfn: int) -> int:
-        """TDG.MEM.PAGE.ACCEPT from the guest: PENDING -> MAPPED (takes the entry exclusively)."""
+        """TDG.MEM.PAGE.ACCEPT from the guest: PENDING -> MAPPED (takes the entry exclusively); the
+        module initializes the page to zeros with the TD's key, so nothing the host left in it
+        survives (TDX module spec, TDG.MEM.PAGE.ACCEPT)."""
 
         def body() -> int:
             leaf = self.sept.get(gfn)
             if leaf is None or leaf.state != SEPT_PENDING:
                 return TDX_EPT_ENTRY_STATE_INCORRECT | TDX_OPERAND_ID_RCX
+            folio = self.vm.kvm.allocator.folio_at(leaf.pfn)
+            if folio is not None and not folio.freed:
+                folio.fill_page(leaf.pfn - folio.pfn, bytes(PAGE_SIZE))
             leaf.state = SEPT_MAPPED
             return TDX_SUCCESS
 
