@@ -33,7 +33,11 @@ async def gmem_only_vm(kvm: Any, vm_type: int, pages: int, flags: int) -> tuple[
     return vm, gmem, mem
 
 
-@asyncvm.scenario(name="gmem_host_write_vs_prefault_vs_punch_hole", params={"pages": 4, "hole": 2})
+@asyncvm.scenario(
+    name="gmem_host_write_vs_prefault_vs_punch_hole",
+    params={"pages": 4, "hole": 2},
+    profiles=("6.18", "7.0", "gmem-inplace-conversion"),  # no GUEST_MEMFD_FLAG_MMAP before 6.18
+)
 async def gmem_host_write_vs_prefault_vs_punch_hole(kvm: Any, pages: int = 4, hole: int = 2) -> None:
     """The VMM writes guest memory through its mapping of an MMAP|INIT_SHARED guest_memfd while a
     vCPU of a default VM pre-faults the guest_memfd-only slot and userspace punches a hole.
@@ -87,12 +91,21 @@ async def gmem_mmap_coco_refuses(kvm: Any, vm: str = "tdx", pages: int = 2) -> N
         raise ValueError(f"gmem_mmap_coco_refuses: vm must be 'tdx' or 'snp', not {vm!r}")
     vm_type = uapi.KVM_X86_TDX_VM if vm == "tdx" else uapi.KVM_X86_SNP_VM
     probe = await kvm.create_vm(vm_type)
-    assert probe.check_extension(uapi.KVM_CAP_GUEST_MEMFD_FLAGS) == kvm.profile.gmem_supported_flags & MMAP
-    try:
-        await probe.create_guest_memfd(size=pages * PAGE_SIZE, flags=MMAP | INIT_SHARED)
-        raise AssertionError("INIT_SHARED accepted on a VM with private memory")
-    except KvmError as e:
-        expect_errno(e, (uapi.EINVAL,), "KVM_CREATE_GUEST_MEMFD(INIT_SHARED) on a confidential VM")
+    flags = probe.check_extension(uapi.KVM_CAP_GUEST_MEMFD_FLAGS)
+    if not flags & MMAP:
+        # before 6.18: no flag at all
+        try:
+            await probe.create_guest_memfd(size=pages * PAGE_SIZE, flags=MMAP)
+            raise AssertionError("GUEST_MEMFD_FLAG_MMAP accepted by a kernel without it")
+        except KvmError as e:
+            expect_errno(e, (uapi.EINVAL,), "KVM_CREATE_GUEST_MEMFD(MMAP) before 6.18")
+        return
+    if not flags & INIT_SHARED:
+        try:
+            await probe.create_guest_memfd(size=pages * PAGE_SIZE, flags=MMAP | INIT_SHARED)
+            raise AssertionError("INIT_SHARED accepted on a VM with private memory")
+        except KvmError as e:
+            expect_errno(e, (uapi.EINVAL,), "KVM_CREATE_GUEST_MEMFD(INIT_SHARED) on a confidential VM")
     the_vm, gmem, mem = await gmem_only_vm(kvm, vm_type, pages, MMAP)
     await the_vm.set_memory_attributes(uapi.MemoryAttributes(0, pages * PAGE_SIZE, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE))
 
