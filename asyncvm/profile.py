@@ -150,7 +150,10 @@ source before the invalidate lock (else mmap_lock and the invalidate lock are ta
 orders). Modeled: per-page shareability, the fault and conversion locking, the refcount check,
 invalidation of both mapping kinds, guest faults following the file (the VM's attribute map of
 bound gfns is kept in step with it). Not modeled: KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES and the
-VM ioctl being withdrawn (vm_memory_attributes=false), huge folios and their splitting.""",
+VM ioctl being withdrawn (vm_memory_attributes=false), huge folios and their splitting. Model gap:
+SNP and TDX post-populate still read their source through the VMM's mm under the invalidate lock
+(7.0 hands them the page pinned before it), so a launch plus a host fault under this profile shows
+the mmap_lock / invalidate_lock cycle the series avoids.""",
         gmem_in_place_conversion=True,
     )
 )
