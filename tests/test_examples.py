@@ -73,3 +73,21 @@ def test_the_launcher_is_clean_without_its_bug(strategy: str) -> None:
 
     report = asyncvm.explore("tdx_launcher", strategy=strategy, runs=400, seed=1)
     assert not report.failures, [f.message for f in report.failures]
+
+
+def test_the_readme_embedding_core_runs_and_measures_its_firmware(tmp_path: Path) -> None:
+    import re
+
+    from asyncvm.scenarios.tdx_launcher import Section, expected_mrtd
+
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    section = readme.split("### Embedding: an async VMM", 1)[1].split("\n### ", 1)[0]
+    found = re.search(r"```python\n(.*?)```", section, re.S)
+    assert found, "no Python block in the README's embedding section"
+    (tmp_path / "launch.py").write_text(found.group(1))
+    proc = subprocess.run([sys.executable, "launch.py"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.split()
+    assert lines[0::2] == ["asyncio", "trio"]
+    firmware = bytes(range(256)) * (64 * 4096 // 256)
+    assert lines[1] == lines[3] == expected_mrtd([Section("fw", 0, firmware)]).hex()
