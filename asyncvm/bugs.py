@@ -112,7 +112,7 @@ BUGS: dict[str, Bug] = {
             "check and the mapping",
             "virt/kvm/guest_memfd.c: kvm_gmem_fault_user_mapping() (in-place conversion series)",
             "gmem_conversion_vs_host_fault",
-            "gmem-inplace-conversion",
+            profile="gmem-inplace-conversion",
         ),
         Bug(
             "gmem_convert_skips_unmap",
@@ -120,7 +120,7 @@ BUGS: dict[str, Bug] = {
             "mappings of the range (and does not check refcounts), leaving the VMM mapping a private page",
             "virt/kvm/guest_memfd.c: __kvm_gmem_set_attributes() (in-place conversion series)",
             "gmem_conversion_vs_host_fault",
-            "gmem-inplace-conversion",
+            profile="gmem-inplace-conversion",
         ),
         Bug(
             "gmem_convert_skips_invalidate_end",
@@ -129,7 +129,7 @@ BUGS: dict[str, Bug] = {
             "fault of the VM retries forever",
             "virt/kvm/guest_memfd.c: __kvm_gmem_set_attributes() (in-place conversion series)",
             "gmem_conversion_vs_host_fault",
-            "gmem-inplace-conversion",
+            profile="gmem-inplace-conversion",
         ),
     ]
 }
