@@ -161,11 +161,19 @@ class Session:
     deterministic as a scenario: the same seed and the same calls give the same choices.
     """
 
-    def __init__(self, seed: int, profile: str, data_probs: dict[str, float], max_steps: int = 2_000_000) -> None:
+    def __init__(
+        self,
+        seed: int,
+        profile: str,
+        data_probs: dict[str, float],
+        max_steps: int = 2_000_000,
+        bugs: tuple[str, ...] = (),
+    ) -> None:
         from .. import check  # noqa: F401 - importing it attaches the oracles
 
         self.seed = seed
         self.profile = profile
+        self.bugs = bugs
         self._requests: queue.SimpleQueue[Callable[[], Awaitable[Any]] | None] = queue.SimpleQueue()
         self._replies: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
         self.kvm: Any = None
@@ -188,7 +196,7 @@ class Session:
         self._replies.put(Outcome(ended=result))
 
     async def _main(self) -> None:
-        self.kvm = make_world(self.profile, ())
+        self.kvm = make_world(self.profile, self.bugs)
         self._replies.put(Outcome())
         while True:
             make = self._requests.get()
@@ -340,6 +348,7 @@ def _machine_class() -> type:
         profiles: tuple[str, ...] = ("6.18",)
         data_probs: dict[str, float] = {}  # noqa: RUF012 - set per run, read only
         budget: int = 0
+        bugs: tuple[str, ...] = ()
 
         def __init__(self) -> None:
             super().__init__()
@@ -444,7 +453,7 @@ def _machine_class() -> type:
             if self.stats.calls >= self.budget:
                 return
             profile = self.profiles[profile_pick % len(self.profiles)]
-            self.session = Session(seed, profile, dict(self.data_probs))
+            self.session = Session(seed, profile, dict(self.data_probs), bugs=self.bugs)
             self.steps.append(f"Session(seed={seed}, profile={profile!r})")
 
         def teardown(self) -> None:
@@ -828,13 +837,17 @@ def _machine_class() -> type:
                 self._do("mm.write", lambda: mm.write(a, b"\xa5" * max(n, 0)), f"{a:#x}, {n}")
 
         # -- the wrong Python type, anywhere -----------------------------------------------------
-        @rule(target_pick=st.integers(0, 15), bad=wrongs, pick=picks)
+        @rule(target_pick=st.integers(0, 24), bad=wrongs, pick=picks)
         def wrong_type(self, target_pick: int, bad: Any, pick: int) -> None:
             if self.done:
                 return
             kvm = self.session.kvm  # type: ignore[union-attr]
             vm, vcpu, gmem = self._pick(self.vms, pick), self._pick(self.vcpus, pick), self._pick(self.gmems, pick)
             mm = kvm.mm
+
+            async def sync(fn: Callable[[], Any]) -> Any:
+                return fn()
+
             calls: list[tuple[str, Callable[[], Awaitable[Any]] | None]] = [
                 ("kvm.create_vm", lambda: kvm.create_vm(bad)),
                 ("vm.create_vcpu", vm and (lambda: vm.create_vcpu(bad))),
@@ -852,6 +865,14 @@ def _machine_class() -> type:
                 ("mm.madvise", lambda: mm.madvise(0, PAGE, bad)),
                 ("mm.read", lambda: mm.read(bad, 8)),
                 ("mm.write", lambda: mm.write(0x7F0000000000, bad if not isinstance(bad, bytes) else 1.5)),
+                ("mm.mmap", lambda: sync(lambda: mm.mmap(bad))),
+                ("kvm.check_extension", lambda: sync(lambda: kvm.check_extension(bad))),
+                ("vm.check_extension", vm and (lambda: sync(lambda: vm.check_extension(bad)))),
+                ("vm.tdx_init_vm", vm and (lambda: vm.tdx_init_vm(bad))),
+                ("vm.snp_launch_finish", vm and (lambda: vm.snp_launch_finish(bad))),
+                ("vcpu.tdx_init_vcpu", vcpu and (lambda: vcpu.tdx_init_vcpu(bad))),
+                ("vcpu.tdx_get_cpuid", vcpu and (lambda: vcpu.tdx_get_cpuid(bad))),
+                ("gmem.set_memory_attributes2", gmem and (lambda: gmem.set_memory_attributes2(bad))),
             ]
             name, make = calls[target_pick % len(calls)]
             if make is None or (bad is None and name in ("vm.tdx_init_vm", "vm.snp_launch_finish")):
@@ -870,6 +891,7 @@ def run_fuzz(
     data_probs: dict[str, float] | None = None,
     machine: type | None = None,
     progress: Callable[[str], None] | None = None,
+    bugs: tuple[str, ...] = (),
 ) -> SoakStats:
     """Run the state machine until `calls` calls were made; Hypothesis examples of
     `steps_per_example` rules each, seeded from `seed`."""
@@ -885,7 +907,7 @@ def run_fuzz(
         cls = type(
             f"UapiSoak{batch}",
             (base,),
-            {"stats": stats, "profiles": tuple(profiles), "data_probs": probs, "budget": calls},
+            {"stats": stats, "profiles": tuple(profiles), "data_probs": probs, "budget": calls, "bugs": bugs},
         )
         hypothesis_seed(seed * 1_000_003 + batch)(cls)
         remaining = calls - stats.calls

@@ -184,6 +184,7 @@ class GuestMemfd:
     async def set_memory_attributes2(self, attrs: uapi.MemoryAttributes2) -> None:
         """KVM_SET_MEMORY_ATTRIBUTES2 on the guest_memfd ([design gmem-inplace-conversion] only):
         convert [offset, offset + size) of the file; on -EAGAIN ``attrs.error_offset`` says where."""
+        uapi.check_struct(attrs, uapi.MemoryAttributes2, "gmem.set_memory_attributes2")
         await kvm_gmem_set_attributes(self, attrs)
 
     def truncate(self, size: int) -> None:

@@ -68,6 +68,15 @@ def test_an_exception_in_a_task_the_model_spawned_is_counted(monkeypatch: pytest
     assert any("injected in kvm_gmem_release" in f.message for f in stats.internal), [f.line() for f in stats.oracle]
 
 
+def test_the_oracles_watch_the_fuzzed_calls() -> None:
+    """Under the design profile that lets a TD pre-fault before FINALIZE (a proposal the TDX oracle
+    exists to reject), a fuzzed sequence that pre-faults a TD being built makes it fire."""
+    stats = soak.run_fuzz(3000, 5, profiles=("prefault-before-finalize",))
+    oracles = [f for f in stats.oracle if f.kind.startswith("oracle")]
+    assert oracles and all("tdx_premapped" in f.message for f in oracles), [f.line() for f in stats.oracle]
+    assert soak.SoakReport(stats, soak.ReplayStats()).failed
+
+
 def test_an_errno_the_spec_does_not_list_is_a_finding(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(soak.ALLOWED, "kvm.create_vm", frozenset())
     stats = soak.run_fuzz(200, 4, profiles=("6.18",))
