@@ -15,7 +15,9 @@ exactly ``runnable[int(f() * len(runnable))]`` for a float source `f` may offer 
 `uniform` attribute: the executor reads that once per execution and makes the same pick inline,
 without a Python call per decision. Every randomized strategy seeds execution `index` from
 ``(seed, index)`` alone, so an execution is a pure function of its index: a campaign finds the same
-failures however its executions are spread over processes.
+failures however its executions are spread over processes. The feedback strategy also learns from
+the earlier executions of its epoch; it rebuilds them itself when asked for an execution out of
+order (see FeedbackStrategy), so the same holds for it.
 """
 
 from __future__ import annotations
