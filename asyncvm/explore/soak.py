@@ -423,8 +423,12 @@ def _machine_class() -> type:
                                 f"{', '.join(sorted(uapi.errno_name(x) for x in ALLOWED[name])) or 'none'}",
                                 _site(e), self._steps())
                     )  # fmt: skip
-            elif type(e).__name__ == "SigBus" and name in ("mm.read", "mm.write"):
+            elif type(e).__name__ == "SigBus" and name in ("mm.read", "mm.write") and not wrong_type:
                 tally[SIGBUS] += 1
+            elif wrong_type:
+                tally[type(e).__name__] += 1
+                message = f"a wrong Python type gave {type(e).__name__}: {e} ({what})"
+                stats.internal.append(Finding("no TypeError", name, message, _site(e), self._steps()))
             else:
                 tally[type(e).__name__] += 1
                 stats.internal.append(Finding(type(e).__name__, name, f"{e} ({what})", _site(e), self._steps()))
