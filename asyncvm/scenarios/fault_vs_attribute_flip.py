@@ -7,10 +7,10 @@ from typing import Any
 import asyncvm
 from asyncvm import uapi
 
-from .common import guest_reads_during_conversion, private_vm
+from .common import guest_reads_during_conversion, pages_param, private_vm
 
 
-@asyncvm.scenario(name="fault_vs_attribute_flip", params={"pages": 4})
+@asyncvm.scenario(name="fault_vs_attribute_flip", params={"pages": pages_param(4, low=2)})
 async def fault_vs_attribute_flip(kvm: Any, pages: int = 4) -> None:
     """KVM_RUN reads every page (as the attributes say) while userspace converts half of them.
 

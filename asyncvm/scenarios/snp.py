@@ -10,13 +10,13 @@ from asyncvm.kvm.vcpu import GuestAccess
 from asyncvm.runtime.failures import Violation
 from asyncvm.uapi import PAGE_SIZE, KvmError
 
-from .common import guest_reads_during_conversion, pre_fault, private_vm, run_guest
+from .common import guest_reads_during_conversion, pages_param, pre_fault, private_vm, run_guest
 
 POLICY = 1 << 17  # the reserved-must-be-one bit
 
 
 # KVM_SEV_SNP_LAUNCH_UPDATE turns a first-page -EINTR into -EIO: signals would only end runs early.
-@asyncvm.scenario(name="snp_launch_update_vs_fallocate", params={"pages": 4}, data={"signal": 0.0})
+@asyncvm.scenario(name="snp_launch_update_vs_fallocate", params={"pages": pages_param(4)}, data={"signal": 0.0})
 async def snp_launch_update_vs_fallocate(kvm: Any, pages: int = 4) -> None:
     """fallocate() of the image's guest_memfd racing KVM_SEV_SNP_LAUNCH_UPDATE of it.
 
@@ -69,7 +69,7 @@ async def _launch_update(vm: Any, src: int, gfn: int, pages: int) -> None:
         await vm.snp_launch_update(update)
 
 
-@asyncvm.scenario(name="snp_launch_update_vs_punch_hole", params={"pages": 4}, data={"signal": 0.0})
+@asyncvm.scenario(name="snp_launch_update_vs_punch_hole", params={"pages": pages_param(4)}, data={"signal": 0.0})
 async def snp_launch_update_vs_punch_hole(kvm: Any, pages: int = 4) -> None:
     """PUNCH_HOLE over part of the image while KVM_SEV_SNP_LAUNCH_UPDATE launches it; then FINISH and
     a guest that reads every page.
@@ -102,7 +102,7 @@ async def snp_launch_update_vs_punch_hole(kvm: Any, pages: int = 4) -> None:
             )
 
 
-@asyncvm.scenario(name="snp_launch_update_vs_prefault", params={"pages": 4}, data={"signal": 0.0})
+@asyncvm.scenario(name="snp_launch_update_vs_prefault", params={"pages": pages_param(4)}, data={"signal": 0.0})
 async def snp_launch_update_vs_prefault(kvm: Any, pages: int = 4) -> None:
     """KVM_PRE_FAULT_MEMORY on a vCPU while LAUNCH_UPDATE builds the image; then FINISH and pre-fault
     again.
@@ -133,7 +133,9 @@ async def snp_launch_update_vs_prefault(kvm: Any, pages: int = 4) -> None:
 
 
 # The launch in the set-up would turn a signal into -EIO (KVM_SEV_SNP_LAUNCH_UPDATE collapses -EINTR).
-@asyncvm.scenario(name="snp_post_launch_faults_vs_conversion", params={"pages": 4}, data={"signal": 0.0})
+@asyncvm.scenario(
+    name="snp_post_launch_faults_vs_conversion", params={"pages": pages_param(4, low=2)}, data={"signal": 0.0}
+)
 async def snp_post_launch_faults_vs_conversion(kvm: Any, pages: int = 4) -> None:
     """After LAUNCH_FINISH a vCPU faults every page in (as its attributes say) while userspace converts
     half of them, launched page included, to shared.

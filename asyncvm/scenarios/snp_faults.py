@@ -7,13 +7,13 @@ from typing import Any
 import asyncvm
 from asyncvm import uapi
 
-from .common import guest_reads_during_conversion, private_vm
+from .common import guest_reads_during_conversion, pages_param, private_vm
 from .snp import POLICY
 
 
 @asyncvm.scenario(
     name="snp_post_launch_faults",
-    params={"pages": 4},
+    params={"pages": pages_param(4, low=2)},
     # RMPUPDATE failing (a hardware/firmware error) exercises sev_gmem_prepare()'s error path;
     # signals would only stop LAUNCH_UPDATE through its -EIO, which is not what is hunted here.
     data={"rmpupdate_error": 0.25, "signal": 0.0},

@@ -10,7 +10,7 @@ from asyncvm.kvm.vcpu import GuestAccess
 from asyncvm.runtime.failures import Violation
 from asyncvm.uapi import PAGE_SIZE, KvmError
 
-from .common import pre_fault, private_vm, run_guest
+from .common import pages_param, pre_fault, private_vm, run_guest, vcpus_param
 
 
 async def build_td(kvm: Any, pages: int, vcpus: int) -> tuple[Any, Any, list[Any], int]:
@@ -52,7 +52,7 @@ async def finalize(vm: Any) -> None:
                 raise
 
 
-@asyncvm.scenario(name="tdx_init_mem_region_parallel", params={"vcpus": 3, "pages": 6})
+@asyncvm.scenario(name="tdx_init_mem_region_parallel", params={"vcpus": vcpus_param(3), "pages": pages_param(6)})
 async def tdx_init_mem_region_parallel(kvm: Any, vcpus: int = 3, pages: int = 6) -> None:
     """Each vCPU issues KVM_TDX_INIT_MEM_REGION for its own part of the image at the same time.
 
@@ -60,6 +60,8 @@ async def tdx_init_mem_region_parallel(kvm: Any, vcpus: int = 3, pages: int = 6)
     into BUSY/KVM_BUG, S-EPT non-leaf races (SEPT.ADD under FROZEN_SPTE), nr_premapped drift.
     Watched by kvm_bug, mirror/S-EPT coherence, MR.EXTEND-once, PAGE.ADD-once and nr_premapped.
     """
+    if pages < vcpus:  # (a set-up error: a usage error, not a finding)
+        raise ValueError(f"pages={pages} must be at least vcpus={vcpus}: each vCPU populates its own part")
     vm, _gmem, cpus, src = await build_td(kvm, pages, vcpus)
     per = max(1, pages // vcpus)
 
@@ -75,7 +77,7 @@ async def tdx_init_mem_region_parallel(kvm: Any, vcpus: int = 3, pages: int = 6)
     await finalize(vm)
 
 
-@asyncvm.scenario(name="tdx_init_mem_region_vs_punch_hole", params={"pages": 4})
+@asyncvm.scenario(name="tdx_init_mem_region_vs_punch_hole", params={"pages": pages_param(4)})
 async def tdx_init_mem_region_vs_punch_hole(kvm: Any, pages: int = 4) -> None:
     """INIT_MEM_REGION races a PUNCH_HOLE over the same pages of the image.
 
@@ -94,7 +96,7 @@ async def tdx_init_mem_region_vs_punch_hole(kvm: Any, pages: int = 4) -> None:
     await finalize(vm)
 
 
-@asyncvm.scenario(name="tdx_prefault_before_finalize", params={"pages": 4})
+@asyncvm.scenario(name="tdx_prefault_before_finalize", params={"pages": pages_param(4)})
 async def tdx_prefault_before_finalize(kvm: Any, pages: int = 4) -> None:
     """KVM_PRE_FAULT_MEMORY on one vCPU while another builds the image, then FINALIZE.
 
@@ -122,7 +124,7 @@ async def tdx_prefault_before_finalize(kvm: Any, pages: int = 4) -> None:
     await finalize(vm)
 
 
-@asyncvm.scenario(name="tdx_post_finalize_faults_vs_punch_hole", params={"pages": 4})
+@asyncvm.scenario(name="tdx_post_finalize_faults_vs_punch_hole", params={"pages": pages_param(4)})
 async def tdx_post_finalize_faults_vs_punch_hole(kvm: Any, pages: int = 4) -> None:
     """After FINALIZE, a vCPU faults private pages in (PAGE.AUG) while userspace punches them out.
 
