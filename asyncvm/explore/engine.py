@@ -211,8 +211,14 @@ def resolve(scenario: ScenarioFn | str) -> ScenarioFn:
 
 
 def _program_for(schedule: Schedule, scenario: ScenarioFn | str) -> Program:
+    fn = resolve(scenario)
+    try:
+        # Not even force=True runs a scenario with a parameter it does not take, or out of range.
+        scenario_params(fn, schedule.params)
+    except ValueError as e:
+        raise ScheduleError(f"schedule for {schedule.scenario}: {e}") from None
     return Program(
-        resolve(scenario),
+        fn,
         dict(schedule.params),
         schedule.profile,
         tuple(schedule.bugs),

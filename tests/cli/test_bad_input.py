@@ -224,3 +224,12 @@ def test_bad_suite_file_is_one_line(text: str, needle: str, tmp_path: Path) -> N
     proc = run_cli("stress", "--suite", "bad.toml", "--out", "logs", cwd=tmp_path)
     assert_one_line_error(proc, "bad.toml", needle)
     assert not (tmp_path / "logs").exists()
+
+
+def test_api_replay_force_with_an_undeclared_parameter_is_a_schedule_error(good_schedule: Path) -> None:
+    import asyncvm
+
+    schedule = asyncvm.Schedule.load(good_schedule)
+    schedule.params["bogus"] = 1
+    with pytest.raises(asyncvm.ScheduleError, match="bogus"):
+        asyncvm.replay(schedule, SCENARIO, force=True)
