@@ -80,14 +80,16 @@ def _annotation(p: Param) -> Any:
     return Any
 
 
-_MODELS: dict[tuple[tuple[str, Param], ...], type[BaseModel]] = {}
+#: one model per distinct set of declarations (keyed by their repr: a default may be a list)
+_MODELS: dict[str, type[BaseModel]] = {}
 
 
 def _model(declared: Mapping[str, Any]) -> type[BaseModel]:
-    key = tuple(sorted((k, declare(v)) for k, v in declared.items()))
+    decls = sorted((k, declare(v)) for k, v in declared.items())
+    key = repr(decls)
     model = _MODELS.get(key)
     if model is None:
-        fields: dict[str, Any] = {k: (_annotation(p), p.default) for k, p in key}
+        fields: dict[str, Any] = {k: (_annotation(p), p.default) for k, p in decls}
         model = create_model("ScenarioParams", __config__=ConfigDict(extra="forbid", allow_inf_nan=False), **fields)
         _MODELS[key] = model
     return model
