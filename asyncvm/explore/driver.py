@@ -15,6 +15,7 @@ execution reports the lockdep edges it added, and the campaign graph takes them 
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
@@ -320,6 +321,8 @@ def explore(
     from ..bugs import check_bug_names
 
     check_bug_names(bugs)
+    if time_budget is not None and not (math.isfinite(time_budget) and time_budget > 0):
+        raise ValueError(f"time_budget must be a positive, finite number of seconds, not {time_budget!r}")
     fn = None if isinstance(scenario, str) else scenario
     spec = CampaignSpec(
         scenario=scenario if isinstance(scenario, str) else scenario_name(scenario),
