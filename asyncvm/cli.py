@@ -692,7 +692,11 @@ def bugs() -> None:
 
 @app.command()
 def profiles() -> None:
-    """List the profiles: kernel versions and design profiles (proposals argued on the lists)."""
+    """List the kernel and design profiles, one line each.
+
+    A design profile is a proposal argued on the mailing lists, merged or not; its description in
+    asyncvm/profile.py says what was proposed and what the model changes.
+    """
     from .profile import PROFILES
 
     width = max(len(name) for name in PROFILES)
@@ -731,7 +735,9 @@ def compare(
         typer.Option("--module", "-m", metavar="MODULE", help="Import scenarios from a module (a name or a .py file)."),
     ] = None,
 ) -> None:
-    """Run SCENARIO under each profile with the same seeds and budget; print one table.
+    """Compare profiles on a scenario: one campaign each, one table.
+
+    Each profile gets one campaign of SCENARIO with the same seeds and budget.
 
     Exit 0 when every profile ran (failures are the comparison's result, not an error), 2 on bad
     input. Each profile's campaign folder keeps replayable schedules of its signatures.

@@ -35,6 +35,14 @@ BUNDLED = {
     "tdx_init_mem_region_vs_punch_hole",
     "tdx_post_finalize_faults_vs_punch_hole",
     "tdx_prefault_before_finalize",
+    # issue 15: the TDX state-ioctl races 7.0 fixed, and the design-question scenarios
+    "tdx_init_mem_region_vs_init_vcpu",
+    "tdx_init_vcpu_vs_punch_hole",
+    "tdx_init_mem_region_threads",
+    "tdx_prefault_then_finalize",
+    "prefault_loop_vs_punch_hole",
+    "populate_sequences",
+    "gmem_write_before_bind",
 }
 THIRD_PARTY = '''
 import asyncvm
