@@ -906,7 +906,7 @@ def run_fuzz(
     stats = SoakStats(progress=progress)
     base = machine or _machine_class()
     probs = {"signal": 0.02, "fatal_signal": 0.002, "alloc_fail": 0.002, **(data_probs or {})}
-    batch = 0
+    batch = idle = 0
     while stats.calls < calls:
         cls = type(
             f"UapiSoak{batch}",
@@ -916,7 +916,8 @@ def run_fuzz(
         hypothesis_seed(seed * 1_000_003 + batch)(cls)
         remaining = calls - stats.calls
         config = settings(
-            max_examples=max(1, min(1000, remaining // max(1, steps_per_example // 2) + 1)),
+            # at least a few: the first example Hypothesis tries can be the empty one
+            max_examples=max(10, min(1000, remaining // max(1, steps_per_example // 2) + 1)),
             stateful_step_count=steps_per_example,
             deadline=None,
             database=None,
@@ -928,7 +929,8 @@ def run_fuzz(
         before = stats.calls
         run_state_machine_as_test(cls, settings=config)
         batch += 1
-        if stats.calls == before:  # pragma: no cover - nothing ran: do not spin
+        idle = idle + 1 if stats.calls == before else 0
+        if idle >= 3:  # pragma: no cover - the machine makes no calls any more: do not spin
             break
     return stats
 
