@@ -349,3 +349,18 @@ def test_resume_imports_a_module_only_when_the_user_names_it(tmp_path: Path) -> 
     proc = run_cli("stress", "--resume", folder, "--runs", "60", "--module", "user_mod.py", cwd=tmp_path)
     assert proc.returncode == 0, explain(proc)
     assert json.loads((folder / "summary.json").read_text())["runs"] == 60
+
+
+def test_a_resealed_ledger_record_outside_the_chunk_grid_is_refused(clean_campaign: Campaign, tmp_path: Path) -> None:
+    """Even with its checksum recomputed, a chunk larger than the campaign's chunks is refused."""
+    from asyncvm.explore.files import seal
+
+    folder = _copy(clean_campaign, tmp_path)
+    lines = (folder / "ledger.jsonl").read_text().splitlines()
+    n = next(i for i, line in enumerate(lines) if json.loads(line)["type"] == "chunk")
+    record = {k: v for k, v in json.loads(lines[n]).items() if k != "sum"}
+    record["chunk"]["count"] = 10**9
+    lines[n] = json.dumps(seal(record), separators=(",", ":"))
+    (folder / "ledger.jsonl").write_text("\n".join(lines) + "\n")
+    proc = run_cli("stress", "--resume", folder, "--runs", "200", cwd=tmp_path)
+    assert_one_line_error(proc, f"line {n + 1}", "chunk")
