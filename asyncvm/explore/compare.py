@@ -55,6 +55,7 @@ class Row:
         return list(self.fired)
 
     def to_json(self) -> dict[str, Any]:
+        """The row as `--format json` prints it: exactly the documented keys."""
         return {
             "profile": self.profile,
             "runs": self.runs,
@@ -63,6 +64,12 @@ class Row:
             "first_failure_run": self.first_failure_run,
             "first_failure_s": None if self.first_failure_s is None else round(self.first_failure_s, 3),
             "artifacts": dict(self.artifacts),
+        }
+
+    def to_record(self) -> dict[str, Any]:
+        """The row as ``compare.json`` keeps it: the printed keys and what fired, what is known, where."""
+        return {
+            **self.to_json(),
             "kind": self.kind,
             "fired": dict(self.fired),
             "known": dict(self.known),
@@ -151,7 +158,7 @@ def compare(
         "runs": runs,
         "time": time_budget,
         "bugs": list(bugs),
-        "profiles": [r.to_json() for r in rows],
+        "profiles": [r.to_record() for r in rows],
     }
     write_atomic(folder / "compare.json", json.dumps(summary, indent=1))
     return rows, folder

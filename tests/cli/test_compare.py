@@ -35,7 +35,7 @@ def test_compare_json_6_18_fails_7_0_clean(kernel_rows: tuple[Path, list[dict[st
     assert [r["profile"] for r in rows] == ["6.18", "7.0"]
     old, new = rows
     for r in rows:
-        assert KEYS <= set(r), r
+        assert set(r) == KEYS, r
         assert r["runs"] == 150
     # 6.18: TDH.VP.INIT outside mmu_lock meets the zap's RANGE.BLOCK (or VP.CREATE/INIT loses) BUSY
     assert old["failures"] > 0 and old["signatures"], old
@@ -184,3 +184,14 @@ def test_compare_suite_kind_runs(tmp_path: Path) -> None:
     proc = run_cli("stress", "--suite", path, "--jobs", "1", "--out", "logs", cwd=tmp_path)
     assert proc.returncode == 0, explain(proc)
     assert "2/2 campaigns as expected" in proc.stdout, explain(proc)
+
+
+def test_compare_folder_records_known_kernel_behaviour(kernel_rows: tuple[Path, list[dict[str, Any]]]) -> None:
+    """A bug real in a profile is reported as such, with the kernel change that fixed it."""
+    cwd, _rows = kernel_rows
+    (record,) = [json.loads(p.read_text()) for p in (cwd / "logs").glob("compare-*/compare.json")]
+    assert record["scenario"] == TDX_RACE and record["seed"] == 3
+    old, new = record["profiles"]
+    assert old["known"] and set(old["known"]) == set(old["signatures"])
+    assert all("Take MMU lock around tdh_vp_init()" in text for text in old["known"].values())
+    assert new["known"] == {} and new["fired"] == {}
