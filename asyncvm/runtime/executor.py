@@ -431,7 +431,8 @@ class Executor:
             # Nobody is left to write what the spinners wait for: they re-check on their own now,
             # as a spin loop does. Rounds of this with nothing written and nobody else running are
             # a hang: Linux reports the task as hung until a signal (or nothing) ends the loop.
-            key = tuple((t.tid, t.pending[1]) for t in spinners)
+            # Virtual time moving on is progress too (a retry that gives up after a timeout).
+            key = (self.clock.now, *((t.tid, t.pending[1]) for t in spinners))
             if key == self._stuck_key and self._only_stuck_ran():
                 self._stuck_rounds += 1
             else:
