@@ -62,8 +62,7 @@ def current() -> LiveTask:
 
 async def checkpoint() -> None:
     # Other tasks may run here, but a cancellation waits for the system call to return.
-    with anyio.CancelScope(shield=True):
-        await anyio.lowlevel.checkpoint()
+    await anyio.lowlevel.cancel_shielded_checkpoint()
 
 
 async def wait(obj: Any, arg: Any) -> None:
@@ -73,8 +72,10 @@ async def wait(obj: Any, arg: Any) -> None:
         return
     # Lock and completion waits are uninterruptible (mutex_lock, down_write, wait_for_completion):
     # nothing is held half-way, so nothing can be left half-done.
+    await anyio.lowlevel.cancel_shielded_checkpoint()
+    if obj._ready(t, arg):
+        return
     with anyio.CancelScope(shield=True):
-        await anyio.lowlevel.checkpoint()
         while not obj._ready(t, arg):
             event = obj._live_event
             if event is None:
