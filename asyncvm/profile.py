@@ -169,9 +169,10 @@ arch hook maps one range per call with no retry loop of its own, so RET_PF_RETRY
 in flight, a frozen SPTE) goes back to userspace as -EAGAIN and RET_PF_EMULATE (no memslot, MMIO)
 as -EINVAL; the generic loop stops at the first error and returns it even after progress (the
 struct says how far it got). The merged ioctl retries internally (only a signal ends it) and
-reports any progress as success. Modeled: the -EAGAIN/-EINVAL mapping and the error-after-progress
-return. Not modeled: the struct's own field names, the padding, the v2 patch that mapped L1 GPAs
-in guest mode (dropped), a mapping larger than asked moving the struct past the range.""",
+reports any progress as success. Modeled: the -EAGAIN/-EINVAL mapping, the error-after-progress
+return, and the struct moved to the end of the mapping made (a huge page larger than the request
+wraps the __u64 size and the call maps on past it; a reviewer asked for a min()). Not modeled: the
+struct's own field names, the padding, the v2 patch that mapped L1 GPAs in guest mode (dropped).""",
         map_memory_v2=True,
     )
 )

@@ -349,3 +349,30 @@ def test_what_tdx_and_snp_make_of_pre_binding_data(vm: str, kinds: list[str]) ->
     assert all(f.known for f in design.failures)
     for profile in ("6.18", "gmem-unbound-state"):
         assert asyncvm.explore("gmem_write_before_bind", runs=5, seed=0, profile=profile, params=params).ok
+
+
+@pytest.mark.parametrize("profile", ["6.18", "map-memory-v2"])
+def test_map_memory_v2_mapping_larger_than_asked(profile: str) -> None:
+    """A 4 KiB request served by a 2 MiB mapping: the merged ioctl counts min(size, mapped); the RFC
+    v2 subtracted the whole mapping, wrapping the __u64 size and mapping on past the request (here
+    into a GPA with no memslot: -EINVAL, after progress)."""
+    seen: dict[str, Any] = {}
+    huge = 2 << 20
+
+    async def body(kvm: asyncvm.Kvm) -> None:
+        vm, _hva = await shared_vm(kvm, huge // PAGE, page_size=huge)
+        vcpu = await vm.create_vcpu(0)
+        r = uapi.PreFaultMemory(0, PAGE)
+        try:
+            await vcpu.pre_fault_memory(r)
+            seen["errno"] = 0
+        except KvmError as e:
+            seen["errno"] = e.errno
+        seen["gpa"], seen["size"] = r.gpa, r.size
+
+    run_once(body, profile=profile)
+    if profile == "6.18":
+        assert seen == {"errno": 0, "gpa": PAGE, "size": 0}
+    else:
+        assert seen["errno"] == uapi.EINVAL
+        assert seen["gpa"] == huge and seen["size"] == (PAGE - huge) & uapi.U64_MAX
