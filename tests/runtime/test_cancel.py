@@ -330,3 +330,55 @@ def test_every_ioctl_cancelled_at_every_checkpoint_leaves_a_coherent_vm(backend:
 
     total, cancelled, _completed = anyio.run(main, backend=backend)
     assert cancelled == total
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_prefault_spinning_on_an_open_invalidation_leaves_at_its_signal_check(backend: str) -> None:
+    """RET_PF_RETRY while an invalidation is in progress: the spinner waits for a write, and a
+    cancellation ends that wait so the loop's signal_pending() check sees it (-EINTR)."""
+    from asyncvm.kvm.invalidate import kvm_mmu_invalidate_begin, kvm_mmu_invalidate_end, kvm_mmu_invalidate_range_add
+
+    async def end_invalidation(vm: Any) -> None:
+        await vm.mmu_lock.write_lock()
+        kvm_mmu_invalidate_end(vm)
+        await vm.mmu_lock.write_unlock()
+
+    async def main() -> None:
+        vm, _gmem, cpus = await _vm()
+        await vm.mmu_lock.write_lock()
+        kvm_mmu_invalidate_begin(vm)
+        kvm_mmu_invalidate_range_add(vm, 0, PAGES)
+        await vm.mmu_lock.write_unlock()
+        r = uapi.PreFaultMemory(0, PAGES * PAGE)
+        scope = anyio.CancelScope()
+        outcome: list[str] = []
+
+        async def prefault() -> None:
+            with scope:
+                await cpus[0].pre_fault_memory(r)
+                outcome.append("returned")
+            if scope.cancelled_caught:
+                outcome.append("cancelled")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(prefault)
+            for _ in range(50):  # it reaches the retry loop and waits there for a write
+                await anyio.lowlevel.checkpoint()
+            assert not outcome and vm.mmu_invalidate_in_progress == 1
+            scope.cancel()
+            for _ in range(200):
+                if outcome:
+                    break
+                await anyio.lowlevel.checkpoint()
+            stuck = not outcome
+            if stuck:
+                await end_invalidation(vm)  # release the spinner so the test can end, then fail
+        assert not stuck, "the cancelled spinner kept waiting for the invalidation to end"
+        assert outcome == ["cancelled"]
+        assert (r.gpa, r.size) == (0, PAGES * PAGE)  # -EINTR before the first page was mapped
+        assert not cpus[0].mutex.is_locked()
+        await end_invalidation(vm)
+        await _prefault_all(cpus[0])
+        _assert_coherent(vm, cpus)
+
+    anyio.run(main, backend=backend)
