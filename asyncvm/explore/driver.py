@@ -320,6 +320,8 @@ def explore(
     """
     from ..bugs import check_bug_names
 
+    if isinstance(bugs, str):  # its letters would be taken as bug names
+        raise ValueError(f"bugs must be a list of bug names, not the string {bugs!r}")
     check_bug_names(bugs)
     if time_budget is not None and not (math.isfinite(time_budget) and time_budget > 0):
         raise ValueError(f"time_budget must be a positive, finite number of seconds, not {time_budget!r}")
