@@ -257,7 +257,22 @@ def _ioctls() -> dict[str, Setup]:
         await cpus[0].tdx_init_mem_region(uapi.TdxInitMemRegion(src, 0, 1), uapi.KVM_TDX_MEASURE_MEMORY_REGION)
         return vm, cpus, vm.tdx_finalize_vm
 
+    async def snp_launch_update() -> Any:
+        vm, _gmem, cpus = await _vm(uapi.KVM_X86_SNP_VM)
+        await vm.snp_launch_start(uapi.SevSnpLaunchStart(policy=1 << 17))
+        src = await vm.kvm.mm.mmap(4 * PAGE)
+        await vm.kvm.mm.write(src, b"\x5a" * (4 * PAGE))
+        update = uapi.SevSnpLaunchUpdate(0, src, 4 * PAGE, uapi.KVM_SEV_SNP_PAGE_TYPE_NORMAL)
+        return vm, cpus, lambda: vm.snp_launch_update(update)
+
+    async def snp_launch_finish() -> Any:
+        vm, _gmem, cpus = await _vm(uapi.KVM_X86_SNP_VM)
+        await vm.snp_launch_start(uapi.SevSnpLaunchStart(policy=1 << 17))
+        return vm, cpus, vm.snp_launch_finish
+
     return {
+        "snp_launch_update": snp_launch_update,
+        "snp_launch_finish": snp_launch_finish,
         "pre_fault_memory": pre_fault,
         "fallocate_punch_hole": punch_hole,
         "fallocate_allocate": allocate,
