@@ -95,8 +95,24 @@ def parse_json(text: str, origin: str) -> Any:
     return data
 
 
+def _any_non_finite(data: Any) -> bool:
+    stack = [data]
+    while stack:
+        value = stack.pop()
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else (value,)
+        for v in items:
+            if type(v) is float:
+                if not math.isfinite(v):
+                    return True
+            elif isinstance(v, (dict, list)):
+                stack.append(v)
+    return False
+
+
 def non_finite(data: Any, path: str = "") -> str | None:
     """The dotted path of the first non-finite number in `data` (``""`` for `data` itself), or None."""
+    if not _any_non_finite(data):  # the common case, without building a path per value
+        return None
     stack: list[tuple[str, Any]] = [(path, data)]
     while stack:
         where, value = stack.pop()

@@ -153,7 +153,7 @@ class Schedule:
         return write_atomic(Path(path), self.dumps() + "\n")
 
     @classmethod
-    def from_json(cls, data: Any, origin: str = "schedule") -> Schedule:
+    def from_json(cls, data: Any, origin: str = "schedule", *, parsed: bool = False) -> Schedule:
         """A schedule from parsed JSON, validated against `files.ScheduleModel` (one-line errors)."""
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ScheduleError(f"{origin}: not an asyncvm schedule file")
@@ -162,7 +162,7 @@ class Schedule:
                 f"{origin}: schedule format version {data.get('version')!r} is not supported "
                 f"(this asyncvm reads version {FORMAT_VERSION})"
             )
-        where = non_finite(data)
+        where = None if parsed else non_finite(data)  # (parse_json checked a file's numbers already)
         if where is not None:
             raise ScheduleError(f"{origin}: malformed schedule: {where}: not a finite number")
         try:
@@ -199,7 +199,7 @@ class Schedule:
             data = parse_json(read_text(p, MAX_SCHEDULE_BYTES), str(p))
         except FileError as e:
             raise ScheduleError(str(e)) from None
-        return cls.from_json(data, str(p))
+        return cls.from_json(data, str(p), parsed=True)
 
 
 def _encode(choices: list[Choice]) -> list[Any]:
