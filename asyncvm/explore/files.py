@@ -406,6 +406,8 @@ def read_ledger(path: Path) -> list[dict[str, Any]]:
         data = parse_json(line, where)
         if not isinstance(data, dict):
             raise FileError(f"{where}: not a ledger record")
+        if "sum" not in data:
+            raise FileError(f"{where}: a ledger record without its checksum (edited, or not written by this asyncvm)")
         if data.get("sum") != checksum(data):
             raise FileError(
                 f"{where}: checksum mismatch: the record was edited or damaged (asyncvm refuses to resume from it)"
