@@ -39,7 +39,7 @@ KNOWN_6_18_PUNCH = Known(
     "TDH.VP.INIT (the TDR exclusively) ran outside mmu_lock, so the zap's TDH.MEM.RANGE.BLOCK or "
     "PAGE.REMOVE under mmu_lock met it BUSY (or VP.CREATE/INIT lost to them): KVM_BUG_ON",
     'arch/x86/kvm/vmx/tdx.c: tdx_td_vcpu_init(); fixed by "KVM: TDX: Take MMU lock around tdh_vp_init()" '
-    'and the all-locks guard (6.19)',
+    "and the all-locks guard (6.19)",
 )
 
 
