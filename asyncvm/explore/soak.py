@@ -80,7 +80,7 @@ ALLOWED: Final[dict[str, frozenset[int]]] = {
         # on a kernel without in-place conversion
         "gmem.set_memory_attributes2": {_E.ENOTTY, _E.EBADF, _E.EINVAL, _E.EAGAIN, _E.ENOMEM, _E.EINTR},
         # kvm-core.md 1.1/1.2 (api.rst 4.143), plus the fault's own errnos (1.5): -EFAULT,
-        # -EHWPOISON, -ENOMEM, -EAGAIN ([6.10]: an INVALID slot)
+        # -EHWPOISON, -ENOMEM, -EAGAIN ([~6.18]: the slot is being deleted or moved, kvm-core.md 1.8)
         "vcpu.pre_fault_memory": {
             _E.EINVAL,
             _E.ENOENT,
