@@ -100,7 +100,10 @@ def write_failure_program(found: FoundFailure, target: Path, corpus: Path | None
     except (ToolError, UnknownScenario, ScheduleError):
         if schedule is found.schedule:
             return None
-        path, sched = write_program(found.schedule, target)
+        try:
+            path, sched = write_program(found.schedule, target)
+        except (ToolError, UnknownScenario, ScheduleError):
+            return None
     if corpus is not None:
         corpus.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, corpus / path.name)

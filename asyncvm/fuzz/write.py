@@ -72,7 +72,11 @@ def program_text(program: Program, *, title: str, signature: str, profile: str, 
         schedule=f"{file.removesuffix('.py')}.schedule.json",
         file=file,
     )
-    return f"{header}\n{body}\n\n@asyncvm.scenario(name={name!r})\n{program.source(name)}"
+    # the fuzz scenario's data odds (how often the firmware refuses an RMPUPDATE...) go along:
+    # the same draws must be made for the schedule to fit
+    data = dict(fuzz.scenario_data)  # type: ignore[attr-defined]
+    decorator = f"@asyncvm.scenario(name={name!r}" + (f", data={data!r})" if data else ")")
+    return f"{header}\n{body}\n\n{decorator}\n{program.source(name)}"
 
 
 def strip_program(schedule: Schedule, program: Program) -> list[Any]:

@@ -171,3 +171,21 @@ def test_the_fuzz_command_writes_programs_and_keeps_a_corpus(tmp_path: Path) -> 
 def test_bad_fuzz_input_is_one_line(args: tuple[str, ...], message: str, tmp_path: Path) -> None:
     proc = run_cli("fuzz", *args, cwd=tmp_path, env=cli_env())
     assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.splitlines()) == 1, explain(proc)
+
+
+def test_a_written_program_keeps_the_fuzz_data_odds(tmp_path: Path) -> None:
+    """The fuzz scenario draws RMPUPDATE failures; the written file must make the same draws."""
+    from asyncvm.explore.schedule import Schedule
+
+    program = Program(fuzz, {"vm_type": "snp"})
+    for index in range(200):
+        strategy = RandomStrategy(5)
+        strategy.new_execution(index)
+        result = program.run(strategy, record=True)
+        if any(e[2] == "draw" and e[3] == "rmpupdate_error" for e in result.trace or []):
+            break
+    else:
+        pytest.fail("no SNP program drew an RMPUPDATE failure")
+    schedule = Schedule.from_execution(program, result, strategy={"name": "random"}, seed=5, execution=index)
+    path, written = write_program(schedule, tmp_path)
+    assert written is not None and "rmpupdate_error" in path.read_text()
