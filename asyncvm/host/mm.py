@@ -182,11 +182,9 @@ class Mm:
         return UserAddr(start * PAGE_SIZE)
 
     async def _unlink_file_vmas(self, vmas: list[Vma]) -> None:
-        """remove_vma(): a file VMA with no page left in the address space drops its file reference
-        (fput as task work: after mmap_lock is released, on the way back to userspace)."""
+        """remove_vma(): each file VMA munmap detached drops its file reference (fput as task
+        work: after mmap_lock is released, on the way back to userspace)."""
         for vma in vmas:
-            if any(v is vma for _s, _e, v in self.vmas.overlaps(vma.start, vma.end)):
-                continue  # munmap split it and part of it is still mapped
             vma.file.i_mmap.remove((self, vma))
             await vma.file.fput(returning_to_user=True)
 
@@ -207,6 +205,10 @@ class Mm:
             await self._zap(start, end)
             files = list({id(v): v for _s, _e, v in self.vmas.overlaps(start, end) if v.file is not None}.values())
             self.vmas.clear(start, end)
+            # mm/vma.c: a VMA is detached (and later freed, remove_vma()) by the one munmap that
+            # unmaps its last page, decided under mmap_lock: a concurrent munmap of the rest of
+            # a split VMA must not free it too.
+            files = [vma for vma in files if not any(v is vma for _s, _e, v in self.vmas.overlaps(vma.start, vma.end))]
         finally:
             await self.mmap_lock.up_write()
         if files:

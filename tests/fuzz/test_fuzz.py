@@ -189,3 +189,55 @@ def test_a_written_program_keeps_the_fuzz_data_odds(tmp_path: Path) -> None:
     schedule = Schedule.from_execution(program, result, strategy={"name": "random"}, seed=5, execution=index)
     path, written = write_program(schedule, tmp_path)
     assert written is not None and "rmpupdate_error" in path.read_text()
+
+
+def test_munmaps_of_parts_of_one_file_mapping_detach_it_once() -> None:
+    """Found by fuzz (gmem kind): munmaps of the parts of one guest_memfd mapping each took the
+    VMA as theirs to free once mmap_lock was dropped (ValueError in the model, PCT run 10 of this
+    campaign). Which munmap detaches the VMA is decided under mmap_lock (mm/vma.c)."""
+    report = asyncvm.explore(_munmaps_of_parts, strategy="pct", runs=500, seed=0)
+    assert report.runs == 500 and not report.failures, [str(f) for f in report.failures]
+
+
+async def _munmaps_of_parts(kvm: asyncvm.Kvm) -> None:
+    from asyncvm.fuzz import prelude as p
+
+    vm = await kvm.create_vm(asyncvm.uapi.KVM_X86_DEFAULT_VM)
+    g0 = await vm.create_guest_memfd(size=8 * p.PAGE, flags=p.MMAP_SHARED)
+    h0 = await kvm.mm.mmap(8 * p.PAGE, fd=g0, shared=True)
+    await p.set_slot(vm, 0, 0, 8, h0, g0)
+
+    async def low() -> None:
+        await p.munmap(kvm, h0, 0, 3)
+        await p.munmap(kvm, h0, 3, 1)
+
+    async with asyncvm.TaskGroup() as tg:
+        tg.spawn(p.munmap, kvm, h0, 4, 4, name="munmap_high")
+        tg.spawn(low, name="munmap_low")
+        tg.spawn(p.call, p.host_read(kvm, h0, 4, 1), name="host_read")
+
+
+def test_a_private_install_during_a_host_invalidation_is_not_stale() -> None:
+    """Found by fuzz (TDX, 7.0 profile): KVM_TDX_INIT_MEM_REGION maps the private page (6.19:
+    kvm_tdp_mmu_map_private_pfn(), no sequence check) while MADV_DONTNEED of the slot's shared
+    backing is invalidating the same gfn; that invalidation is of shared mappings only."""
+    report = asyncvm.explore(_populate_vs_madvise, strategy="pct", runs=1500, seed=0, profile="7.0")
+    assert report.runs == 1500 and not report.failures, [str(f) for f in report.failures]
+
+
+async def _populate_vs_madvise(kvm: asyncvm.Kvm) -> None:
+    from asyncvm.fuzz import prelude as p
+
+    vm = await kvm.create_vm(asyncvm.uapi.KVM_X86_TDX_VM)
+    await vm.tdx_init_vm()
+    g0 = await vm.create_guest_memfd(size=2 * p.PAGE)
+    h0 = await kvm.mm.mmap(2 * p.PAGE)
+    await p.set_slot(vm, 0, 0, 2, h0, g0)
+    await p.set_attributes(vm, 0, 2, private=True)
+    v0 = await vm.create_vcpu(0)
+    src = await p.image(kvm, 2)
+    await p.init_vcpu(v0)
+    async with asyncvm.TaskGroup() as tg:
+        tg.spawn(p.call, p.init_mem_region(v0, src, 0, 1), name="init_mem_region")
+        tg.spawn(p.call, p.madvise_dontneed(kvm, h0, 0, 1), name="madvise")
+        tg.spawn(p.call, p.allocate(g0, 0, 2), name="allocate")
