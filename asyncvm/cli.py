@@ -626,7 +626,7 @@ def fuzz(
     shrink: Annotated[bool, typer.Option("--shrink/--no-shrink", help="Shrink each failure.")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Generate concurrent ioctl programs and explore their schedules (asyncvm/fuzz).
+    """Explore generated concurrent ioctl programs (asyncvm/fuzz).
 
     Each failure's folder gets the program as a standalone Python file with its schedule;
     `asyncvm stress FILE.py` hunts that program again. The corpus is replayed first.
