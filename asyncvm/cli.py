@@ -618,13 +618,15 @@ def fuzz(
     dask: Annotated[str | None, typer.Option(metavar="ADDRESS", help="A Dask scheduler to run on.")] = None,
     strategy: Annotated[str, typer.Option(metavar="NAME", help="The schedule strategy.")] = "pct",
     seed: Annotated[int, typer.Option(metavar="N", help="Campaign seed.")] = 0,
-    stop_on_first_failure: Annotated[bool, typer.Option("--stop-on-first-failure")] = False,
+    stop_on_first_failure: Annotated[
+        bool, typer.Option("--stop-on-first-failure", help="Stop at the first failing program.")
+    ] = False,
     out: Annotated[Path, typer.Option(metavar="DIR", help="Output folder for campaigns.")] = Path("logs"),
     corpus: Annotated[
         Path | None, typer.Option(metavar="DIR", help="Corpus of failing programs (default OUT/fuzz/corpus).")
     ] = None,
     shrink: Annotated[bool, typer.Option("--shrink/--no-shrink", help="Shrink each failure.")] = True,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Do not print the campaign folder first.")] = False,
 ) -> None:
     """Explore generated concurrent ioctl programs (asyncvm/fuzz).
 
@@ -1124,8 +1126,7 @@ def _crash_report(e: BaseException, argv: list[str] | None) -> str:
     text = (
         f"asyncvm {__version__} internal error\n"
         f"command: asyncvm {' '.join(sys.argv[1:] if argv is None else argv)}\n"
-        f"python: {sys.version.split()[0]} on {platform.platform()}\n\n"
-        + "".join(traceback.format_exception(e))
+        f"python: {sys.version.split()[0]} on {platform.platform()}\n\n" + "".join(traceback.format_exception(e))
     )
     try:
         write_atomic(path, text)
