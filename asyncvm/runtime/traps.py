@@ -82,11 +82,23 @@ def _yield(request: Any) -> Generator[Any, None, None]:
     yield request
 
 
+class _Passed:
+    """The awaitable of a scheduling point passed without yielding (Executor.alone())."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return iter(())  # type: ignore[return-value]
+
+
+_PASSED = _Passed()
+
+
 def point(obj: object | None = None) -> Awaitable[None]:
     """A scheduling point before touching `obj`; other tasks may run first."""
     exe = _get_exe()
     if exe is not None:
-        return _yield(obj)
+        return _PASSED if exe.alone() else _yield(obj)
     from . import live
 
     return live.checkpoint()
@@ -97,6 +109,8 @@ def wait(obj: Waitable, arg: Any = None) -> Generator[Any, None, None]:
     """Block until ``obj._ready(task, arg)``; on return it holds and nothing else has run since."""
     exe = _get_exe()
     if exe is not None:
+        if len(exe.enabled) == 1 and obj._ready(exe.current, arg) and exe.alone():
+            return
         yield (obj, arg)
         # Resumed: the task stops waiting before anything else can re-evaluate it.
         obj._waiters.remove(exe.current)  # type: ignore[arg-type]
@@ -111,7 +125,8 @@ def yield_point() -> Generator[Any, None, None]:
     """An explicit scheduling point with no object attached (the cheapest trap)."""
     exe = _get_exe()
     if exe is not None:
-        yield None
+        if not exe.alone():
+            yield None
     else:
         from . import live
 
@@ -122,7 +137,7 @@ def yield_now() -> Awaitable[None]:
     """A voluntary yield: the strategy should let the other tasks run first."""
     exe = _get_exe()
     if exe is not None:
-        return _yield(YIELDING)
+        return _PASSED if exe.alone() else _yield(YIELDING)
     from . import live
 
     return live.checkpoint()

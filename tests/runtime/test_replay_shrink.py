@@ -9,7 +9,7 @@ import pytest
 
 import asyncvm
 from asyncvm.explore.engine import Program, build_strategy
-from asyncvm.explore.schedule import Schedule, ScheduleError
+from asyncvm.explore.schedule import FORMAT_VERSION, Schedule, ScheduleError
 
 from .programs import lost_update, one_order_per_execution, three_counters
 
@@ -100,7 +100,7 @@ def test_other_asyncvm_version_is_refused_unless_forced(tmp_path: Path) -> None:
 def test_schedule_file_is_versioned_data(tmp_path: Path) -> None:
     data = json.loads(_failing_schedule(tmp_path).read_text())
     assert data["format"] == "asyncvm-schedule"
-    assert data["version"] == 1
+    assert data["version"] == FORMAT_VERSION == 2
     assert data["asyncvm"] == asyncvm.__version__
     assert data["strategy"]["name"] == "random"
     assert data["failure"]["signature"].startswith("exception:AssertionError")
