@@ -924,11 +924,36 @@ def run_fuzz(
 ) -> SoakStats:
     """Run the state machine until `calls` calls were made; Hypothesis examples of
     `steps_per_example` rules each, seeded from `seed`."""
+    from hypothesis import configuration
+
+    stats = SoakStats(progress=progress)
+    # Hypothesis caches what it learns in .hypothesis/ of the current directory; a soak keeps
+    # nothing between runs (database=None), so it leaves nothing behind in the user's folder either.
+    previous_home = getattr(configuration, "__hypothesis_home_directory", None)
+    with tempfile.TemporaryDirectory(prefix="asyncvm-soak-hypothesis-") as home:
+        configuration.set_hypothesis_home_dir(home)
+        try:
+            _fuzz_batches(stats, calls, seed, profiles, steps_per_example, data_probs, machine, bugs)
+        finally:
+            configuration.set_hypothesis_home_dir(previous_home)
+    return stats
+
+
+def _fuzz_batches(
+    stats: SoakStats,
+    calls: int,
+    seed: int,
+    profiles: Iterable[str],
+    steps_per_example: int,
+    data_probs: dict[str, float] | None,
+    machine: type | None,
+    bugs: tuple[str, ...],
+) -> None:
+    """Hypothesis runs of the machine, each seeded anew, until `calls` calls were made."""
     from hypothesis import HealthCheck, Phase, settings
     from hypothesis import seed as hypothesis_seed
     from hypothesis.stateful import run_state_machine_as_test
 
-    stats = SoakStats(progress=progress)
     base = machine or _machine_class()
     probs = {"signal": 0.02, "fatal_signal": 0.002, "alloc_fail": 0.002, **(data_probs or {})}
     batch = idle = 0
@@ -957,7 +982,6 @@ def run_fuzz(
         idle = idle + 1 if stats.calls == before else 0
         if idle >= 3:  # pragma: no cover - the machine makes no calls any more: do not spin
             break
-    return stats
 
 
 # --------------------------------------------------------------------------------------------------

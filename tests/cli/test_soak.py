@@ -30,6 +30,7 @@ def test_a_tiny_soak_passes(tmp_path: Path) -> None:
     assert made >= 150
     assert "replays: 4 in this process, 4 in a fresh process" in out
     assert "vm.set_user_memory_region2" in out  # the per-call tally
+    assert not (tmp_path / ".hypothesis").exists()  # nothing left in the user's folder
 
 
 def test_bad_arguments_are_usage_errors(tmp_path: Path) -> None:
