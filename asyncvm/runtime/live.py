@@ -31,7 +31,7 @@ R = TypeVar("R")
 class LiveTask:
     """What the primitives need to know about an anyio task: its name and what it holds."""
 
-    __slots__ = ("held", "name", "srcu_reads", "syscalls", "tid")
+    __slots__ = ("dead", "held", "name", "srcu_reads", "syscalls", "tid")
 
     def __init__(self, tid: int, name: str) -> None:
         self.tid = tid
@@ -40,6 +40,9 @@ class LiveTask:
         self.srcu_reads: list[tuple[Any, int, Any]] = []
         #: system calls in progress (nested ones deliver nothing: only the outermost returns to user)
         self.syscalls = 0
+        #: it left a system call by an exception with locks held (a model bug or an oracle's
+        #: failure): what it holds is never released, so waiting for it need not be shielded
+        self.dead = False
 
     def __repr__(self) -> str:
         return f"<LiveTask {self.name}>"
@@ -77,10 +80,22 @@ async def wait(obj: Any, arg: Any) -> None:
         return
     with anyio.CancelScope(shield=True):
         while not obj._ready(t, arg):
+            if _abandoned(obj):
+                break
             event = obj._live_event
             if event is None:
                 event = obj._live_event = anyio.Event()
             await event.wait()
+        else:
+            return
+    # Held by a task that died holding it: it is never released, and a shielded wait would hang
+    # the program, so the caller's cancellation (its task group failing) may end this one.
+    await anyio.sleep_forever()
+
+
+def _abandoned(obj: Any) -> bool:
+    holders = obj._holders()
+    return bool(holders) and all(getattr(h, "dead", False) for h in holders)
 
 
 async def _spin(obj: Any, arg: Any, t: LiveTask) -> None:
@@ -124,6 +139,13 @@ async def syscall(coro: Coroutine[Any, Any, R]) -> R:
     t.syscalls += 1
     try:
         return await coro
+    except BaseException:
+        if t.held or t.srcu_reads:
+            # The model failed half-way with locks held: wake whoever waits for them (see wait()).
+            t.dead = True
+            for entry in (*t.held, *t.srcu_reads):
+                notify(entry[0])
+        raise
     finally:
         t.syscalls -= 1
         if not t.syscalls:

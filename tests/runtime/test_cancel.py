@@ -397,3 +397,54 @@ def test_a_prefault_spinning_on_an_open_invalidation_leaves_at_its_signal_check(
         _assert_coherent(vm, cpus)
 
     anyio.run(main, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_task_that_dies_holding_a_lock_does_not_hang_its_waiters(backend: str) -> None:
+    """An oracle's failure (or a model bug) raised with a lock held ends that system call with
+    the lock never released; a sibling waiting for the lock must still be cancellable, so the
+    task group ends with the failure instead of hanging in a shielded wait."""
+    from asyncvm.runtime import traps
+    from asyncvm.runtime.failures import Violation
+    from asyncvm.runtime.sync import Mutex
+
+    async def main() -> None:
+        m = Mutex("m")
+
+        @traps.syscall
+        async def broken() -> None:
+            await m.lock()
+            for _ in range(10):  # the waiter is blocked on m by now
+                await traps.point(m)
+            raise Violation("model_bug", "failed with m held")
+
+        async def waiter() -> None:
+            await anyio.lowlevel.checkpoint()
+            await m.lock()
+
+        ended: list[BaseException] = []
+
+        async def group() -> None:
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(broken)
+                    tg.start_soon(waiter)
+            except BaseException as e:  # noqa: BLE001 - the group's failure is the result
+                ended.append(e)
+
+        async with anyio.create_task_group() as outer:
+            outer.start_soon(group)
+            for _ in range(200):
+                if ended:
+                    break
+                await anyio.lowlevel.checkpoint()
+            stuck = not ended
+            if stuck:  # let the waiter through so the test can end, then fail
+                m.owner = None
+                traps.notify(m)
+        assert not stuck, "the waiter hung on a lock its dead holder never releases"
+        (failure,) = ended
+        assert isinstance(failure, BaseExceptionGroup)
+        assert [type(e) for e in failure.exceptions] == [Violation]
+
+    anyio.run(main, backend=backend)
