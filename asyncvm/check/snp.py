@@ -7,8 +7,9 @@ assigned. They watch the guest-access, prepare and page-free tracepoints and rea
 
 The measurement oracle: a page LAUNCH_UPDATE hashed into the digest must be the page guest_memfd
 holds for that gfn when it is measured (kvm_gmem_populate() keeps PUNCH_HOLE out with the
-invalidate lock), and at LAUNCH_FINISH every measured gfn still maps the measured page or nothing
-(a hole the VMM punched): never another page, which the guest would run as measured content.
+invalidate lock), and at LAUNCH_FINISH every measured gfn whose page was never freed still maps
+it: never another page, which the guest would run as measured content. A page the VMM punched out
+after its LAUNCH_UPDATE leaves the rule (whatever is allocated there later is unvalidated).
 """
 
 from __future__ import annotations
@@ -99,7 +100,15 @@ class SnpOracles:
             )
 
     def page_freed(self, folio: Folio) -> None:
-        """A page the firmware owns can only be reclaimed; freeing it leaks it (RMPUPDATE fails)."""
+        """A page the firmware owns can only be reclaimed; freeing it leaks it (RMPUPDATE fails).
+
+        A measured page that is freed (the VMM punched it out) leaves the digest's promise: a page
+        allocated there later is not validated by the guest, so the finish rule no longer covers it.
+        """
+        if self.measured:
+            gone = range(folio.pfn, folio.pfn + folio.npages)
+            for gfn in [g for g, pfn in self.measured.items() if pfn in gone]:
+                del self.measured[gfn]
         rmp = to_kvm_sev(self.vm).firmware.rmp
         for pfn in range(folio.pfn, folio.pfn + folio.npages):
             entry = rmp.get(pfn)

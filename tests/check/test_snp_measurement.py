@@ -73,3 +73,26 @@ def test_a_replaced_page_at_launch_finish_is_reported() -> None:
         o.launch_finish()
     o._guest_pfn = lambda gfn: None  # type: ignore[method-assign]
     o.launch_finish()  # a hole the VMM punched is fine
+
+
+def test_a_punched_measured_page_leaves_the_finish_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LAUNCH_UPDATE, PUNCH_HOLE, a new page at that gfn, LAUNCH_FINISH: legal for the VMM (the
+    guest must validate the new page), so the finish rule forgets a measured page once it is freed."""
+
+    class _Folio:
+        pfn = 0x100
+        npages = 1
+
+    class _Firmware:
+        def __init__(self) -> None:
+            self.rmp: dict[int, object] = {}
+
+    o = oracle.SnpOracles.__new__(oracle.SnpOracles)
+    o.measured = {2: 0x100, 3: 0x101}
+    o._guest_pfn = lambda gfn: 0x200 if gfn == 2 else 0x101  # type: ignore[method-assign]
+    sev = type("Sev", (), {"firmware": _Firmware()})()
+    monkeypatch.setattr(oracle, "to_kvm_sev", lambda vm: sev)
+    o.vm = object()  # type: ignore[assignment]
+    o.page_freed(_Folio())  # type: ignore[arg-type]
+    assert o.measured == {3: 0x101}
+    o.launch_finish()
