@@ -43,6 +43,8 @@ BUNDLED = {
     "prefault_loop_vs_punch_hole",
     "populate_sequences",
     "gmem_write_before_bind",
+    # issue 17: the async TDX launcher of examples/tdx_launcher.py
+    "tdx_launcher",
 }
 THIRD_PARTY = '''
 import asyncvm
