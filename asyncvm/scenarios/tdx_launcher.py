@@ -24,6 +24,7 @@ or MRTD misses pages. A default campaign finds it; without the flag the launcher
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,13 +156,16 @@ class Launcher:
     async def add_sections(self, vcpu: Any, src: int, first: int) -> None:
         """This vCPU's sections (every `vcpus`-th), each when its turn comes."""
         for k in range(first, len(self.image), self.vcpus):
-            await self.turnstile.wait_event(lambda k=k: self.turn == k)  # type: ignore[misc]
+            await self.turnstile.wait_event(self._turn_is(k))
             section = self.image[k]
             if self.finalize_early:
                 await self.count(section.pages)  # BUG: counted when issued, not when done
             await self.add_section(vcpu, src + section.gpa, section)
             self.turn += 1
             await self.turnstile.wake_up()
+
+    def _turn_is(self, k: int) -> Callable[[], bool]:
+        return lambda: self.turn == k
 
     async def add_section(self, vcpu: Any, src: int, section: Section) -> None:
         region = uapi.TdxInitMemRegion(src, section.gpa, section.pages)
