@@ -88,9 +88,13 @@ async def wait(obj: Any, arg: Any) -> None:
             await event.wait()
         else:
             return
-    # Held by a task that died holding it: it is never released, and a shielded wait would hang
-    # the program, so the caller's cancellation (its task group failing) may end this one.
-    await anyio.sleep_forever()
+    # Held by a task that died holding it: a shielded wait would hang the program, so this one
+    # waits unshielded and the caller's cancellation (its task group failing) may end it.
+    while not obj._ready(t, arg):
+        event = obj._live_event
+        if event is None:
+            event = obj._live_event = anyio.Event()
+        await event.wait()
 
 
 def _abandoned(obj: Any) -> bool:
@@ -140,8 +144,9 @@ async def syscall(coro: Coroutine[Any, Any, R]) -> R:
     try:
         return await coro
     except BaseException:
-        if t.held or t.srcu_reads:
-            # The model failed half-way with locks held: wake whoever waits for them (see wait()).
+        if t.syscalls == 1 and (t.held or t.srcu_reads):
+            # The outermost call is over and still holds locks: the model failed half-way (an
+            # oracle's Violation, a bug). Wake whoever waits for them (see wait()).
             t.dead = True
             for entry in (*t.held, *t.srcu_reads):
                 notify(entry[0])

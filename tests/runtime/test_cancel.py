@@ -448,3 +448,34 @@ def test_a_task_that_dies_holding_a_lock_does_not_hang_its_waiters(backend: str)
         assert [type(e) for e in failure.exceptions] == [Violation]
 
     anyio.run(main, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_error_inside_a_nested_call_is_not_a_dead_lock_holder(backend: str) -> None:
+    """Only the outermost system call returns to user mode: an inner one failing while the outer
+    holds a lock (and handles the error) leaves the task alive and its waits shielded."""
+    from asyncvm.runtime import traps
+    from asyncvm.runtime.sync import Mutex
+
+    async def main() -> None:
+        m = Mutex("m")
+
+        @traps.syscall
+        async def inner() -> None:
+            raise asyncvm.KvmError(uapi.EINVAL, "inner")
+
+        @traps.syscall
+        async def outer() -> None:
+            await m.lock()
+            try:
+                await inner()
+            except asyncvm.KvmError:
+                pass
+            finally:
+                await m.unlock()
+
+        await outer()
+        assert not live.current().dead
+        assert not m.is_locked()
+
+    anyio.run(main, backend=backend)
