@@ -1082,10 +1082,10 @@ def soak(
         typer.Option("--profile", metavar="NAME", help="Kernel profile to fuzz (repeatable); default: every kernel."),
     ] = None,
 ) -> None:
-    """Fuzz the uAPI with a Hypothesis state machine and audit replay; exit 1 on any finding.
+    """Fuzz every ioctl and audit replay; exit 1 on any finding.
 
-    Every call must succeed or fail with an errno the spec lists for it (a wrong Python type: a
-    TypeError); M schedules of every bundled scenario must replay to the same event log here and
+    A Hypothesis state machine makes the calls: each must succeed or fail with an errno the spec
+    lists for it (a wrong Python type: a TypeError); M schedules of every bundled scenario must replay to the same event log here and
     in a fresh process with another PYTHONHASHSEED.
     """
     from .explore.soak import soak_command
