@@ -1085,8 +1085,8 @@ def soak(
     """Fuzz every ioctl and audit replay; exit 1 on any finding.
 
     A Hypothesis state machine makes the calls: each must succeed or fail with an errno the spec
-    lists for it (a wrong Python type: a TypeError); M schedules of every bundled scenario must replay to the same event log here and
-    in a fresh process with another PYTHONHASHSEED.
+    lists for it (a wrong Python type: a TypeError). M schedules of every bundled scenario must
+    replay to the same event log here and in a fresh process with another PYTHONHASHSEED.
     """
     from .explore.soak import soak_command
 
