@@ -30,7 +30,7 @@ from ..kvm.guest_memfd import GmemInode, GuestMemfd, kvm_gmem_is_shared_mem
 from ..runtime import traps
 from ..runtime.failures import Violation
 from ..uapi import KVM_MEMORY_ATTRIBUTE_PRIVATE, PAGE_SIZE
-from .registry import Registry
+from .registry import Registry, watched
 
 if TYPE_CHECKING:
     from ..host.mm import Mm, Vma
@@ -61,7 +61,7 @@ class GmemMmapOracles:
     """The host-mapping oracles of one VMM address space."""
 
     def __init__(self, mm: Mm) -> None:
-        self.mm = mm
+        self.mm = watched(mm)  # a weak proxy in live mode: the registry must not keep the mm alive
         exe = traps.active()
         if exe is not None:
             exe.at_quiescence(self.at_quiescence)
