@@ -39,6 +39,12 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+def _check_seconds(flag: str, value: float | None) -> None:
+    """A time budget is a positive, finite number of seconds (nan and inf never stop)."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        _die(f"{flag} must be a positive, finite number of seconds")
+
+
 def _coerce(key: str, raw: str, default: Any) -> Any:
     """A --param value, read as the type of the parameter's declared default."""
     if isinstance(default, str):
@@ -355,8 +361,7 @@ def stress(
 
     if runs is not None and runs <= 0:
         _die("--runs must be positive")
-    if time_budget is not None and not (math.isfinite(time_budget) and time_budget > 0):
-        _die("--time must be a positive, finite number of seconds")
+    _check_seconds("--time", time_budget)
     if depth is not None and depth < 1:
         _die("--depth must be at least 1")
     if preemptions is not None and preemptions < 0:
@@ -639,8 +644,7 @@ def fuzz(
     _check_choices(strategy, profile, list(bug or []))
     if programs is not None and programs <= 0:
         _die("--programs must be positive")
-    if time_budget is not None and not time_budget > 0:
-        _die("--time must be a positive number of seconds")
+    _check_seconds("--time", time_budget)
     if jobs < 0:
         _die("--jobs must be positive (or 0 for all cores)")
     try:
@@ -752,8 +756,7 @@ def compare(
         _die(f"--format {fmt}: choose one of: {', '.join(FORMATS)}")
     if runs is not None and runs <= 0:
         _die("--runs must be positive")
-    if time_budget is not None and time_budget <= 0:
-        _die("--time must be a positive number of seconds")
+    _check_seconds("--time", time_budget)
     if jobs < 1:
         _die("--jobs must be at least 1")
     _check_choices(strategy, "6.18", list(bug or []))
@@ -868,8 +871,7 @@ def shrink(
     from .explore.shrink import shrink as do_shrink
     from .runtime.failures import ToolError
 
-    if time_budget is not None and not time_budget > 0:
-        _die("--time must be a positive number of seconds")
+    _check_seconds("--time", time_budget)
     schedule, spec = _load(file, module)
     try:
         small = do_shrink(schedule, spec.fn, force=force, time_budget=time_budget or DEFAULT_TIME)
@@ -1036,8 +1038,7 @@ def bench(
     except UnknownBenchmark as e:
         _die(str(e))
     if fuzz_budget is not None:
-        if not fuzz_budget > 0:
-            _die("--fuzz-budget must be a positive number of seconds")
+        _check_seconds("--fuzz-budget", fuzz_budget)
         from .bench.fuzz import BUDGET_VARIABLE
 
         os.environ[BUDGET_VARIABLE] = repr(fuzz_budget)

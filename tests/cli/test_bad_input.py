@@ -134,8 +134,18 @@ def test_an_exception_in_the_scenarios_set_up_is_a_usage_error(tmp_path: Path) -
 
 
 @pytest.mark.parametrize("value", ["nan", "inf"])
-def test_time_must_be_finite(value: str, tmp_path: Path) -> None:
-    proc = run_cli("stress", SCENARIO, "--time", value, "--jobs", "1", "--out", "logs", cwd=tmp_path, timeout=60)
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("stress", SCENARIO, "--jobs", "1", "--out", "logs"),
+        ("compare", "tdx_init_vcpu_vs_punch_hole", "--profiles", "6.18,7.0", "--out", "logs"),
+        ("fuzz", "--out", "logs"),
+        ("shrink", "schedule.json"),
+    ],
+    ids=lambda c: c[0],
+)
+def test_time_must_be_finite(command: tuple[str, ...], value: str, tmp_path: Path) -> None:
+    proc = run_cli(*command, "--time", value, cwd=tmp_path, timeout=60)
     assert_one_line_error(proc, "--time")
 
 
