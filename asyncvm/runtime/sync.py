@@ -129,7 +129,7 @@ class _Lock(_Waitable):
         if exe is not None:
             if exe.observed:
                 exe.sync_event("lock_release", self, mode)
-            if not exe.alone():
+            if len(exe.enabled) != 1 or not exe.alone():
                 yield self
         else:
             yield from traps.point(self).__await__()
@@ -383,7 +383,7 @@ class SRCU(_Waitable):
         site = caller_site()
         exe = _get_exe()
         if exe is not None:
-            if not exe.alone():
+            if len(exe.enabled) != 1 or not exe.alone():
                 yield self
         else:
             yield from traps.point(self).__await__()
@@ -414,7 +414,7 @@ class SRCU(_Waitable):
         if exe is not None:
             if exe.observed:
                 exe.sync_event("lock_release", self, hb.SRCU_READ)
-            if not exe.alone():
+            if len(exe.enabled) != 1 or not exe.alone():
                 yield self
         else:
             yield from traps.point(self).__await__()
@@ -437,8 +437,9 @@ class SRCU(_Waitable):
         await traps.wait(self, self._next)
         # The read sections it waited for happen before it returns; it happens before the
         # read sections that start after it (the grace-period guarantee).
-        hb.acquire(self, hb.SRCU_SYNC)
-        hb.release(self, hb.SRCU_SYNC)
+        if hb.ACTIVE:
+            hb.acquire(self, hb.SRCU_SYNC)
+            hb.release(self, hb.SRCU_SYNC)
 
 
 class Completion(_Waitable):
@@ -461,7 +462,8 @@ class Completion(_Waitable):
         """wait_for_completion()"""
         might_sleep(f"wait_for_completion({self.name})")
         await traps.wait(self, None)
-        hb.acquire(self)
+        if hb.ACTIVE:
+            hb.acquire(self)
         if self.done != self.ALL:
             self.done -= 1
         traps.notify(self)
@@ -470,11 +472,13 @@ class Completion(_Waitable):
         """Wait without consuming: for completions used as "this has happened" flags."""
         might_sleep(f"wait_for_completion({self.name})")
         await traps.wait(self, None)
-        hb.acquire(self)
+        if hb.ACTIVE:
+            hb.acquire(self)
 
     async def complete(self) -> None:
         """complete(): wake one waiter (or let the next wait pass)."""
-        hb.release(self)
+        if hb.ACTIVE:
+            hb.release(self)
         if self.done != self.ALL:
             self.done += 1
         traps.notify(self)
@@ -482,7 +486,8 @@ class Completion(_Waitable):
 
     async def complete_all(self) -> None:
         """complete_all(): every current and future waiter passes."""
-        hb.release(self)
+        if hb.ACTIVE:
+            hb.release(self)
         self.done = self.ALL
         traps.notify(self)
         await traps.point(self)
@@ -503,11 +508,13 @@ class WaitQueue(_Waitable):
         """wait_event()"""
         might_sleep(f"wait_event({self.name})")
         await traps.wait(self, cond)
-        hb.acquire(self)
+        if hb.ACTIVE:
+            hb.acquire(self)
 
     async def wake_up(self) -> None:
         """wake_up(): waiters re-evaluate their conditions."""
-        hb.release(self)
+        if hb.ACTIVE:
+            hb.release(self)
         traps.notify(self)
         await traps.point(self)
 
@@ -596,7 +603,8 @@ class TryLock(_Waitable):
         self.mode = mode
         self.owner = t
         t.held.append((self, mode, None))
-        hb.acquire(self, mode)
+        if hb.ACTIVE:
+            hb.acquire(self, mode)
         return True
 
     async def unlock(self) -> None:
@@ -612,7 +620,8 @@ class TryLock(_Waitable):
                 signature=f"bad_unlock:{self.name}",
                 lock=self.name,
             )
-        hb.release(self, self.mode)
+        if hb.ACTIVE:
+            hb.release(self, self.mode)
         self.count -= 1
         if not self.count:
             self.owner = None
@@ -634,19 +643,22 @@ class Atomic(_Waitable, Generic[T]):
 
     async def load(self) -> T:
         await traps.point(self)
-        hb.acquire(self)
+        if hb.ACTIVE:
+            hb.acquire(self)
         return self.value
 
     async def store(self, value: T) -> None:
         await traps.point(self)
-        hb.release(self)
+        if hb.ACTIVE:
+            hb.release(self)
         self.value = value
 
     async def cmpxchg(self, old: T, new: T) -> T:
         """Store `new` if the cell holds `old`; return what it held (success iff that == old)."""
         await traps.point(self)
-        hb.acquire(self)
-        hb.release(self)
+        if hb.ACTIVE:
+            hb.acquire(self)
+            hb.release(self)
         cur = self.value
         if cur == old:
             self.value = new
@@ -654,16 +666,18 @@ class Atomic(_Waitable, Generic[T]):
 
     async def xchg(self, new: T) -> T:
         await traps.point(self)
-        hb.acquire(self)
-        hb.release(self)
+        if hb.ACTIVE:
+            hb.acquire(self)
+            hb.release(self)
         cur = self.value
         self.value = new
         return cur
 
     async def fetch_add(self, delta: Any) -> T:
         await traps.point(self)
-        hb.acquire(self)
-        hb.release(self)
+        if hb.ACTIVE:
+            hb.acquire(self)
+            hb.release(self)
         cur = self.value
         self.value = cur + delta
         return cur

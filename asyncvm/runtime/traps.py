@@ -98,7 +98,7 @@ def point(obj: object | None = None) -> Awaitable[None]:
     """A scheduling point before touching `obj`; other tasks may run first."""
     exe = _get_exe()
     if exe is not None:
-        return _PASSED if exe.alone() else _yield(obj)
+        return _PASSED if len(exe.enabled) == 1 and exe.alone() else _yield(obj)
     from . import live
 
     return live.checkpoint()
@@ -125,7 +125,7 @@ def yield_point() -> Generator[Any, None, None]:
     """An explicit scheduling point with no object attached (the cheapest trap)."""
     exe = _get_exe()
     if exe is not None:
-        if not exe.alone():
+        if len(exe.enabled) != 1 or not exe.alone():
             yield None
     else:
         from . import live
@@ -137,7 +137,7 @@ def yield_now() -> Awaitable[None]:
     """A voluntary yield: the strategy should let the other tasks run first."""
     exe = _get_exe()
     if exe is not None:
-        return _PASSED if exe.alone() else _yield(YIELDING)
+        return _PASSED if len(exe.enabled) == 1 and exe.alone() else _yield(YIELDING)
     from . import live
 
     return live.checkpoint()
