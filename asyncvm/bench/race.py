@@ -116,7 +116,9 @@ def executions_per_second(quick: bool, tick: Tick) -> dict[str, Any]:
     }
 
 
-def live_runs_to_failure(scenario: str, bug: str, runs: int, deadline: float | None = None) -> tuple[int, bool]:
+def live_runs_to_failure(
+    scenario: str, bug: str, runs: int, deadline: float | None = None, profile: str = "6.18"
+) -> tuple[int, bool]:
     """Run the scenario uncontrolled on trio (live mode) until an oracle or the scenario fails.
 
     Returns (runs made, whether the last one failed); stops after `runs` runs or at `deadline`
@@ -130,7 +132,7 @@ def live_runs_to_failure(scenario: str, bug: str, runs: int, deadline: float | N
     for i in range(runs):
         if deadline is not None and time.perf_counter() > deadline:
             return i, False
-        kvm = Kvm(bugs=[bug])
+        kvm = Kvm(profile, bugs=[bug])
         try:
             anyio.run(partial(spec.fn, kvm, **spec.params), backend="trio")
             for vm in kvm.vms:
@@ -197,6 +199,7 @@ def first_failure(quick: bool, tick: Tick) -> dict[str, Any]:
                 strategy=DEFAULT_STRATEGY,
                 runs=max_runs,
                 seed=seed,
+                profile=bug.profile,
                 bugs=[name],
                 stop_on_first_failure=True,
             )
@@ -211,7 +214,7 @@ def first_failure(quick: bool, tick: Tick) -> dict[str, Any]:
         deadline = began + seconds_per_bug
         while tries < seeds and time.perf_counter() < deadline:
             t0 = time.perf_counter()
-            n, failed = live_runs_to_failure(bug.scenario, name, max_runs, deadline)
+            n, failed = live_runs_to_failure(bug.scenario, name, max_runs, deadline, bug.profile)
             total_runs += n
             if not failed and n < max_runs and tries:
                 break  # cut short by the deadline: not a try of its own

@@ -84,16 +84,17 @@ def hunt_bugs(
     *,
     bugs: list[str] | None = None,
     seed: int = 0,
-    profile: str = "6.18",
+    profile: str | None = None,
     jobs: int = 1,
     tick: Callable[[int, int, str], None] | None = None,
 ) -> dict[str, Any]:
+    """Hunt each named bug with fuzz alone; `profile` None: the profile each bug is a mistake against."""
     names = bugs or list(BUGS)
     results: dict[str, Any] = {}
     for i, name in enumerate(names):
         if tick is not None:
             tick(i, len(names), name)
-        results[name] = hunt_bug(name, budget=budget, seed=seed, profile=profile, jobs=jobs)
+        results[name] = hunt_bug(name, budget=budget, seed=seed, profile=profile or BUGS[name].profile, jobs=jobs)
     if tick is not None:
         tick(len(names), len(names), "")
     return {
