@@ -116,13 +116,19 @@ def executions_per_second(quick: bool, tick: Tick) -> dict[str, Any]:
     }
 
 
+#: wall seconds after which one live run (milliseconds when it ends) counts as hung
+LIVE_HANG_SECONDS = 1.0
+
+
 def live_runs_to_failure(
     scenario: str, bug: str, runs: int, deadline: float | None = None, profile: str = "6.18"
 ) -> tuple[int, bool]:
     """Run the scenario uncontrolled on trio (live mode) until an oracle or the scenario fails.
 
     Returns (runs made, whether the last one failed); stops after `runs` runs or at `deadline`
-    (a time.perf_counter() value).
+    (a time.perf_counter() value). Live mode draws no signals, so a run that spins forever (an
+    invalidation that never ends) is a hang: cancelled after LIVE_HANG_SECONDS, it counts as
+    found, as a hung task would be on Linux.
     """
     import anyio
 
@@ -130,13 +136,22 @@ def live_runs_to_failure(
 
     spec = REGISTRY[scenario]
     for i in range(runs):
-        if deadline is not None and time.perf_counter() > deadline:
+        now = time.perf_counter()
+        if deadline is not None and now > deadline:
             return i, False
+        limit = LIVE_HANG_SECONDS if deadline is None else min(LIVE_HANG_SECONDS, deadline - now)
         kvm = Kvm(profile, bugs=[bug])
+
+        async def one(kvm: Kvm = kvm, limit: float = limit) -> None:
+            with anyio.fail_after(limit):
+                await spec.fn(kvm, **spec.params)
+
         try:
-            anyio.run(partial(spec.fn, kvm, **spec.params), backend="trio")
+            anyio.run(one, backend="trio")
             for vm in kvm.vms:
                 check_quiescent(vm)
+        except TimeoutError:
+            return (i + 1, True) if limit == LIVE_HANG_SECONDS else (i, False)
         except Exception:  # noqa: BLE001 - any failure counts, as in a controlled run
             return i + 1, True
     return runs, False
