@@ -20,7 +20,7 @@ from asyncvm.uapi import PAGE_SIZE, KvmError
 
 from .common import pre_fault, private_vm, run_guest
 from .snp import _launch_update, _launched_vm
-from .tdx import build_td, finalize, init_mem_region
+from .tdx import build_td, finalize, init_mem_region, init_mem_region_split
 
 VCPU0_DESIGNS = ("6.18", "7.0", "tdx-init-mem-region-vcpu0", "tdx-init-mem-region-vcpu0-locked")
 PREFAULT_DESIGNS = ("6.18", "7.0", "prefault-before-finalize")
@@ -94,17 +94,7 @@ async def tdx_init_mem_region_threads(kvm: Any, vcpus: int = 2, pages: int = 4) 
     vcpus = max(2, vcpus)
     vm, _gmem, cpus, src = await build_td(kvm, pages, vcpus)
     image = await kvm.mm.read(src, pages * PAGE_SIZE)
-    per = max(1, pages // vcpus)
-
-    async def work(i: int) -> None:
-        first = i * per
-        n = per if i < vcpus - 1 else pages - first
-        if n > 0:
-            await init_mem_region(cpus[i], src, first, n)
-
-    async with asyncvm.TaskGroup() as tg:
-        for i in range(vcpus):
-            tg.spawn(work, i, name=f"vcpu{i}")
+    await init_mem_region_split(cpus, src, pages)
     await finalize(vm)
     check_td_image(vm, image, pages)
 

@@ -42,6 +42,21 @@ async def init_mem_region(
     return 0
 
 
+async def init_mem_region_split(cpus: list[Any], src: int, pages: int) -> None:
+    """Each vCPU issues KVM_TDX_INIT_MEM_REGION for its own slice of the image, all at once."""
+    per = max(1, pages // len(cpus))
+
+    async def work(i: int) -> None:
+        first = i * per
+        n = per if i < len(cpus) - 1 else pages - first
+        if n > 0:
+            await init_mem_region(cpus[i], src, first, n)
+
+    async with asyncvm.TaskGroup() as tg:
+        for i in range(len(cpus)):
+            tg.spawn(work, i, name=f"vcpu{i}")
+
+
 async def finalize(vm: Any) -> None:
     while True:
         try:
@@ -63,17 +78,7 @@ async def tdx_init_mem_region_parallel(kvm: Any, vcpus: int = 3, pages: int = 6)
     if pages < vcpus:  # (a set-up error: a usage error, not a finding)
         raise ValueError(f"pages={pages} must be at least vcpus={vcpus}: each vCPU populates its own part")
     vm, _gmem, cpus, src = await build_td(kvm, pages, vcpus)
-    per = max(1, pages // vcpus)
-
-    async def work(i: int) -> None:
-        first = i * per
-        n = per if i < vcpus - 1 else pages - first
-        if n > 0:
-            await init_mem_region(cpus[i], src, first, n)
-
-    async with asyncvm.TaskGroup() as tg:
-        for i in range(vcpus):
-            tg.spawn(work, i, name=f"vcpu{i}")
+    await init_mem_region_split(cpus, src, pages)
     await finalize(vm)
 
 
