@@ -37,6 +37,8 @@ class Ctx:
     vcpu: str | None
     slot1: bool
     g1: bool
+    #: the profile converts in place through guest_memfd (design gmem-inplace-conversion)
+    convertible: bool = False
 
     @property
     def private(self) -> bool:
@@ -122,6 +124,10 @@ def _mm_range(g: Gen, ctx: Ctx) -> str:
     return f"kvm, h0, {_range(g, ctx)}"
 
 
+def _convert(g: Gen, ctx: Ctx) -> str:
+    return f"{_gmem_range(g, ctx)}, private={bool(g.pick('fuzz.private', 2))}"
+
+
 def _init_mem_region(g: Gen, ctx: Ctx) -> str:
     return f"{ctx.vcpu}, src, {_range(g, ctx)}, measure={bool(1 - g.pick('fuzz.unmeasured', 2))}"
 
@@ -146,6 +152,9 @@ CALLS: list[Call] = [
     # call lists, and so their recorded draws, stay as they were)
     Call("host_write", lambda c: c.vm_type == "gmem", _mm_range),
     Call("host_read", lambda c: c.vm_type == "gmem", _mm_range),
+    # in-place conversion through the guest_memfd (only where the profile has it: the other
+    # programs' draws stay as they were)
+    Call("convert", lambda c: c.vm_type == "gmem" and c.convertible, _convert),
 ]
 
 # Where prelude.ALLOWED's errnos come from (kernel functions):
@@ -165,6 +174,8 @@ CALLS: list[Call] = [
 # (EINVAL), an uptodate folio (EEXIST), no source page (EFAULT), a hole (ENOENT), a mapping
 # that is not there (EIO from the S-EPT), a contended TDX module lock (EBUSY)
 # tdx_td_finalize(): twice, or pages premapped without PAGE.ADD (EINVAL)
+# kvm_gmem_set_attributes() [design gmem-inplace-conversion]: a page the host maps or pins
+# (EAGAIN), a closed fd (EBADF), a range beyond the file (EINVAL)
 # snp_launch_update(): EINTR on the first page becomes EIO; firmware refusals (EIO), an
 # uptodate folio (EEXIST), a range that is not private guest_memfd (EINVAL), no source (EFAULT)
 

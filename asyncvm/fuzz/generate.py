@@ -91,8 +91,10 @@ def generate(
     pages: int = 8,
     max_actors: int = 6,
     max_calls: int = 3,
+    convertible: bool = False,
 ) -> Program:
-    """Draw one program for `vm_type` ("any" draws it too) over a guest of `pages` pages."""
+    """Draw one program for `vm_type` ("any" draws it too) over a guest of `pages` pages;
+    `convertible`: the profile converts guest_memfd pages in place (more calls to draw from)."""
     g = Gen(draw, pages)
     names = list(VM_TYPES)
     kind = names[g.pick("fuzz.vm_type", len(names))] if vm_type == "any" else vm_type
@@ -151,7 +153,7 @@ def generate(
                 s.append(f"await call(launch_update(vm, src, 0, {built}))")
             s.append("await call(launch_finish(vm))")
     for i in range(2 + g.pick("fuzz.actors", max_actors - 1)):
-        ctx = Ctx(kind, launched, f"v{i}" if i < vcpus else None, slot1, g1)
+        ctx = Ctx(kind, launched, f"v{i}" if i < vcpus else None, slot1, g1, convertible)
         calls = applicable(ctx)
         seq: list[str] = []
         for j in range(max_calls):

@@ -42,6 +42,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "close": ("EBADF",),
     "host_write": ("EFAULT",),
     "host_read": ("EFAULT",),
+    "convert": ("EAGAIN", "EBADF", "EINVAL"),
 }
 
 
@@ -193,6 +194,13 @@ async def host_write(kvm: Any, hva: int, first: int, count: int) -> None:
 async def host_read(kvm: Any, hva: int, first: int, count: int) -> None:
     """The VMM loads pages [first, first + count) of its mapping at `hva`."""
     await kvm.mm.read(hva + first * PAGE, count * PAGE)
+
+
+async def convert(gmem: Any, first: int, count: int, private: bool) -> None:
+    """KVM_SET_MEMORY_ATTRIBUTES2 on the guest_memfd: file pages [first, first + count) private or
+    shared, in place (design gmem-inplace-conversion)."""
+    attrs = uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE if private else 0
+    await gmem.set_memory_attributes2(uapi.MemoryAttributes2(first * PAGE, count * PAGE, attrs))
 
 
 async def image(kvm: Any, pages: int) -> int:

@@ -38,10 +38,15 @@ def compile_program(program: Program) -> ProgramFn:
     return fn
 
 
-def draw_program(vm_type: str, pages: int, actors: int, calls: int) -> Program:
+def draw_program(vm_type: str, pages: int, actors: int, calls: int, convertible: bool = False) -> Program:
     """Draw a program from the running execution's stream (live mode: the all-zero program)."""
     return generate(
-        lambda kind, n, p: draw(kind, p, n), vm_type=vm_type, pages=pages, max_actors=actors, max_calls=calls
+        lambda kind, n, p: draw(kind, p, n),
+        vm_type=vm_type,
+        pages=pages,
+        max_actors=actors,
+        max_calls=calls,
+        convertible=convertible,
     )
 
 
@@ -63,5 +68,5 @@ async def fuzz(kvm: Any, vm_type: str = "any", pages: int = 8, actors: int = 6, 
     """
     if actors < 2 or calls < 1 or pages < 2:
         raise ValueError("fuzz needs actors >= 2, calls >= 1 and pages >= 2")
-    program = draw_program(vm_type, pages, actors, calls)
+    program = draw_program(vm_type, pages, actors, calls, kvm.profile.gmem_in_place_conversion)
     await compile_program(program)(kvm)

@@ -16,6 +16,7 @@ from typing import Any
 from ..explore.engine import Program as Recipe
 from ..explore.scenarios import get_scenario, load_module
 from ..explore.schedule import Schedule, write_atomic
+from ..profile import get_profile
 from ..runtime.failures import ToolError
 from . import prelude
 from .generate import Program, generate
@@ -47,6 +48,7 @@ def program_of(schedule: Schedule) -> Program:
         pages=params["pages"],
         max_actors=params["actors"],
         max_calls=params["calls"],
+        convertible=get_profile(schedule.profile).gmem_in_place_conversion,
     )
 
 
