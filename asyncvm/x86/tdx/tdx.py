@@ -279,6 +279,25 @@ async def tdx_vcpu_init(vcpu: Vcpu, data: int, flags: int) -> None:
 
 
 # -- KVM_TDX_INIT_MEM_REGION -------------------------------------------------------------------
+def _check_mem_region(vm: Vm, region: uapi.TdxInitMemRegion, flags: int) -> None:
+    """tdx.c: the argument checks of tdx_vcpu_init_mem_region() (and of the earlier
+    tdx_init_mem_region()): known flags, page-aligned source and gpa, a private range that does
+    not wrap the __u64 end (which C catches as end <= gpa)."""
+    if flags & ~uapi.KVM_TDX_MEASURE_MEMORY_REGION:
+        raise KvmError(uapi.EINVAL, "unknown flags")
+    end = region.gpa + region.nr_pages * PAGE_SIZE
+    if (
+        region.source_addr % PAGE_SIZE
+        or region.gpa % PAGE_SIZE
+        or region.nr_pages == 0
+        or end <= region.gpa
+        or end > uapi.U64_MAX
+        or not tdx_is_private_gpa(vm, region.gpa)
+        or not tdx_is_private_gpa(vm, end - 1)
+    ):
+        raise KvmError(uapi.EINVAL, "bad source_addr/gpa/nr_pages")
+
+
 async def tdx_vcpu_init_mem_region(vcpu: Vcpu, region: uapi.TdxInitMemRegion, flags: int) -> None:
     """tdx.c: tdx_vcpu_init_mem_region() (6.16+): one page per kvm_gmem_populate() call; the
     struct is written back (advanced past the pages done) even on error."""
@@ -289,19 +308,7 @@ async def tdx_vcpu_init_mem_region(vcpu: Vcpu, region: uapi.TdxInitMemRegion, fl
         _vcpu_gate(kvm_tdx)
         if to_tdx(vcpu).state != VCPU_TD_STATE_INITIALIZED:
             raise KvmError(uapi.EINVAL, "vCPU not initialized")
-        if flags & ~uapi.KVM_TDX_MEASURE_MEMORY_REGION:
-            raise KvmError(uapi.EINVAL, "unknown flags")
-        end = region.gpa + region.nr_pages * PAGE_SIZE
-        if (
-            region.source_addr % PAGE_SIZE
-            or region.gpa % PAGE_SIZE
-            or region.nr_pages == 0
-            or end <= region.gpa
-            or end > uapi.U64_MAX
-            or not tdx_is_private_gpa(vm, region.gpa)
-            or not tdx_is_private_gpa(vm, end - 1)
-        ):
-            raise KvmError(uapi.EINVAL, "bad source_addr/gpa/nr_pages")
+        _check_mem_region(vm, region, flags)
         if not _t19(vm):
             await vm.slots_lock.lock()
         try:
@@ -353,18 +360,7 @@ async def tdx_init_mem_region(vm: Vm, region: uapi.TdxInitMemRegion, flags: int,
         held.append(vcpu0.mutex)
     try:
         _vcpu_gate(kvm_tdx)
-        if flags & ~uapi.KVM_TDX_MEASURE_MEMORY_REGION:
-            raise KvmError(uapi.EINVAL, "unknown flags")
-        end = region.gpa + region.nr_pages * PAGE_SIZE
-        if (
-            region.source_addr % PAGE_SIZE
-            or region.gpa % PAGE_SIZE
-            or region.nr_pages == 0
-            or end <= region.gpa
-            or not tdx_is_private_gpa(vm, region.gpa)
-            or not tdx_is_private_gpa(vm, end - 1)
-        ):
-            raise KvmError(uapi.EINVAL, "bad source_addr/gpa/nr_pages")
+        _check_mem_region(vm, region, flags)
         idx = await vm.srcu.read_lock()
         try:
             ret = await vcpu0.arch.mmu.kvm_mmu_reload()
