@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import asyncvm
@@ -9,6 +10,7 @@ from asyncvm import uapi
 from asyncvm.check.errno import expect_errno
 from asyncvm.explore.params import Param
 from asyncvm.kvm.vcpu import GuestAccess
+from asyncvm.runtime.failures import Violation
 from asyncvm.uapi import PAGE_SIZE, KvmError
 
 #: the most guest pages a bundled scenario takes (4 GiB of guest memory: far past any useful race)
@@ -50,15 +52,25 @@ async def shared_vm(kvm: Any, pages: int, *, page_size: int = PAGE_SIZE) -> tupl
     return vm, hva
 
 
-async def pre_fault(vcpu: Any, gpa: int, size: int, tolerate: tuple[int, ...] = ()) -> int:
+def pre_fault(vcpu: Any, gpa: int, size: int, tolerate: tuple[int, ...] = ()) -> Coroutine[Any, Any, int]:
     """KVM_PRE_FAULT_MEMORY the way the selftest drives it: re-issue after progress or EINTR.
 
     Returns 0 when the whole range was processed, or the errno that stopped it (if tolerated).
+    A plain function handing back until_done()'s coroutine: every scheduling step resumes the
+    whole await chain, so a wrapper level would be paid on each one.
     """
     r = uapi.PreFaultMemory(gpa, size)
-    while r.size:
+    return until_done(lambda: vcpu.pre_fault_memory(r), lambda: r.size > 0, tolerate)
+
+
+async def until_done(
+    call: Callable[[], Awaitable[None]], remaining: Callable[[], bool], tolerate: tuple[int, ...] = ()
+) -> int:
+    """Re-issue an ioctl whose struct records its progress until `remaining()` is false, after
+    progress or EINTR alike, as the selftests do. Returns 0, or a tolerated errno that stopped it."""
+    while remaining():
         try:
-            await vcpu.pre_fault_memory(r)
+            await call()
         except KvmError as e:
             if e.errno == uapi.EINTR:
                 continue
@@ -66,6 +78,18 @@ async def pre_fault(vcpu: Any, gpa: int, size: int, tolerate: tuple[int, ...] = 
                 return e.errno
             raise
     return 0
+
+
+async def expect_prefault_refused(vcpu: Any, size: int, before: str) -> None:
+    """KVM_PRE_FAULT_MEMORY of [0, size) before the launch is finished must be -EOPNOTSUPP
+    (mmu.c: kvm_arch_vcpu_pre_fault_memory(): !pre_fault_allowed); `before` names that step."""
+    got = await pre_fault(vcpu, 0, size, tolerate=(uapi.EOPNOTSUPP,))
+    if got != uapi.EOPNOTSUPP:
+        raise Violation(
+            "errno",
+            f"KVM_PRE_FAULT_MEMORY succeeded {before}; the kernel returns EOPNOTSUPP",
+            signature="errno:KVM_PRE_FAULT_MEMORY:success",
+        )
 
 
 async def run_guest(

@@ -10,7 +10,14 @@ from asyncvm.kvm.vcpu import GuestAccess
 from asyncvm.runtime.failures import Violation
 from asyncvm.uapi import PAGE_SIZE, KvmError
 
-from .common import guest_reads_during_conversion, pages_param, pre_fault, private_vm, run_guest
+from .common import (
+    expect_prefault_refused,
+    guest_reads_during_conversion,
+    pages_param,
+    pre_fault,
+    private_vm,
+    run_guest,
+)
 
 POLICY = 1 << 17  # the reserved-must-be-one bit
 
@@ -116,14 +123,7 @@ async def snp_launch_update_vs_prefault(kvm: Any, pages: int = 4) -> None:
     vcpu = await vm.create_vcpu(0)
 
     async def prefault() -> None:
-        got = await pre_fault(vcpu, 0, pages * PAGE_SIZE, tolerate=(uapi.EOPNOTSUPP,))
-        if got != uapi.EOPNOTSUPP:
-            # mmu.c: kvm_arch_vcpu_pre_fault_memory(): !pre_fault_allowed -> -EOPNOTSUPP
-            raise Violation(
-                "errno",
-                "KVM_PRE_FAULT_MEMORY succeeded on an SNP VM before LAUNCH_FINISH; the kernel returns EOPNOTSUPP",
-                signature="errno:KVM_PRE_FAULT_MEMORY:success",
-            )
+        await expect_prefault_refused(vcpu, pages * PAGE_SIZE, "on an SNP VM before LAUNCH_FINISH")
 
     async with asyncvm.TaskGroup() as tg:
         tg.spawn(_launch_update, vm, src, 0, pages, name="launch_update")

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Coroutine
 from typing import Any
 
 import asyncvm
 from asyncvm import uapi
 from asyncvm.kvm.vcpu import GuestAccess
-from asyncvm.runtime.failures import Violation
 from asyncvm.uapi import PAGE_SIZE, KvmError
 
-from .common import pages_param, pre_fault, private_vm, run_guest, vcpus_param
+from .common import expect_prefault_refused, pages_param, private_vm, run_guest, until_done, vcpus_param
 
 
 async def build_td(kvm: Any, pages: int, vcpus: int) -> tuple[Any, Any, list[Any], int]:
@@ -24,22 +24,14 @@ async def build_td(kvm: Any, pages: int, vcpus: int) -> tuple[Any, Any, list[Any
     return vm, gmem, cpus, src
 
 
-async def init_mem_region(
+def init_mem_region(
     vcpu: Any, src: int, gfn: int, n: int, *, measure: bool = True, tolerate: tuple[int, ...] = ()
-) -> int:
-    """KVM_TDX_INIT_MEM_REGION until done; the struct tells where to restart after EINTR."""
+) -> Coroutine[Any, Any, int]:
+    """KVM_TDX_INIT_MEM_REGION until done; the struct tells where to restart after EINTR
+    (until_done()'s coroutine itself, as pre_fault() hands it back)."""
     region = uapi.TdxInitMemRegion(src + gfn * PAGE_SIZE, gfn * PAGE_SIZE, n)
     flags = uapi.KVM_TDX_MEASURE_MEMORY_REGION if measure else 0
-    while region.nr_pages:
-        try:
-            await vcpu.tdx_init_mem_region(region, flags)
-        except KvmError as e:
-            if e.errno == uapi.EINTR:
-                continue
-            if e.errno in tolerate:
-                return e.errno
-            raise
-    return 0
+    return until_done(lambda: vcpu.tdx_init_mem_region(region, flags), lambda: region.nr_pages > 0, tolerate)
 
 
 async def init_mem_region_split(cpus: list[Any], src: int, pages: int) -> None:
@@ -114,14 +106,7 @@ async def tdx_prefault_before_finalize(kvm: Any, pages: int = 4) -> None:
     vm, _gmem, cpus, src = await build_td(kvm, pages, 2)
 
     async def prefault() -> None:
-        got = await pre_fault(cpus[1], 0, pages * PAGE_SIZE, tolerate=(uapi.EOPNOTSUPP,))
-        if got != uapi.EOPNOTSUPP:
-            # mmu.c: kvm_arch_vcpu_pre_fault_memory(): !pre_fault_allowed -> -EOPNOTSUPP
-            raise Violation(
-                "errno",
-                "KVM_PRE_FAULT_MEMORY succeeded on a TD before KVM_TDX_FINALIZE_VM; the kernel returns EOPNOTSUPP",
-                signature="errno:KVM_PRE_FAULT_MEMORY:success",
-            )
+        await expect_prefault_refused(cpus[1], pages * PAGE_SIZE, "on a TD before KVM_TDX_FINALIZE_VM")
 
     async with asyncvm.TaskGroup() as tg:
         tg.spawn(init_mem_region, cpus[0], src, 0, pages // 2, name="vcpu0")
