@@ -1,9 +1,10 @@
 """Does `asyncvm fuzz` find each named bug without its scenario, and how soon?
 
-For each bug, one fuzz campaign with the bug injected, under a time budget, on the VM type the
-bug's own scenario uses (the one thing a user hunting it would know). A failure counts for the bug
-only if its schedule does not fail the same way without the bug: fuzz programs can also reach
-failures the correct model has (see the clean-model runs), and those prove nothing about the bug.
+For each bug, one fuzz campaign with the bug injected, on the VM type the bug's own scenario uses
+(the one thing a user hunting it would know), until the bug's first failure or the end of a time
+budget. A failure counts for the bug only if its schedule does not fail the same way without the
+bug: fuzz programs can also reach failures the correct model has (see the clean-model runs), and
+those prove nothing about the bug.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from collections.abc import Callable
 from typing import Any
 
 from ..bugs import BUGS
-from ..explore.campaign import FoundFailure
+from ..explore.campaign import FoundFailure, Report
 from ..explore.driver import Campaign
 from ..explore.engine import Program
+from ..explore.schedule import Schedule
 from ..runtime.failures import ToolError
 from .run import fuzz_spec
 from .scenario import fuzz
@@ -50,32 +52,58 @@ def fails_without_bug(found: FoundFailure, profile: str) -> bool:
     return result.failure is not None and result.failure.signature == found.signature
 
 
+class _Found(Exception):
+    """Raised from the campaign's progress hook once the bug's own failure is in: it stops the hunt."""
+
+
 def hunt_bug(bug: str, *, budget: float, seed: int = 0, profile: str = "6.18", jobs: int = 1) -> dict[str, Any]:
-    """One bug: found or not, the runs and (estimated) seconds to the first failure it causes."""
+    """One bug: found or not, the runs and seconds to the first failure it causes.
+
+    The campaign stops as soon as the merge finds a failure that is the bug's own (one whose schedule
+    does not fail that way without the bug), at the end of the chunk holding it; `budget` bounds a
+    hunt that finds nothing. `seconds_to_first` is measured: the time from the start (the chunk
+    sizing's calibration included) to the merge of that chunk, so it overstates by at most the rest
+    of that chunk. `runs` counts every execution merged (the whole chunk), `seconds` the whole hunt.
+    """
     vm_type = vm_type_for(bug)
     spec = fuzz_spec(vm_type=vm_type, profile=profile, bugs=[bug], seed=seed, timed=True)
+    own: dict[str, float] = {}  # the bug's own signatures -> seconds from t0 to their discovery
+    judged: dict[str, Schedule] = {}  # each signature's witness, as judged at discovery
+
+    def on_failure(found: FoundFailure) -> None:
+        judged[found.signature] = found.schedule
+        if not fails_without_bug(found, profile):
+            own[found.signature] = time.perf_counter() - t0
+
+    def progress(_report: Report, _runs: int) -> None:
+        if own:
+            raise _Found
+
     t0 = time.perf_counter()
     with Campaign(spec, jobs=jobs, time_budget=budget) as campaign:
-        report = campaign.run()
+        try:
+            report = campaign.run(on_failure=on_failure, progress=progress)
+        except _Found:
+            assert campaign.report is not None  # run() sets it before the first chunk
+            report = campaign.report  # every chunk merged so far, runs counted in full
     elapsed = time.perf_counter() - t0
-    own = sorted(
-        (f for f in report.failures if not fails_without_bug(f, profile)),
-        key=lambda f: f.first_run,
-    )
+    # A signature whose representative became a smaller witness later is judged again on it.
+    for f in report.failures:
+        if f.signature not in own and f.schedule is not judged.get(f.signature) and not fails_without_bug(f, profile):
+            own[f.signature] = elapsed
+    mine = sorted((f for f in report.failures if f.signature in own), key=lambda f: f.first_run)
     out: dict[str, Any] = {"vm_type": vm_type, "runs": report.runs, "seconds": round(elapsed, 1)}
-    if own:
-        first = own[0]
-        runs_to = first.first_run - spec.first_run + 1
+    if mine:
+        first = mine[0]
         out.update(
             found=True,
             signature=first.signature,
-            runs_to_first=runs_to,
-            # the campaign's own rate: executions are independent, so this is where it was reached
-            seconds_to_first=round(elapsed * runs_to / max(1, report.runs), 2),
+            runs_to_first=first.first_run - spec.first_run + 1,
+            seconds_to_first=round(own[first.signature], 2),
         )
     else:
         out["found"] = False
-    out["not_the_bug"] = sorted({f.signature for f in report.failures} - {f.signature for f in own})
+    out["not_the_bug"] = sorted({f.signature for f in report.failures} - own.keys())
     return out
 
 

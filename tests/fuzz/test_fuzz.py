@@ -13,6 +13,7 @@ from asyncvm.explore.engine import Program
 from asyncvm.explore.scenarios import get_scenario
 from asyncvm.fuzz import fuzz, generate
 from asyncvm.fuzz.describe import VM_TYPES
+from asyncvm.fuzz.hunt import hunt_bug
 from asyncvm.fuzz.write import program_of, strip_program, write_program
 from asyncvm.runtime.strategies import RandomStrategy
 
@@ -110,6 +111,14 @@ def test_fuzz_finds_a_named_bug_without_its_scenario(buggy: asyncvm.FoundFailure
     clean = program.rerun(buggy.schedule.choices, strict=False)
     assert clean.failure is None or clean.failure.signature != buggy.signature
     assert buggy.first_run < BUG_RUNS
+
+
+def test_a_hunt_stops_at_the_bugs_first_own_failure() -> None:
+    # The budget only bounds a hunt that finds nothing: this one stops within its first chunk.
+    row = hunt_bug(BUG, budget=60.0)
+    assert row["found"] and row["signature"].startswith("stale_install"), row
+    assert 1 <= row["runs_to_first"] <= row["runs"] < BUG_RUNS, row
+    assert 0 < row["seconds_to_first"] <= row["seconds"] + 0.06 and row["seconds"] < 30, row
 
 
 @pytest.mark.parametrize("vm_type", ["sw", "snp"])
