@@ -212,7 +212,7 @@ class ChunkResult:
             "exhausted": self.exhausted,
             "stopped": self.stopped,
             "failures": [[i, f.to_json(), _enc(c)] for i, f, c in self.failures],
-            "edges": [[i, [asdict(e) for e in es], _enc(c)] for i, es, c in self.edges],
+            "edges": [[i, [e._asdict() for e in es], _enc(c)] for i, es, c in self.edges],
             "sizes": [[i, p, s] for i, (p, s) in self.sizes.items()],
         }
 

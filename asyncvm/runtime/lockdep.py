@@ -16,18 +16,19 @@ from __future__ import annotations
 
 import sys
 from collections import deque
-from dataclasses import dataclass
 from itertools import pairwise
-from typing import Any
+from typing import Any, NamedTuple
 
 from .failures import Violation
 from .sites import fmt_site
 from .sync import READ, WRITE
 
 
-@dataclass(frozen=True)
-class Edge:
-    """Class `after` was acquired at `after_site` while `before` (taken at `before_site`) was held."""
+class Edge(NamedTuple):
+    """Class `after` was acquired at `after_site` while `before` (taken at `before_site`) was held.
+
+    A named tuple, not a frozen dataclass: every execution's graph is built afresh, and a tuple is
+    made in one C call where a frozen dataclass pays an ``object.__setattr__`` per field."""
 
     before: str
     after: str
