@@ -3,7 +3,6 @@ handle_changed_spte() invariant (arch/x86/kvm/mmu/tdp_mmu.c, mmu.c, mmu.h; kvm-c
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -197,7 +196,7 @@ def remap_present_leaf(monkeypatch: pytest.MonkeyPatch) -> None:
         base = align(fault.gfn, level)
         old = root.get(level, base)
         if isinstance(old, Leaf):
-            new = replace(old, delta=old.delta + PAGES[level])
+            new = old._replace(delta=old.delta + PAGES[level])
             if await vcpu.vm.arch.mmu.set_spte_atomic(root, level, base, old, new):
                 return RET_PF_FIXED
         return await original(vcpu, fault, root)

@@ -41,9 +41,10 @@ PFERR_GUEST_FINAL_MASK = 1 << 32
 PFERR_PRIVATE_ACCESS = 1 << 49
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True, weakref_slot=True)
 class KvmPageFault:
-    """``struct kvm_page_fault``"""
+    """``struct kvm_page_fault`` (slotted: one is made per fault attempt; weak-referenceable for
+    live mode's oracles)"""
 
     addr: int
     error_code: int

@@ -11,7 +11,7 @@ A 256 GiB guest mapped with 1 GiB pages costs 256 entries; a non-leaf SPTE is th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ...intervals import IntervalMap
 from ...kvm.invalidate import KVM_FILTER_PRIVATE, KVM_FILTER_SHARED
@@ -48,9 +48,12 @@ FROZEN = _Marker("FROZEN_SPTE")
 MMIO = _Marker("MMIO_SPTE")
 
 
-@dataclass(frozen=True)
-class Leaf:
-    """A present leaf SPTE value. ``pfn(gfn) = gfn + delta``; equal values coalesce into runs."""
+class Leaf(NamedTuple):
+    """A present leaf SPTE value. ``pfn(gfn) = gfn + delta``; equal values coalesce into runs.
+
+    An immutable value, made on every install: a named tuple is built in one C call (a frozen
+    dataclass pays an ``object.__setattr__`` per field) and compares field by field all the same.
+    """
 
     delta: int
     level: int
