@@ -22,12 +22,15 @@ from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any
 
+from pydantic import ValidationError
+
 from ..runtime.failures import Failure, ToolError, Violation
 from ..runtime.lockdep import Lockdep
 from ..runtime.strategies import make_strategy
 from .campaign import CampaignSpec, ChunkResult, FoundFailure, Report, run_chunk
 from .engine import DEFAULT_MAX_STEPS, Program, ScenarioFn, calibrate_steps, confirm, scenario_name
 from .executors import EXECUTION_LOCK, connect_dask, dask_slots, run_dask, run_here, run_pool
+from .files import MAX_JOBS, SpecModel, explain
 from .known import known_behaviour
 from .schedule import Schedule
 
@@ -320,11 +323,29 @@ def explore(
     """
     from ..bugs import check_bug_names
 
+    if not (isinstance(scenario, str) or callable(scenario)):
+        raise TypeError(f"scenario must be a registered scenario's name or an async function, not {scenario!r}")
     if isinstance(bugs, str):  # its letters would be taken as bug names
         raise ValueError(f"bugs must be a list of bug names, not the string {bugs!r}")
+    if not isinstance(bugs, Iterable):
+        raise TypeError(f"bugs must be a list of bug names, not {bugs!r}")
+    bugs = list(bugs)
+    if not all(isinstance(b, str) for b in bugs):
+        raise TypeError(f"bugs must be a list of bug names, not {bugs!r}")
     check_bug_names(bugs)
-    if time_budget is not None and not (math.isfinite(time_budget) and time_budget > 0):
+    for name, mapping in (("params", params), ("data_probs", data_probs)):
+        if mapping is not None and not isinstance(mapping, Mapping):
+            raise TypeError(f"{name} must be a mapping (a dict), not {mapping!r}")
+    if time_budget is not None and (
+        isinstance(time_budget, bool)
+        or not isinstance(time_budget, (int, float))
+        or not (math.isfinite(time_budget) and time_budget > 0)
+    ):
         raise ValueError(f"time_budget must be a positive, finite number of seconds, not {time_budget!r}")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or not 0 <= jobs <= MAX_JOBS:
+        raise ValueError(f"jobs must be an integer from 0 to {MAX_JOBS}, not {jobs!r}")
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress must be a callable or None, not {progress!r}")
     fn = None if isinstance(scenario, str) else scenario
     spec = CampaignSpec(
         scenario=scenario if isinstance(scenario, str) else scenario_name(scenario),
@@ -344,5 +365,9 @@ def explore(
         first_run=first_run,
         stop_on_first_failure=stop_on_first_failure,
     )
+    try:  # the limits a campaign.json is read back with, so every campaign can be resumed
+        SpecModel.model_validate(spec.to_json())
+    except ValidationError as e:
+        raise ValueError(f"explore(): {explain(e)}") from None
     with Campaign(spec, fn=fn, jobs=jobs, time_budget=time_budget) as campaign:
         return campaign.run(progress=None if progress is None else lambda report, _runs: progress(report))

@@ -47,6 +47,8 @@ MAX_SUITE_BYTES = 1 * MIB
 MAX_STEPS_LIMIT = 10**9
 #: the most executions a campaign can ask for (the CLI's "unbounded")
 MAX_RUNS = 10**12
+#: the most worker processes a campaign may start on this machine (more is a typo, not a machine)
+MAX_JOBS = 1024
 #: seeds are what Python's random accepts, kept to 64 bits so every tool can print them
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 

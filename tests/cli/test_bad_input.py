@@ -243,3 +243,38 @@ def test_api_replay_force_with_an_undeclared_parameter_is_a_schedule_error(good_
     schedule.params["bogus"] = 1
     with pytest.raises(asyncvm.ScheduleError, match="bogus"):
         asyncvm.replay(schedule, SCENARIO, force=True)
+
+
+# -- explore(): a wrong argument is one clear exception before anything runs -----------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "needle"),
+    [
+        ({"runs": -1}, ValueError, "runs"),
+        ({"runs": "3"}, ValueError, "runs"),
+        ({"seed": None}, ValueError, "seed"),
+        ({"seed": 2**70}, ValueError, "seed"),  # a schedule.json could not be read back
+        ({"depth": "x"}, ValueError, "depth"),
+        ({"max_steps": 0}, ValueError, "max_steps"),
+        ({"strategy": None}, ValueError, "strategy"),
+        ({"profile": None}, ValueError, "profile"),
+        ({"jobs": 2**40}, ValueError, "jobs"),
+        ({"jobs": -1}, ValueError, "jobs"),
+        ({"bugs": None}, TypeError, "bugs"),
+        ({"bugs": [1]}, TypeError, "bugs"),
+        ({"params": [1]}, TypeError, "params"),
+        ({"data_probs": {"x": 5}}, ValueError, "data_probs"),
+        ({"time_budget": "x"}, ValueError, "time_budget"),
+        ({"progress": 5}, TypeError, "progress"),
+        ({"scenario": None}, TypeError, "scenario"),
+    ],
+    ids=lambda v: repr(v) if isinstance(v, dict) else "",
+)
+def test_api_explore_refuses_a_wrong_argument(kwargs: dict[str, Any], error: type[Exception], needle: str) -> None:
+    import asyncvm
+
+    args = {"scenario": SCENARIO, "runs": 2, **kwargs}
+    with pytest.raises(error, match=needle) as info:
+        asyncvm.explore(args.pop("scenario"), **args)
+    assert "\n" not in str(info.value)
