@@ -45,6 +45,42 @@ def _check_seconds(flag: str, value: float | None) -> None:
         _die(f"{flag} must be a positive, finite number of seconds")
 
 
+def _check_jobs(jobs: int, least: int = 0) -> None:
+    """A number of worker processes: at least `least` (0 is all cores), at most files.MAX_JOBS."""
+    from .explore.files import MAX_JOBS
+
+    if jobs < least:
+        _die("--jobs must be positive (or 0 for all cores)" if least == 0 else f"--jobs must be at least {least}")
+    if jobs > MAX_JOBS:
+        _die(f"--jobs must be at most {MAX_JOBS}")
+
+
+def _check_seed(flag: str, seed: int | None) -> None:
+    """A seed a schedule.json can record (and so replay and resume can read back)."""
+    from .explore.files import SEED_MAX, SEED_MIN
+
+    if seed is not None and not SEED_MIN <= seed <= SEED_MAX:
+        _die(f"{flag} must be from {SEED_MIN} to {SEED_MAX}")
+
+
+#: the stress option that sets each CampaignSpec field a command line can get out of range
+_SPEC_FLAGS = {"depth": "--depth", "preemptions": "--preemptions", "max_steps": "--max-steps", "runs": "--runs"}
+
+
+def _check_spec(spec: Any) -> None:
+    """The limits campaign.json is read back with: a campaign that starts can be resumed."""
+    from pydantic import ValidationError
+
+    from .explore.files import SpecModel
+
+    try:
+        SpecModel.model_validate(spec.to_json())
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        field = str(err["loc"][0]) if err["loc"] else ""
+        _die(_one_line(f"{_SPEC_FLAGS.get(field, field)}: {err['msg']}"))
+
+
 def _coerce(key: str, raw: str, default: Any) -> Any:
     """A --param value, read as the type of the parameter's declared default."""
     if isinstance(default, str):
@@ -208,8 +244,8 @@ def _stress_suite(
     assert suite is not None  # (_die raised otherwise)
     if given:
         _die(f"{', '.join(given)}: not with --suite (the suite file sets each campaign's budget, strategy and bugs)")
-    if jobs < 0:
-        _die("--jobs must be positive (or 0 for all cores)")
+    _check_jobs(jobs)
+    _check_seed("--seed", seed)
     _load_modules(module)
     try:
         rc = run_suite_file(
@@ -366,14 +402,15 @@ def stress(
         _die("--depth must be at least 1")
     if preemptions is not None and preemptions < 0:
         _die("--preemptions must not be negative")
-    if jobs < 0:
-        _die("--jobs must be positive (or 0 for all cores)")
+    _check_jobs(jobs)
+    _check_seed("--seed", seed)
     if max_steps is not None and max_steps <= 0:
         _die("--max-steps must be positive")
     do_shrink = True if shrink is None else shrink
     if resume is None:
         assert scenario is not None  # (the suite branch took the other case)
-        strategy, profile = strategy or "pct", profile or "6.18"
+        strategy = "pct" if strategy is None else strategy
+        profile = "6.18" if profile is None else profile
         _check_choices(strategy, profile, list(bug or []))
         if scenario.endswith(".py"):  # a scenario file, e.g. a program `asyncvm fuzz` wrote
             scenario, module = _file_scenario(scenario, module)
@@ -400,6 +437,7 @@ def stress(
             stop_on_first_failure=stop_on_first_failure,
             detect_races=race_detector,
         )
+        _check_spec(spec)
     else:
         try:
             spec, meta = load_campaign(resume)
@@ -645,8 +683,8 @@ def fuzz(
     if programs is not None and programs <= 0:
         _die("--programs must be positive")
     _check_seconds("--time", time_budget)
-    if jobs < 0:
-        _die("--jobs must be positive (or 0 for all cores)")
+    _check_jobs(jobs)
+    _check_seed("--seed", seed)
     try:
         spec = fuzz_spec(
             vm_type=vm_type,
@@ -757,8 +795,8 @@ def compare(
     if runs is not None and runs <= 0:
         _die("--runs must be positive")
     _check_seconds("--time", time_budget)
-    if jobs < 1:
-        _die("--jobs must be at least 1")
+    _check_jobs(jobs, least=1)
+    _check_seed("--seed", seed)
     _check_choices(strategy, "6.18", list(bug or []))
     spec = _resolve(scenario, module)
     try:

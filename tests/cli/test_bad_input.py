@@ -278,3 +278,29 @@ def test_api_explore_refuses_a_wrong_argument(kwargs: dict[str, Any], error: typ
     with pytest.raises(error, match=needle) as info:
         asyncvm.explore(args.pop("scenario"), **args)
     assert "\n" not in str(info.value)
+
+
+# -- options a campaign could start with but not be replayed or resumed with -----------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("stress", SCENARIO, "--jobs", "99999999999999"), "--jobs"),  # once an OverflowError, exit 3
+        (("stress", SCENARIO, "--seed", str(2**70)), "--seed"),  # its schedule.json was unreadable
+        (("stress", SCENARIO, "--depth", "99999999999"), "--depth"),  # its campaign.json was unreadable
+        (("stress", SCENARIO, "--max-steps", str(10**12)), "--max-steps"),
+        (("stress", SCENARIO, "--strategy", ""), "unknown strategy ''"),  # once silently pct
+        (("stress", SCENARIO, "--profile", ""), "unknown profile ''"),  # once silently 6.18
+        (("stress", "--suite", "suite.toml", "--jobs", "5000"), "--jobs"),
+        (("compare", SCENARIO, "--profiles", "6.18", "--jobs", "5000"), "--jobs"),
+        (("compare", SCENARIO, "--profiles", "6.18", "--seed", str(2**70)), "--seed"),
+        (("fuzz", "--seed", str(-(2**70))), "--seed"),
+    ],
+    ids=lambda v: " ".join(v[:1] + v[-2:]) if isinstance(v, tuple) else "",
+)
+def test_out_of_range_option_is_refused_before_any_run(args: tuple[str, ...], needle: str, tmp_path: Path) -> None:
+    proc = run_cli(*args, "--out", "logs", cwd=tmp_path, timeout=120)
+    assert_one_line_error(proc, needle)
+    assert not (tmp_path / "logs").exists(), "nothing ran"
+
