@@ -130,6 +130,8 @@ def _load_modules(modules: list[str] | None) -> None:
             load_module(m)
         except UnknownScenario as e:
             _die(str(e))
+        except SystemExit as e:  # sys.exit() at import: load_module's `except Exception` lets it by
+            _die(f"cannot import module {m!r}: it called sys.exit({e.code!r})")
 
 
 def _file_scenario(path: str, modules: list[str] | None) -> tuple[str, list[str]]:
@@ -140,6 +142,8 @@ def _file_scenario(path: str, modules: list[str] | None) -> tuple[str, list[str]
         source = load_module(path)
     except UnknownScenario as e:
         _die(str(e))
+    except SystemExit as e:
+        _die(f"cannot import module {path!r}: it called sys.exit({e.code!r})")
     names = sorted(n for n, spec in REGISTRY.items() if spec.source == source)
     if len(names) != 1:
         _die(f"{path} registers {len(names)} scenarios ({', '.join(names) or 'none'}); name one with --module {path}")

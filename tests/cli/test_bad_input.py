@@ -304,3 +304,9 @@ def test_out_of_range_option_is_refused_before_any_run(args: tuple[str, ...], ne
     assert_one_line_error(proc, needle)
     assert not (tmp_path / "logs").exists(), "nothing ran"
 
+
+@pytest.mark.parametrize("code", ["5", "0", "'bye'"])
+def test_a_module_that_calls_sys_exit_at_import_is_one_line(code: str, tmp_path: Path) -> None:
+    (tmp_path / "exits.py").write_text(f"import sys\nsys.exit({code})\n")
+    for args in (("scenarios", "-m", "exits.py"), ("stress", "exits.py", "--runs", "3", "--out", "logs")):
+        assert_one_line_error(run_cli(*args, cwd=tmp_path), "exits.py", f"sys.exit({code})")
