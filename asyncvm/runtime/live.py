@@ -155,4 +155,10 @@ async def syscall(coro: Coroutine[Any, Any, R]) -> R:
         t.syscalls -= 1
         if not t.syscalls:
             # The return to user mode: a pending cancellation replaces the call's own outcome.
-            await anyio.lowlevel.checkpoint_if_cancelled()
+            if cancel_pending():
+                # A deadline that has passed becomes a cancellation only when the event loop
+                # runs: a call that met the signal before any scheduling point (KVM_RUN's
+                # fatal_signal_pending()) must yield once here, or an EINTR retry loop spins.
+                await anyio.lowlevel.checkpoint()
+            else:
+                await anyio.lowlevel.checkpoint_if_cancelled()

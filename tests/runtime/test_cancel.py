@@ -144,6 +144,30 @@ def test_an_eintr_retry_loop_ends_with_the_cancellation(backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_an_eintr_retry_loop_ends_when_its_deadline_passes(backend: str) -> None:
+    """A deadline that passes while the caller retries KVM_RUN on EINTR: the ioctl sees the signal
+    at its first check, before any scheduling point, so only the return to user mode can let the
+    event loop turn the passed deadline into a cancellation (it spun there for minutes)."""
+
+    async def main() -> None:
+        vm, _gmem, cpus = await _vm()
+        cpus[0].load_program([])
+        retries = 0
+        with anyio.move_on_after(0.05) as scope:
+            while retries < 100_000:
+                try:
+                    await cpus[0].run()
+                except asyncvm.KvmError as e:
+                    if e.errno != uapi.EINTR:
+                        raise
+                    retries += 1
+        assert scope.cancelled_caught, f"still retrying after {retries} EINTRs"
+        _assert_coherent(vm, cpus)
+
+    anyio.run(main, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_deadline_in_the_past_is_a_pending_signal(backend: str) -> None:
     async def main() -> None:
         _, _gmem, cpus = await _vm()
