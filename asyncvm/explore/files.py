@@ -47,6 +47,8 @@ MAX_SUITE_BYTES = 1 * MIB
 MAX_STEPS_LIMIT = 10**9
 #: the most executions a campaign can ask for (the CLI's "unbounded")
 MAX_RUNS = 10**12
+#: the largest PCT depth and DFS preemption bound a campaign may ask for
+MAX_DEPTH = 10_000
 #: the most worker processes a campaign may start on this machine (more is a typo, not a machine)
 MAX_JOBS = 1024
 #: seeds are what Python's random accepts, kept to 64 bits so every tool can print them
@@ -283,9 +285,9 @@ class SpecModel(_Model):
     detect_races: StrictBool = False
     strategy: StrategyName = "pct"
     seed: Seed = 0
-    depth: Annotated[StrictInt, Field(ge=1, le=10_000)] = 3
+    depth: Annotated[StrictInt, Field(ge=1, le=MAX_DEPTH)] = 3
     steps: Annotated[StrictInt, Field(ge=1, le=MAX_STEPS_LIMIT)] | None = None
-    preemptions: Annotated[StrictInt, Field(ge=0, le=10_000)] = 2
+    preemptions: Annotated[StrictInt, Field(ge=0, le=MAX_DEPTH)] = 2
     runs: Annotated[StrictInt, Field(ge=1, le=MAX_RUNS)] = 1000
     first_run: Count = 0
     stop_on_first_failure: StrictBool = False

@@ -55,7 +55,7 @@ from typing import Any
 from ..runtime.failures import ToolError
 from .campaign import CampaignSpec
 from .engine import DEFAULT_MAX_STEPS, scenario_params
-from .files import FileError, read_toml
+from .files import MAX_DEPTH, MAX_RUNS, MAX_STEPS_LIMIT, FileError, read_toml
 from .runner import run_campaign, stamped_dir
 from .scenarios import UnknownScenario, get_scenario, param_mismatch
 from .schedule import write_atomic
@@ -68,12 +68,12 @@ CAMPAIGN_KEYS = {
     "profile": "a kernel profile",
     "bugs": "a list of bug names",
     "params": "a table of scenario parameters",
-    "runs": "a positive integer",
+    "runs": f"a positive integer up to {MAX_RUNS:,}",
     "time": "a positive number of seconds",
     "expect": '"clean" or "fail"',
-    "depth": "an integer >= 1",
-    "preemptions": "an integer >= 0",
-    "max_steps": "a positive integer",
+    "depth": f"an integer from 1 to {MAX_DEPTH}",
+    "preemptions": f"an integer from 0 to {MAX_DEPTH}",
+    "max_steps": f"a positive integer up to {MAX_STEPS_LIMIT:,}",
     "stop_on_first_failure": "true or false",
     "shrink": "true or false",
 }
@@ -309,11 +309,14 @@ def _check_key(where: str, key: str, value: Any) -> None:
                 raise SuiteError(f"{where}: bugs: {unknown_bug(b)}")
     if key == "params" and not isinstance(value, dict):
         raise bad()
-    if key in ("runs", "max_steps") and not (is_int(value) and value > 0):
+    # the limits campaign.json is read back with (files.SpecModel): every campaign can be resumed
+    if key == "runs" and not (is_int(value) and 0 < value <= MAX_RUNS):
         raise bad()
-    if key == "depth" and not (is_int(value) and value >= 1):
+    if key == "max_steps" and not (is_int(value) and 0 < value <= MAX_STEPS_LIMIT):
         raise bad()
-    if key == "preemptions" and not (is_int(value) and value >= 0):
+    if key == "depth" and not (is_int(value) and 1 <= value <= MAX_DEPTH):
+        raise bad()
+    if key == "preemptions" and not (is_int(value) and 0 <= value <= MAX_DEPTH):
         raise bad()
     if key == "time" and not (
         isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0

@@ -124,6 +124,11 @@ def test_suite_command_line_errors(args: list[str], needle: str, tmp_path: Path)
         ("runs = 0", "campaign 2: runs: expected a positive integer"),
         ('runs = "many"', "campaign 2: runs: expected a positive integer"),
         ("runs = true", "campaign 2: runs: expected a positive integer"),
+        # beyond what campaign.json is read back with: it ran (runs: for ever) and could not be resumed
+        ("runs = 9223372036854775807", "campaign 2: runs: expected a positive integer up to 1,000,000,000,000"),
+        ("max_steps = 9999999999999", "campaign 2: max_steps: expected a positive integer up to 1,000,000,000"),
+        ("depth = 999999999999", "campaign 2: depth: expected an integer from 1 to 10000"),
+        ("preemptions = 10001", "campaign 2: preemptions: expected an integer from 0 to 10000"),
         ("time = -1", "campaign 2: time: expected a positive number"),
         ('expect = "maybe"', "campaign 2: expect:"),
         ("params = { bogus = 1 }", "campaign 2: params: scenario prefault_vs_punch_hole has no parameter bogus"),
