@@ -1061,7 +1061,7 @@ def bench(
     ] = None,
     fuzz_budget: Annotated[
         float | None,
-        typer.Option("--fuzz-budget", metavar="SECONDS", help="The fuzz benchmark's time per named bug (default 10)."),
+        typer.Option("--fuzz-budget", metavar="SECONDS", help="The fuzz benchmark's time per named bug (default 5)."),
     ] = None,
     strategy_runs: Annotated[
         int | None,
@@ -1079,17 +1079,27 @@ def bench(
         names = check_names(only) if only else list(BENCHMARKS)
     except UnknownBenchmark as e:
         _die(str(e))
+    if not names:  # --only "" or --only ,
+        _die("--only: no benchmark named (choose from: " + ", ".join(BENCHMARKS) + ")")
+    from .bench.fuzz import BUDGET_VARIABLE
+    from .bench.strategies import RUNS_VARIABLE
+
     if fuzz_budget is not None:
         _check_seconds("--fuzz-budget", fuzz_budget)
-        from .bench.fuzz import BUDGET_VARIABLE
-
         os.environ[BUDGET_VARIABLE] = repr(fuzz_budget)
+    elif "fuzz" in names and os.environ.get(BUDGET_VARIABLE):  # the benchmark reads it late: check it now
+        try:
+            _check_seconds(BUDGET_VARIABLE, float(os.environ[BUDGET_VARIABLE]))
+        except ValueError:
+            _die(f"{BUDGET_VARIABLE} must be a positive, finite number of seconds, not {os.environ[BUDGET_VARIABLE]!r}")
     if strategy_runs is not None:
         if strategy_runs < 1:
             _die("--strategy-runs must be a positive number of runs")
-        from .bench.strategies import RUNS_VARIABLE
-
         os.environ[RUNS_VARIABLE] = str(strategy_runs)
+    elif "strategy_comparison" in names and os.environ.get(RUNS_VARIABLE):
+        asked = os.environ[RUNS_VARIABLE]
+        if not (asked.strip().isdigit() and int(asked) >= 1):
+            _die(f"{RUNS_VARIABLE} must be a positive number of runs, not {asked!r}")
     emit = to_stdout
     if out is not None:
         try:

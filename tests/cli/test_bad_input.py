@@ -310,3 +310,28 @@ def test_a_module_that_calls_sys_exit_at_import_is_one_line(code: str, tmp_path:
     (tmp_path / "exits.py").write_text(f"import sys\nsys.exit({code})\n")
     for args in (("scenarios", "-m", "exits.py"), ("stress", "exits.py", "--runs", "3", "--out", "logs")):
         assert_one_line_error(run_cli(*args, cwd=tmp_path), "exits.py", f"sys.exit({code})")
+
+
+# -- bench: its environment variables are checked before any benchmark runs --------------------------
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "only"),
+    [
+        ("ASYNCVM_FUZZ_BUDGET", "abc", "fuzz"),  # once a ValueError deep in the benchmark, exit 3
+        ("ASYNCVM_FUZZ_BUDGET", "nan", "fuzz"),  # once exit 3 as well
+        ("ASYNCVM_FUZZ_BUDGET", "-1", "fuzz"),  # once silently no budget at all
+        ("ASYNCVM_BENCH_STRATEGY_RUNS", "abc", "strategy_comparison"),
+        ("ASYNCVM_BENCH_STRATEGY_RUNS", "-5", "strategy_comparison"),
+    ],
+)
+def test_a_bad_bench_environment_variable_is_one_line(variable: str, value: str, only: str, tmp_path: Path) -> None:
+    proc = run_cli("bench", "--only", only, "--quick", cwd=tmp_path, env={**cli_env(), variable: value}, timeout=60)
+    assert_one_line_error(proc, variable)
+
+
+@pytest.mark.parametrize("only", ["", ","])
+def test_bench_only_with_no_name_is_refused(only: str, tmp_path: Path) -> None:
+    assert_one_line_error(
+        run_cli("bench", "--only", only, cwd=tmp_path, timeout=60), "--only"
+    )  # once: ran nothing, exit 0
