@@ -719,6 +719,8 @@ def fuzz(
         )
     except ToolError as e:
         _die(_one_line(str(e)))
+    except OSError as e:  # --out or --corpus not a folder, or not writable
+        _die(_one_line(f"cannot write the campaign: {e}"))
     typer.echo(report.summary())
     for f in report.failures:
         typer.echo(f"  {f.signature}: {_size(f.shrunk or f.schedule)} (run {f.first_run})")

@@ -335,3 +335,9 @@ def test_bench_only_with_no_name_is_refused(only: str, tmp_path: Path) -> None:
     assert_one_line_error(
         run_cli("bench", "--only", only, cwd=tmp_path, timeout=60), "--only"
     )  # once: ran nothing, exit 0
+
+
+def test_fuzz_out_that_is_a_file_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("")
+    proc = run_cli("fuzz", "--programs", "2", "--jobs", "1", "--out", "afile", "-q", cwd=tmp_path)
+    assert_one_line_error(proc, "cannot write the campaign", "Not a directory")  # once an internal error, exit 3
