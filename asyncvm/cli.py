@@ -546,8 +546,12 @@ def _check_resume_params(resume: Path, spec: Any) -> None:
     from .explore.scenarios import UnknownScenario, get_scenario
 
     try:
-        scenario_params(get_scenario(spec.scenario).fn, spec.params)
-    except (ValueError, UnknownScenario) as e:
+        fn = get_scenario(spec.scenario).fn
+    except UnknownScenario as e:
+        _die(_one_line(f"{resume / 'campaign.json'}: spec.scenario: {e}"))
+    try:
+        scenario_params(fn, spec.params)
+    except ValueError as e:
         _die(_one_line(f"{resume / 'campaign.json'}: spec.params: {e}"))
 
 

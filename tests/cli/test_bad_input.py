@@ -332,9 +332,8 @@ def test_a_bad_bench_environment_variable_is_one_line(variable: str, value: str,
 
 @pytest.mark.parametrize("only", ["", ","])
 def test_bench_only_with_no_name_is_refused(only: str, tmp_path: Path) -> None:
-    assert_one_line_error(
-        run_cli("bench", "--only", only, cwd=tmp_path, timeout=60), "--only"
-    )  # once: ran nothing, exit 0
+    # it once ran nothing and exited 0
+    assert_one_line_error(run_cli("bench", "--only", only, cwd=tmp_path, timeout=60), "--only")
 
 
 def test_fuzz_out_that_is_a_file_is_one_line(tmp_path: Path) -> None:

@@ -269,6 +269,7 @@ def _set(meta: dict[str, Any], dotted: str, value: Any) -> None:
         ("spec.depth", 0, "spec.depth"),
         ("spec.params", {"pages": 4, "bogus": 1}, "bogus"),
         ("spec.params", {"pages": 0}, "pages"),
+        ("spec.scenario", "no_such_scenario", "spec.scenario: unknown scenario 'no_such_scenario'"),  # was: spec.params
         ("chunk", "x", "chunk"),
         ("chunk", 0, "chunk"),
         ("time", "1e999", "time"),
