@@ -236,7 +236,14 @@ def _umask() -> int:
 
 def write_atomic(path: Path, text: str) -> Path:
     """Write `text` to `path` through a temporary file and a rename, with the mode an ordinary
-    ``open(path, "w")`` gives (mkstemp's temporary file is private to its owner)."""
+    ``open(path, "w")`` gives (mkstemp's temporary file is private to its owner).
+
+    A path that is not a regular file (/dev/null, /dev/stdout, a FIFO) is written in place: the
+    rename would replace the device itself (as root, ``--html /dev/null`` once did)."""
+    if path.exists() and not path.is_file() and not path.is_dir():
+        with open(path, "w") as f:
+            f.write(text)
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

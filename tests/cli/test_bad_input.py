@@ -340,3 +340,20 @@ def test_fuzz_out_that_is_a_file_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "afile").write_text("")
     proc = run_cli("fuzz", "--programs", "2", "--jobs", "1", "--out", "afile", "-q", cwd=tmp_path)
     assert_one_line_error(proc, "cannot write the campaign", "Not a directory")  # once an internal error, exit 3
+
+
+# -- output paths that are devices: written to, never replaced -----------------------------------------
+
+
+@pytest.mark.parametrize(("command", "flag"), [("show", "--html"), ("show", "--trace"), ("shrink", "-o")])
+def test_an_output_path_that_is_a_device_is_written_not_replaced(
+    command: str, flag: str, good_schedule: Path, tmp_path: Path
+) -> None:
+    """As root, the rename of write_atomic once replaced /dev/null or /dev/full by a regular file."""
+    proc = run_cli(command, good_schedule, flag, "/dev/null", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, explain(proc)
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    if Path("/dev/full").exists():
+        proc = run_cli(command, good_schedule, flag, "/dev/full", cwd=tmp_path, timeout=120)
+        assert_one_line_error(proc, "cannot write /dev/full")
+        assert stat.S_ISCHR(os.stat("/dev/full").st_mode)
