@@ -79,6 +79,17 @@ def _check_spec(spec: Any) -> None:
         err = e.errors(include_url=False)[0]
         field = str(err["loc"][0]) if err["loc"] else ""
         _die(_one_line(f"{_SPEC_FLAGS.get(field, field)}: {err['msg']}"))
+    _check_json_params(spec.scenario, spec.params)
+
+
+def _check_json_params(scenario: str, params: dict[str, Any]) -> None:
+    """campaign.json and schedule.json record the parameters: a default that is no JSON value
+    (a scenario module's own object) is refused before the campaign, not a crash writing it."""
+    for key, value in params.items():
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError):
+            _die(_one_line(f"scenario {scenario}: parameter {key}={value!r} is not a JSON value (set it with -p)"))
 
 
 def _coerce(key: str, raw: str, default: Any) -> Any:
@@ -815,6 +826,7 @@ def compare(
         params = scenario_params(spec.fn, _parse_params(param, spec.params))
     except ValueError as e:
         _die(str(e))
+    _check_json_params(scenario, params)
 
     def started(n: int, name: str) -> None:
         if fmt == "table":

@@ -357,3 +357,28 @@ def test_an_output_path_that_is_a_device_is_written_not_replaced(
         proc = run_cli(command, good_schedule, flag, "/dev/full", cwd=tmp_path, timeout=120)
         assert_one_line_error(proc, "cannot write /dev/full")
         assert stat.S_ISCHR(os.stat("/dev/full").st_mode)
+
+
+NOT_JSON_DEFAULT = """
+import asyncvm
+
+
+@asyncvm.scenario(name="not_json_default", params={"n": object()})
+async def not_json_default(kvm, n=None):
+    pass
+"""
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("stress", "not_json_default", "--runs", "3", "--jobs", "1"),
+        ("compare", "not_json_default", "--profiles", "6.18,7.0", "--runs", "3"),
+    ],
+    ids=lambda a: a[0],
+)
+def test_a_parameter_default_that_is_not_json_is_one_line(args: tuple[str, ...], tmp_path: Path) -> None:
+    """It was an internal error (exit 3) writing campaign.json, after the first campaign ran."""
+    (tmp_path / "not_json.py").write_text(NOT_JSON_DEFAULT)
+    proc = run_cli(*args, "-m", "not_json.py", "--out", "logs", cwd=tmp_path)
+    assert_one_line_error(proc, "parameter n=", "not a JSON value")
