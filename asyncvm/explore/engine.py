@@ -207,6 +207,10 @@ def resolve(scenario: ScenarioFn | str) -> ScenarioFn:
         from .scenarios import get_scenario
 
         return get_scenario(scenario).fn
+    if not callable(scenario):
+        raise TypeError(
+            f"scenario must be a scenario function or a registered scenario's name, not {type(scenario).__name__}"
+        )
     return scenario
 
 

@@ -8,6 +8,7 @@ the parallel ones drop the chunks still running at the deadline: the campaign dr
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import threading
@@ -31,10 +32,12 @@ DASK_CONNECT_TIMEOUT = 10.0
 
 
 def _connect_timeout() -> float:
+    """ASYNCVM_DASK_CONNECT_TIMEOUT if it is a positive number of seconds, else the default."""
     try:
-        return float(os.environ.get("ASYNCVM_DASK_CONNECT_TIMEOUT", DASK_CONNECT_TIMEOUT))
+        given = float(os.environ.get("ASYNCVM_DASK_CONNECT_TIMEOUT", DASK_CONNECT_TIMEOUT))
     except ValueError:
         return DASK_CONNECT_TIMEOUT
+    return given if math.isfinite(given) and given > 0 else DASK_CONNECT_TIMEOUT
 
 
 def _worker_init(module: str | None) -> None:

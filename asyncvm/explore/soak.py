@@ -1214,6 +1214,9 @@ def soak_command(
     if not 0 <= seed < 2**63:
         fail("--seed must be between 0 and 2**63 - 1")
     names = [n.strip() for p in profiles for n in p.split(",") if n.strip()]
+    if profiles and not names:
+        # an empty --profile names nothing: not a request for the default
+        fail("--profile needs a profile name; choose from: " + ", ".join(PROFILES))
     unknown = [n for n in names if n not in PROFILES]
     if unknown:
         fail(f"unknown profile {unknown[0]!r}; choose from: {', '.join(PROFILES)}")

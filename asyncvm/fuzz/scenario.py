@@ -12,9 +12,11 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import asyncvm
+from asyncvm.explore.params import Param
 from asyncvm.runtime import draw
 
 from . import prelude
+from .describe import VM_TYPES
 from .generate import Program, generate
 
 ProgramFn = Callable[[Any], Coroutine[Any, Any, None]]
@@ -53,7 +55,16 @@ def draw_program(vm_type: str, pages: int, actors: int, calls: int, convertible:
 # A failed RMPUPDATE (the firmware refusing to assign a page) is a legal outcome a VMM must live
 # with; the scenarios keep it off unless they hunt it, a fuzz program meets it now and then.
 @asyncvm.scenario(
-    name="fuzz", params={"vm_type": "any", "pages": 8, "actors": 6, "calls": 3}, data={"rmpupdate_error": 0.1}
+    name="fuzz",
+    params={
+        "vm_type": Param("any", choices=("any", *VM_TYPES), help="the kind of VM the program builds"),
+        # bounded so that one program stays one execution's worth of work (a huge actor count
+        # only spawns tasks that never finish before the step bound)
+        "pages": Param(8, ge=2, le=512, help="guest size in pages; small, so actors collide"),
+        "actors": Param(6, ge=2, le=16, help="at most this many concurrent actors"),
+        "calls": Param(3, ge=1, le=32, help="at most this many calls per actor"),
+    },
+    data={"rmpupdate_error": 0.1},
 )
 async def fuzz(kvm: Any, vm_type: str = "any", pages: int = 8, actors: int = 6, calls: int = 3) -> None:
     """A generated concurrent program: set-up, then 2 to `actors` actors of up to `calls` calls each.

@@ -382,3 +382,38 @@ def test_a_parameter_default_that_is_not_json_is_one_line(args: tuple[str, ...],
     (tmp_path / "not_json.py").write_text(NOT_JSON_DEFAULT)
     proc = run_cli(*args, "-m", "not_json.py", "--out", "logs", cwd=tmp_path)
     assert_one_line_error(proc, "parameter n=", "not a JSON value")
+
+
+@pytest.mark.parametrize("api", ["replay", "shrink"])
+@pytest.mark.parametrize("scenario", [None, 5, b"prefault_vs_punch_hole"])
+def test_api_replay_and_shrink_refuse_a_scenario_that_is_not_one(good_schedule: Path, api: str, scenario: Any) -> None:
+    import asyncvm
+
+    with pytest.raises(TypeError, match="scenario") as info:
+        getattr(asyncvm, api)(good_schedule, scenario)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("soak", "--profile", ""), "--profile"),  # once silently every kernel profile
+        (("stress", "fuzz", "-p", "actors=999999999", "--runs", "1"), "actors"),  # once ran for ever
+        (("stress", "fuzz", "-p", "calls=0", "--runs", "1"), "calls"),
+        (("stress", "fuzz", "-p", "vm_type=vax", "--runs", "1"), "vm_type"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, tuple) else "",
+)
+def test_a_name_or_size_nothing_has_is_refused(args: tuple[str, ...], needle: str, tmp_path: Path) -> None:
+    proc = run_cli(*args, cwd=tmp_path, timeout=120)
+    assert_one_line_error(proc, needle)
+
+
+@pytest.mark.parametrize("given", ["-1", "0", "nan", "inf", "soon"])
+def test_a_dask_connect_timeout_that_is_no_duration_falls_back_to_the_default(
+    given: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from asyncvm.explore import executors
+
+    monkeypatch.setenv("ASYNCVM_DASK_CONNECT_TIMEOUT", given)
+    assert executors._connect_timeout() == executors.DASK_CONNECT_TIMEOUT
