@@ -517,7 +517,9 @@ class Executor:
         self._fail(
             "livelock",
             "livelock:" + ",".join(sorted(self.tasks[tid].name for tid, _ in spinning)),
-            f"no progress bound: {self.max_steps} steps exceeded; spinning: " + ", ".join(names),
+            f"no progress bound: {self.max_steps} steps exceeded; spinning: {', '.join(names)} (a bigger "
+            "guest or more vCPUs make a correct execution longer too: raise the bound with --max-steps "
+            "to tell the two apart)",
             None,
             {"spinning": names},
         )
