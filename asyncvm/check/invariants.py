@@ -10,6 +10,7 @@ over an invalidation's range when it ends) and once more when the execution is q
 from __future__ import annotations
 
 import re
+import sys
 import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -124,9 +125,64 @@ class VmOracles:
         self.snapshots[fault] = (self.clock, _step())
 
     def page_freed(self, folio: Any) -> None:
+        """No mapping outlives the memory it points to (kvm-core.md): a folio may only be freed
+        once no SPTE of any root maps any of its pfns. Whoever frees guest memory zaps first (the
+        invalidation around a truncation or munmap, kvm_arch_flush_shadow_memslot() before a
+        memslot goes); a leaf still mapping the folio now gives the guest a freed page."""
         step = _step()
         for pfn in range(folio.pfn, folio.pfn + folio.npages):
             self.freed_at[pfn] = step
+        if isinstance(sys.exc_info()[1], Violation):
+            # a `finally:` putting a reference while an oracle's finding propagates (e.g. the
+            # stale install this free follows): that finding is the report, not this consequence
+            return
+        self._check_unmapped(folio, step)
+
+    def _check_unmapped(self, folio: Any, step: int | None) -> None:
+        """No leaf SPTE of any root, live or invalid, maps a pfn of `folio` (one pass over the
+        leaf runs: a run maps a contiguous pfn range, so each is one interval test)."""
+        lo, hi = folio.pfn, folio.pfn + folio.npages
+        for root, s, e, leaf in self.vm.arch.mmu.mapped_leaves(0, 1 << 52):
+            # the run maps pfns [p0, p0 + e - s): does that meet the folio's [lo, hi)?
+            p0 = leaf.pfn(s)
+            first = max(lo, p0)
+            if first < min(hi, p0 + e - s):
+                gfn = s + first - p0
+                raise Violation(
+                    "mapped_freed_pfn",
+                    f"{root.name}: pfn {first:#x} ({folio.owner}) freed while gfn {gfn:#x} still maps it",
+                    signature="mapped_freed_pfn:free",
+                    gfn=gfn,
+                    pfn=first,
+                    steps={"pfn_freed": step},
+                )
+
+    def memslot_freed(self, slot: Any) -> None:
+        """kvm_main.c: kvm_set_memslot(): a DELETE or MOVE zaps the old slot's range
+        (kvm_invalidate_memslot() -> kvm_arch_flush_shadow_memslot()) before
+        kvm_commit_memory_region() frees the slot. A leaf SPTE left in that range maps memory
+        through a slot that no longer exists, which no later invalidation of it will reach. Only
+        gfns no live slot covers count: a MOVE's new slot (or a slot created since) may overlap
+        the old range, and its mappings there are its own."""
+        live = self.vm.memslots[slot.as_id]
+        for root, s, e, leaf in self.vm.arch.mmu.mapped_leaves(slot.base_gfn, slot.end_gfn):
+            if root.as_id != slot.as_id:
+                continue
+            gfn, end = max(s, slot.base_gfn), min(e, slot.end_gfn)
+            # skip the part of [gfn, end) that live slots cover, from the left
+            for other in sorted(live.overlapping(gfn, end), key=lambda m: m.base_gfn):
+                if other.base_gfn > gfn:
+                    break
+                gfn = max(gfn, other.end_gfn)
+            if gfn < end:
+                raise Violation(
+                    "stale_spte",
+                    f"{root.name}: gfn {gfn:#x} of freed memslot {slot.id} still maps pfn {leaf.pfn(gfn):#x} "
+                    "(kvm_arch_flush_shadow_memslot() did not zap it)",
+                    signature="stale_spte:memslot_freed",
+                    gfn=gfn,
+                    pfn=leaf.pfn(gfn),
+                )
 
     def _race_steps(self, fault: KvmPageFault, inv: Invalidation | None) -> dict[str, int | None]:
         """The steps that make a stale install a race: the snapshot, the invalidation's begin (and
@@ -279,6 +335,29 @@ class VmOracles:
                 gfn=s,
             )
 
+    def _check_folio_references(self) -> None:
+        """No transient reference outlives its user: once every task is done, a live folio is held
+        only by its owner and its host mappings -- a file's page cache (one reference) plus one
+        per host PTE mapping a page of it, or, for anonymous memory, the mapping that faulted it
+        in (one reference however many PTEs map it). A reference taken to resolve a fault or for
+        GUP and never put (kvm_release_faultin_page(), put_page()) pins the folio for ever."""
+        kvm = self.vm.kvm
+        mapped: dict[int, int] = {}
+        for s, e, (folio, _base) in kvm.mm.ptes.items():
+            mapped[id(folio)] = 1 if folio.owner == "anon" else mapped.get(id(folio), 0) + e - s
+        for folio in kvm.allocator.folios():
+            if folio.freed:
+                continue
+            held = (0 if folio.owner == "anon" else 1) + mapped.get(id(folio), 0)
+            if folio.refcount != held:
+                raise Violation(
+                    "folio_leak",
+                    f"pfn {folio.pfn:#x} ({folio.owner}) has refcount {folio.refcount} at quiescence, "
+                    f"but its owner and host mappings hold {held}",
+                    signature=f"folio_leak:{folio.owner}",
+                    pfn=folio.pfn,
+                )
+
     def _check_range_after_invalidation(self, inv: Invalidation, start: int, end: int) -> None:
         when = f"after the {inv.source} invalidation ended"
         for root, s, e, leaf in self.vm.arch.mmu.mapped_leaves(start, end):
@@ -332,6 +411,7 @@ class VmOracles:
                                 f"guest_memfd {file.name} still binds freed memslot {bound.id}",
                                 signature="memslot_uaf:binding",
                             )
+        self._check_folio_references()
 
 
 #: the oracles of every VM alive, found from the VM a tracepoint names
@@ -369,6 +449,7 @@ def attach() -> None:
             (kvm_trace.trace_kvm_mmu_invalidate_end, probe(VmOracles.invalidate_end)),
             (kvm_trace.trace_kvm_gmem_populate, probe(VmOracles.populate)),
             (kvm_trace.trace_kvm_vm_bugged, probe(VmOracles.kvm_bug)),
+            (kvm_trace.trace_kvm_memslot_freed, probe(VmOracles.memslot_freed)),
             (kvm_trace.trace_kvm_warn, probe(VmOracles.warn)),
             (x86_trace.trace_kvm_mmu_fault_snapshot, ORACLES.vcpu_probe(VmOracles.fault_snapshot)),
             (x86_trace.trace_kvm_mmu_set_spte, _on_set_spte),

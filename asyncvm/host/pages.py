@@ -7,7 +7,7 @@ go through an interval map of pfn ranges, so a 1 GiB folio costs one entry, not 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..intervals import IntervalMap
@@ -157,6 +157,12 @@ class PageAllocator:
     def is_freed(self, pfn: int) -> bool:
         folio = self._by_pfn.get(pfn)
         return folio is None or folio.freed
+
+    def folios(self) -> Iterator[Folio]:
+        """Every folio this allocator ever handed out, live or freed, in pfn order (for the
+        oracles' quiescence checks: the allocator is the only record of a folio nobody holds)."""
+        for _s, _e, folio in self._by_pfn.items():
+            yield folio
 
     def stats(self) -> dict[str, Any]:
         return {"live_pages": self.live_pages, "folios_allocated": self.allocated, "folios_freed": self.freed}

@@ -42,6 +42,9 @@ trace_kvm_gmem_truncate_folio = Tracepoint("kvm_gmem_truncate_folio")
 trace_kvm_gmem_set_attributes = Tracepoint("kvm_gmem_set_attributes")
 #: kvm_vm_bugged(vm, reason): KVM_BUG_ON() fired
 trace_kvm_vm_bugged = Tracepoint("kvm_vm_bugged")
+#: kvm_commit_memory_region(vm, slot): the old memslot of a DELETE (kvm_free_memslot()) or a MOVE
+#: (kfree()) is freed; kvm_set_memslot() had kvm_arch_flush_shadow_memslot() zap its range
+trace_kvm_memslot_freed = Tracepoint("kvm_memslot_freed")
 #: WARN_ON_ONCE() fired in a function of `vm`'s (vm, message)
 trace_kvm_warn = Tracepoint("kvm_warn")
 

@@ -14,7 +14,7 @@ from . import attributes as attrs_mod
 from .guest_memfd import GuestMemfd, kvm_gmem_bind, kvm_gmem_create, kvm_gmem_get_supported_flags, kvm_gmem_unbind
 from .invalidate import INVALID_GPA, KvmMmuNotifier
 from .memslots import Memslot, Memslots
-from .trace import trace_kvm_create_vm, trace_kvm_vm_bugged
+from .trace import trace_kvm_create_vm, trace_kvm_memslot_freed, trace_kvm_vm_bugged
 
 if TYPE_CHECKING:
     from .kvm import Kvm
@@ -365,11 +365,13 @@ class Vm:
             if invalid is not None:
                 invalid.freed = True
             traps.emit("memslot_free", self, slot=old.id)
+            trace_kvm_memslot_freed(self, old)
         elif change == CHANGE_MOVE:
             assert old is not None
             old.freed = True
             if invalid is not None:
                 invalid.freed = True
+            trace_kvm_memslot_freed(self, old)
         elif change == CHANGE_FLAGS_ONLY:
             assert old is not None
             old.freed = True

@@ -11,6 +11,7 @@ import pytest
 
 import asyncvm
 from asyncvm import uapi
+from asyncvm.check.invariants import VmOracles
 from asyncvm.host.mm import Mm
 from asyncvm.kvm import guest_memfd, invalidate
 from asyncvm.kvm.arch import kvm_arch_ops
@@ -18,6 +19,7 @@ from asyncvm.kvm.invalidate import GfnRange, kvm_mmu_invalidate_range_add
 from asyncvm.kvm.vm import Vm
 from asyncvm.runtime import traps
 from asyncvm.runtime.sync import SRCU
+from asyncvm.x86.mmu import fault as mmu_fault
 from asyncvm.x86.mmu.tdp_mmu import TdpMmu
 
 from . import scenarios
@@ -77,9 +79,11 @@ async def pin_then_munmap(kvm: asyncvm.Kvm) -> None:
     vm, hva = await shared_vm(kvm, 4)
     vcpu = await vm.create_vcpu(0)
     assert await pre_fault(vcpu, 0, 4 * PAGE) is None
-    # Someone else (e.g. an O_DIRECT read) holds a reference: the page outlives the munmap.
-    await kvm.mm.get_user_page(hva)
+    # Someone else (e.g. an O_DIRECT read) holds references: the pages outlive the munmap.
+    pins = [(await kvm.mm.get_user_page(hva + i * PAGE))[0] for i in range(4)]
     await kvm.mm.munmap(hva, 4 * PAGE)
+    for folio in pins:
+        kvm.allocator.put(folio)  # the read completes
 
 
 def test_stale_spte_fires_when_the_mmu_notifier_does_not_zap(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -104,8 +108,115 @@ def test_mapped_freed_pfn_fires_at_quiescence_inside_a_run_of_shared_sptes(monke
     of a run of four consecutive-pfn SPTEs (the check must visit every folio of the run)."""
     run_once(pre_fault_then_munmap_one_page)
     monkeypatch.setattr(Mm, "register_notifier", lambda self, notifier: None)
+    assert run_failing(pre_fault_then_munmap_one_page).signature == "mapped_freed_pfn:free"
+    # the same bug with the check at the free switched off: quiescence still sees it
+    monkeypatch.setattr(VmOracles, "_check_unmapped", lambda self, folio, step: None)
     failure = run_failing(pre_fault_then_munmap_one_page)
-    assert failure.kind == "mapped_freed_pfn" and failure.evidence["gfn"] == 2, failure
+    assert failure.signature == "mapped_freed_pfn" and failure.evidence["gfn"] == 2, failure
+
+
+async def truncate_before_invalidate_begin(file: guest_memfd.GuestMemfd, offset: int, length: int) -> None:
+    """kvm_gmem_punch_hole() with the truncation moved before kvm_gmem_invalidate_begin(): the
+    folios are freed while the SPTEs still map them (the zap comes too late)."""
+    inode = file.inode
+    start, end = offset >> uapi.PAGE_SHIFT, (offset + length) >> uapi.PAGE_SHIFT
+    await inode.invalidate_lock.down_write()
+    try:
+        await guest_memfd.truncate_inode_pages_range(inode, file.vm, start, end)
+        await guest_memfd.kvm_gmem_invalidate_begin(inode, start, end)
+        await guest_memfd.kvm_gmem_invalidate_end(inode, start, end)
+    finally:
+        await inode.invalidate_lock.up_write()
+
+
+def test_mapped_freed_pfn_fires_at_the_free_when_punch_hole_truncates_before_the_zap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """guest_memfd.c: kvm_gmem_punch_hole(): begin (zap), then truncate. The other way round the
+    zap still comes, before anyone can look at quiescence: only a check at the free sees it."""
+    run_once(pre_fault_then_punch)
+    monkeypatch.setattr(guest_memfd, "kvm_gmem_punch_hole", truncate_before_invalidate_begin)
+    failure = run_failing(pre_fault_then_punch)
+    assert failure.signature == "mapped_freed_pfn:free" and failure.evidence["gfn"] == 1, failure
+
+
+async def pre_fault_then_close(kvm: asyncvm.Kvm) -> None:
+    p = await private_vm(kvm, 4)
+    vcpu = await p.vm.create_vcpu(0)
+    assert await pre_fault(vcpu, 0, 4 * PAGE) is None
+    await p.gmem.close()
+
+
+def test_mapped_freed_pfn_fires_at_the_free_when_gmem_release_does_not_zap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """guest_memfd.c: kvm_gmem_release() must zap the VM's mappings of the file before the last
+    close evicts the inode and frees its folios."""
+
+    async def no_invalidate(*args: Any) -> None:
+        await traps.point(None)
+
+    run_once(pre_fault_then_close)
+    monkeypatch.setattr(guest_memfd, "__kvm_gmem_invalidate_begin", no_invalidate)
+    monkeypatch.setattr(guest_memfd, "__kvm_gmem_invalidate_end", no_invalidate)
+    failure = run_failing(pre_fault_then_close)
+    assert failure.signature == "mapped_freed_pfn:free", failure
+
+
+# -- stale_spte of a freed memslot: kvm_arch_flush_shadow_memslot() ----------------------------------
+
+
+async def pre_fault_then_delete_the_slot(kvm: asyncvm.Kvm) -> None:
+    vm, hva = await shared_vm(kvm, 4)
+    vcpu = await vm.create_vcpu(0)
+    assert await pre_fault(vcpu, 0, 4 * PAGE) is None
+    await vm.set_user_memory_region2(uapi.UserspaceMemoryRegion2(0, 0, 0, 0, hva))
+
+
+async def pre_fault_then_move_the_slot_onto_itself(kvm: asyncvm.Kvm) -> None:
+    """A MOVE whose new range overlaps the old one, faulted again: the new slot's mappings in the
+    old range are its own, not leftovers."""
+    vm, hva = await shared_vm(kvm, 4)
+    vcpu = await vm.create_vcpu(0)
+    assert await pre_fault(vcpu, 0, 4 * PAGE) is None
+    await vm.set_user_memory_region2(uapi.UserspaceMemoryRegion2(0, 0, 2 * PAGE, 4 * PAGE, hva))
+    assert await pre_fault(vcpu, 2 * PAGE, 4 * PAGE) is None
+
+
+async def no_flush(vm: Vm, slot: Any) -> None:
+    """kvm_arch_flush_shadow_memslot() that zaps nothing."""
+    await traps.point(None)
+
+
+@pytest.mark.parametrize(
+    "body", [pre_fault_then_delete_the_slot, pre_fault_then_move_the_slot_onto_itself], ids=["delete", "move"]
+)
+def test_stale_spte_fires_when_a_freed_memslot_was_not_flushed(body: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kvm_main.c: kvm_set_memslot() -> kvm_invalidate_memslot() -> kvm_arch_flush_shadow_memslot():
+    a deleted or moved slot's SPTEs go before kvm_commit_memory_region() frees it. The anonymous
+    pages stay mapped by the host, so nothing is freed: only the check at the slot's free sees it."""
+    run_once(body)
+    monkeypatch.setattr(kvm_arch_ops(), "flush_shadow_memslot", no_flush)
+    failure = run_failing(body)
+    assert failure.signature == "stale_spte:memslot_freed" and failure.evidence["gfn"] == 0, failure
+
+
+# -- folio_leak: references at quiescence ------------------------------------------------------------
+
+
+async def pre_fault_shared(kvm: asyncvm.Kvm) -> None:
+    vm, _hva = await shared_vm(kvm, 4)
+    vcpu = await vm.create_vcpu(0)
+    assert await pre_fault(vcpu, 0, 4 * PAGE) is None
+
+
+@pytest.mark.parametrize("body", [pre_fault_shared, pre_fault_then_punch], ids=["shared", "private"])
+def test_folio_leak_fires_when_a_fault_keeps_its_page_reference(body: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """arch/x86/kvm/mmu/mmu.c: kvm_mmu_finish_page_fault() -> kvm_release_faultin_page(): the
+    reference GUP (or kvm_gmem_get_pfn()) took to resolve the pfn is dropped once the SPTE is
+    set. Kept, it pins the page for ever; at quiescence its refcount exceeds what holds it."""
+    run_once(body)
+    monkeypatch.setattr(mmu_fault, "kvm_mmu_finish_page_fault", lambda vcpu, fault, r: None)
+    failure = run_failing(body)
+    assert failure.kind == "folio_leak", failure
 
 
 # -- invalidate_balance: begin/end pairs -----------------------------------------------------------
@@ -129,8 +240,13 @@ def test_invalidate_balance_fires_on_an_end_without_a_begin(monkeypatch: pytest.
     async def skipped_begin(*args: Any) -> None:
         await traps.point(None)
 
+    async def punch(kvm: asyncvm.Kvm) -> None:
+        # nothing mapped: without the begin's zap a mapped folio would be freed under its SPTE first
+        p = await private_vm(kvm, 4)
+        await p.gmem.fallocate(PUNCH, PAGE, PAGE)
+
     monkeypatch.setattr(guest_memfd, "kvm_gmem_invalidate_begin", skipped_begin)
-    failure = run_failing(pre_fault_then_punch)
+    failure = run_failing(punch)
     assert failure.signature == "invalidate_balance:end", failure
 
 
