@@ -30,6 +30,8 @@ TDX_OPERAND_BUSY = 0x8000020000000000
 TDX_PREVIOUS_TLB_EPOCH_BUSY = 0x8000020100000000
 TDX_OPERAND_INVALID = 0xC000010000000000
 TDX_EPT_WALK_FAILED = 0xC0000B0000000000
+# TDX module ABI (tdx_error_codes_defs.h; the kernel header dropped it: KVM never expects it)
+TDX_TLB_TRACKING_NOT_DONE = 0xC0000B0800000000
 TDX_EPT_ENTRY_STATE_INCORRECT = 0xC0000B0D00000000
 TDX_OP_STATE_INCORRECT = 0xC000030000000000
 TDX_SEAMCALL_STATUS_MASK = 0xFFFFFFFF00000000
@@ -40,6 +42,11 @@ TDX_OPERAND_ID_TD_EPOCH = 0xA9
 
 TDX_EXTENDMR_CHUNKSIZE = 256
 PAGE_SIZE = 4096
+
+#: statuses the model's KVM_BUG_ON messages name after the hex value (pr_tdx_error() prints only the
+#: hex): ones that mean KVM got a SEAMCALL sequence wrong, not that it lost a try-lock race, so a
+#: failure caused by them keeps a signature of its own (the BUSY of a known race stays plain hex)
+STATUS_NAMES = {TDX_TLB_TRACKING_NOT_DONE: "TDX_TLB_TRACKING_NOT_DONE"}
 
 SEPT_PENDING = "PENDING"
 SEPT_MAPPED = "MAPPED"
@@ -54,6 +61,12 @@ def is_busy(code: int) -> bool:
     return status(code) in (TDX_OPERAND_BUSY, TDX_PREVIOUS_TLB_EPOCH_BUSY)
 
 
+def describe(code: int) -> str:
+    """The status as pr_tdx_error() prints it (hex), followed by its name if it is in `STATUS_NAMES`."""
+    name = STATUS_NAMES.get(status(code))
+    return f"{code:#x} ({name})" if name else f"{code:#x}"
+
+
 @dataclass
 class SeptLeaf:
     """A 4K S-EPT leaf as the module sees it."""
@@ -61,6 +74,8 @@ class SeptLeaf:
     pfn: int
     state: str
     added: bool  # PAGE.ADD (part of the initial image) rather than PAGE.AUG
+    #: the TD's TLB epoch when TDH.MEM.RANGE.BLOCK blocked the leaf (the PAMT entry's BEPOCH)
+    blocked_epoch: int = -1
 
 
 def page_add_block(gpa: int) -> bytes:
@@ -329,6 +344,7 @@ class TdxModule:
             if leaf is None or leaf.state == SEPT_BLOCKED:
                 return TDX_EPT_ENTRY_STATE_INCORRECT | TDX_OPERAND_ID_RCX
             leaf.state = SEPT_BLOCKED
+            leaf.blocked_epoch = self.tlb_epoch
             return TDX_SUCCESS
 
         return await self._seamcall("TDH.MEM.RANGE.BLOCK", self._tree_plan(gfn, WRITE), body)
@@ -344,7 +360,11 @@ class TdxModule:
         return await self._seamcall("TDH.MEM.TRACK", plan, body)
 
     async def tdh_mem_page_remove(self, gfn: int) -> int:
-        """TDH.MEM.PAGE.REMOVE: only a BLOCKED leaf can go.
+        """TDH.MEM.PAGE.REMOVE: only a BLOCKED leaf can go, and once the TD may run only after TLB
+        tracking: TDH.MEM.TRACK must have advanced the epoch since the BLOCK (TDX module
+        tdh_mem_page_remove(): while op_state_is_tlb_tracking_required(), i.e. from RUNNABLE on,
+        !is_tlb_tracked(BEPOCH) is TDX_TLB_TRACKING_NOT_DONE; KVM's tdx_track() kicks every vCPU
+        out of the guest after TRACK, which the module's epoch refcounts stand for here).
 
         Before TDH.MR.FINALIZE the entry is FREE again afterwards, so the GPA may be PAGE.ADDed
         (and MR.EXTENDed) once more -- e.g. a VMM that punches a hole in the image and populates
@@ -357,6 +377,9 @@ class TdxModule:
             leaf = self.sept.get(gfn)
             if leaf is None or leaf.state != SEPT_BLOCKED:
                 return TDX_EPT_ENTRY_STATE_INCORRECT | TDX_OPERAND_ID_RCX
+            if self.finalized and leaf.blocked_epoch >= self.tlb_epoch:
+                # a guest TLB may still hold the translation: no TDH.MEM.TRACK since the BLOCK
+                return TDX_TLB_TRACKING_NOT_DONE | TDX_OPERAND_ID_RCX
             del self.sept[gfn]
             if leaf.added:
                 self.in_image.discard(gfn)

@@ -34,6 +34,7 @@ from .module import (
     TDX_EXTENDMR_CHUNKSIZE,
     TDX_OPERAND_ID_RCX,
     TdxModule,
+    describe,
     is_busy,
 )
 
@@ -622,7 +623,7 @@ async def tdx_sept_remove_private_spte(vm: Vm, gfn: int, level: int) -> None:
     pfn = module.sept[gfn].pfn
     err = await tdh_do_no_vcpus(vm, lambda: module.tdh_mem_page_remove(gfn))
     if err:
-        vm.kvm_bug(f"KVM_BUG_ON: TDH.MEM.PAGE.REMOVE failed {err:#x}")
+        vm.kvm_bug(f"KVM_BUG_ON: TDH.MEM.PAGE.REMOVE failed {describe(err)}")
         return
     err = await module.tdh_phymem_page_wbinvd(pfn)
     if err:
