@@ -11,12 +11,14 @@ from asyncvm.runtime.failures import Violation
 from asyncvm.uapi import PAGE_SIZE, KvmError
 
 from .common import (
+    convert_on_fault,
     expect_prefault_refused,
     guest_reads_during_conversion,
     pages_param,
     pre_fault,
     private_vm,
     run_guest,
+    vcpus_param,
 )
 
 POLICY = 1 << 17  # the reserved-must-be-one bit
@@ -151,3 +153,88 @@ async def snp_post_launch_faults_vs_conversion(kvm: Any, pages: int = 4) -> None
     await vm.snp_launch_finish()
     vcpu = await vm.create_vcpu(0)
     await guest_reads_during_conversion(vm, vcpu, pages)
+
+
+# KVM_SEV_SNP_LAUNCH_UPDATE turns a first-page -EINTR into -EIO, which here would look like a refusal.
+@asyncvm.scenario(name="snp_launch_update_vs_conversion", params={"pages": pages_param(4, low=2)}, data={"signal": 0.0})
+async def snp_launch_update_vs_conversion(kvm: Any, pages: int = 4) -> None:
+    """KVM_SEV_SNP_LAUNCH_UPDATE of the whole image while userspace converts gfn 1 to shared
+    (KVM_SET_MEMORY_ATTRIBUTES); then LAUNCH_FINISH.
+
+    Hunts a launch that encrypts and RMP-assigns a page the VMM has just made shared:
+    guest_memfd.c: kvm_gmem_populate() must refuse a gfn that is not PRIVATE (-EINVAL, which
+    sev.c: snp_launch_update() returns as -EIO on the first page of a call). The VMM skips the
+    refused page, which must be gfn 1 and shared by then. Watched by populate_shared (the
+    kvm_gmem_populate tracepoint checks the attributes), the errno oracle and the RMP oracles.
+    """
+    vm, _gmem, src = await _launched_vm(kvm, pages)
+
+    async def launch() -> None:
+        update = uapi.SevSnpLaunchUpdate(0, src, pages * PAGE_SIZE, uapi.KVM_SEV_SNP_PAGE_TYPE_NORMAL)
+        while update.len:
+            try:
+                await vm.snp_launch_update(update)
+            except KvmError as e:
+                if e.errno != uapi.EIO or update.gfn_start != 1 or vm.mem_is_private(1):
+                    raise
+                update.gfn_start += 1  # the converted page: the VMM leaves it out of the image
+                update.uaddr += PAGE_SIZE
+                update.len -= PAGE_SIZE
+
+    async def to_shared() -> None:
+        await vm.set_memory_attributes(uapi.MemoryAttributes(PAGE_SIZE, PAGE_SIZE, 0))
+
+    async with asyncvm.TaskGroup() as tg:
+        tg.spawn(launch, name="launch_update")
+        tg.spawn(to_shared, name="attr_flip")
+    await vm.snp_launch_finish()
+
+
+@asyncvm.scenario(name="snp_faults_race", params={"vcpus": vcpus_param(2), "pages": pages_param(2, low=2)})
+async def snp_faults_race(kvm: Any, vcpus: int = 2, pages: int = 2) -> None:
+    """After LAUNCH_FINISH (no image) the vCPUs fault the same private pages at once while userspace
+    punches a hole in gfn 1: each vCPU writes its own 8 bytes of gfn 0, reads gfn 1, and reads
+    its bytes back.
+
+    Hunts a first private fault zeroing and preparing (sev_gmem_prepare(): RMP-assign) a folio
+    that another fault is preparing too, or that the hole punch truncates: guest_memfd.c:
+    kvm_gmem_get_pfn() must hold the folio lock across the uptodate check, the zeroing and the
+    arch prepare hook. A second zeroing loses the other vCPU's write, a second RMPUPDATE fails
+    the fault. Watched by the read-back check (guest_data), the errno oracle, rmp_guest_shared,
+    rmp_freed_private and the stale-mapping oracles.
+    """
+    vm, gmem, _hva = await private_vm(kvm, uapi.KVM_X86_SNP_VM, pages)
+    await vm.snp_launch_start(uapi.SevSnpLaunchStart(policy=POLICY))
+    await vm.snp_launch_finish()
+    cpus = [await vm.create_vcpu(i) for i in range(vcpus)]
+    slots = PAGE_SIZE // 8
+
+    async def guest(vcpu: Any) -> None:
+        off = vcpu.vcpu_id % slots * 8
+        mark = (vcpu.vcpu_id + 1).to_bytes(8, "little")
+        program = [
+            GuestAccess.write(off, mark, private=True),
+            GuestAccess.read(PAGE_SIZE, private=True),
+            GuestAccess.read(off, private=True),
+        ]
+        got = (await run_guest(vcpu, program, convert=convert_on_fault(vm)))[-1]
+        writer = int.from_bytes(got, "little") - 1
+        # vCPUs beyond the page's 512 slots share one: any of their writes may be the last
+        if not (0 <= writer < vcpus and writer % slots == vcpu.vcpu_id % slots):
+            raise Violation(
+                "guest_data",
+                f"vcpu{vcpu.vcpu_id} read {got.hex()} back from gpa {off:#x}: its write was lost",
+                signature="guest_data:snp_faults_race",
+                gpa=off,
+            )
+
+    async with asyncvm.TaskGroup() as tg:
+        for v in cpus:
+            tg.spawn(guest, v, name=f"vcpu{v.vcpu_id}")
+        tg.spawn(
+            gmem.fallocate,
+            uapi.FALLOC_FL_KEEP_SIZE | uapi.FALLOC_FL_PUNCH_HOLE,
+            PAGE_SIZE,
+            PAGE_SIZE,
+            name="punch_hole",
+        )
