@@ -56,6 +56,10 @@ class UnknownScenario(LookupError):
     pass
 
 
+#: the package of the bundled scenarios: their names are not for other modules to take
+BUNDLED_PACKAGE = "asyncvm.scenarios."
+
+
 def scenario(
     name: str | None = None,
     params: Mapping[str, Any] | None = None,
@@ -84,6 +88,12 @@ def scenario(
         if not inspect.iscoroutinefunction(fn):
             raise TypeError(f"scenario {fn.__qualname__} must be an async def")
         key = name or fn.__name__
+        taken = REGISTRY.get(key)
+        if taken is not None and taken.module.startswith(BUNDLED_PACKAGE) and fn.__module__ != taken.module:
+            # a module's scenario would silently replace a bundled one (and schedules of it)
+            raise ValueError(
+                f"scenario name {key!r} is taken by the bundled scenario in {taken.module}; choose another"
+            )
         decls = dict(params or {})
         sig = inspect.signature(fn)
         for p in list(sig.parameters.values())[1:]:

@@ -417,3 +417,12 @@ def test_a_dask_connect_timeout_that_is_no_duration_falls_back_to_the_default(
 
     monkeypatch.setenv("ASYNCVM_DASK_CONNECT_TIMEOUT", given)
     assert executors._connect_timeout() == executors.DASK_CONNECT_TIMEOUT
+
+
+def test_a_module_cannot_take_a_bundled_scenarios_name(tmp_path: Path) -> None:
+    """It would silently replace the bundled scenario (and what its schedules replay)."""
+    (tmp_path / "shadow.py").write_text(
+        "import asyncvm\n\n@asyncvm.scenario(name='prefault_vs_punch_hole')\nasync def mine(kvm):\n    pass\n"
+    )
+    proc = run_cli("stress", SCENARIO, "-m", str(tmp_path / "shadow.py"), "--runs", "1", cwd=tmp_path, timeout=120)
+    assert_one_line_error(proc, "taken by the bundled scenario")
