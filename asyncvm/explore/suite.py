@@ -155,7 +155,9 @@ def load_suite(path: Path) -> Suite:
     try:
         data = read_toml(path)
     except FileError as e:
-        raise SuiteError(_one_line(str(e))) from None
+        # a table of an array names its campaign as every other suite error does: from 1
+        where = re.sub(r"\b(campaign|compare)\.(\d+)\.", lambda m: f"{m[1]} {int(m[2]) + 1}: ", str(e))
+        raise SuiteError(_one_line(where)) from None
     for key in data:
         if key not in TOP_KEYS:
             raise SuiteError(f"{path}: unknown key {key!r} (a suite has: {', '.join(TOP_KEYS)})")

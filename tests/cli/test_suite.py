@@ -130,6 +130,7 @@ def test_suite_command_line_errors(args: list[str], needle: str, tmp_path: Path)
         ("depth = 999999999999", "campaign 2: depth: expected an integer from 1 to 10000"),
         ("preemptions = 10001", "campaign 2: preemptions: expected an integer from 0 to 10000"),
         ("time = -1", "campaign 2: time: expected a positive number"),
+        ("time = nan", "campaign 2: time: not a finite number"),  # once "campaign.1.time"
         ('expect = "maybe"', "campaign 2: expect:"),
         ("params = { bogus = 1 }", "campaign 2: params: scenario prefault_vs_punch_hole has no parameter bogus"),
         ('params = { pages = "eight" }', "campaign 2: params.pages: 'eight' is not a int"),
