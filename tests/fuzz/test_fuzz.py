@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -136,18 +137,28 @@ def test_a_host_invalidation_leaves_private_mappings_alone() -> None:
     assert report.runs == 300 and not report.failures, [str(f) for f in report.failures]
 
 
-async def _close_vs_madvise(kvm: asyncvm.Kvm) -> None:
+async def _private_td(kvm: asyncvm.Kvm, pages: int) -> tuple[Any, Any, int, Any, int]:
+    """The fuzz programs' TDX set-up: a TD whose slot 0 is `pages` PRIVATE guest_memfd pages (with
+    a shared backing), an initialized vCPU 0 and a source image; (vm, guest_memfd, backing hva,
+    vCPU, image)."""
     from asyncvm.fuzz import prelude as p
 
     vm = await kvm.create_vm(asyncvm.uapi.KVM_X86_TDX_VM)
     await vm.tdx_init_vm()
-    g0 = await vm.create_guest_memfd(size=4 * p.PAGE)
-    h0 = await kvm.mm.mmap(4 * p.PAGE)
-    await p.set_slot(vm, 0, 0, 4, h0, g0)
-    await p.set_attributes(vm, 0, 4, private=True)
+    g0 = await vm.create_guest_memfd(size=pages * p.PAGE)
+    h0 = await kvm.mm.mmap(pages * p.PAGE)
+    await p.set_slot(vm, 0, 0, pages, h0, g0)
+    await p.set_attributes(vm, 0, pages, private=True)
     v0 = await vm.create_vcpu(0)
-    src = await p.image(kvm, 4)
+    src = await p.image(kvm, pages)
     await p.init_vcpu(v0)
+    return vm, g0, h0, v0, src
+
+
+async def _close_vs_madvise(kvm: asyncvm.Kvm) -> None:
+    from asyncvm.fuzz import prelude as p
+
+    vm, g0, h0, v0, src = await _private_td(kvm, 4)
     await p.init_mem_region(v0, src, 0, 4)
     await p.finalize(vm)
     async with asyncvm.TaskGroup() as tg:
@@ -237,15 +248,7 @@ def test_a_private_install_during_a_host_invalidation_is_not_stale() -> None:
 async def _populate_vs_madvise(kvm: asyncvm.Kvm) -> None:
     from asyncvm.fuzz import prelude as p
 
-    vm = await kvm.create_vm(asyncvm.uapi.KVM_X86_TDX_VM)
-    await vm.tdx_init_vm()
-    g0 = await vm.create_guest_memfd(size=2 * p.PAGE)
-    h0 = await kvm.mm.mmap(2 * p.PAGE)
-    await p.set_slot(vm, 0, 0, 2, h0, g0)
-    await p.set_attributes(vm, 0, 2, private=True)
-    v0 = await vm.create_vcpu(0)
-    src = await p.image(kvm, 2)
-    await p.init_vcpu(v0)
+    _vm, g0, h0, v0, src = await _private_td(kvm, 2)
     async with asyncvm.TaskGroup() as tg:
         tg.spawn(p.call, p.init_mem_region(v0, src, 0, 1), name="init_mem_region")
         tg.spawn(p.call, p.madvise_dontneed(kvm, h0, 0, 1), name="madvise")
