@@ -34,6 +34,23 @@ async def range_add_without_zap(vm: Vm, rng: GfnRange) -> bool:
     return False
 
 
+async def prefaulted_shared(kvm: asyncvm.Kvm) -> tuple[Any, int, Any]:
+    """A default VM with 4 anonymous pages at gpa 0, every one pre-faulted by vCPU 0: (vm, hva, vcpu)."""
+    vm, hva = await shared_vm(kvm, 4)
+    vcpu = await vm.create_vcpu(0)
+    assert await pre_fault(vcpu, 0, 4 * PAGE) is None
+    return vm, hva, vcpu
+
+
+async def prefaulted_private(kvm: asyncvm.Kvm) -> Any:
+    """A VM with 4 PRIVATE guest_memfd pages at gpa 0, every one pre-faulted by vCPU 0 (what
+    private_vm() returns)."""
+    p = await private_vm(kvm, 4)
+    vcpu = await p.vm.create_vcpu(0)
+    assert await pre_fault(vcpu, 0, 4 * PAGE) is None
+    return p
+
+
 # -- stale_install: the sequence rule --------------------------------------------------------------
 
 
@@ -61,9 +78,7 @@ def test_the_pre_fault_scenario_is_clean_without_the_bug() -> None:
 
 
 async def pre_fault_then_punch(kvm: asyncvm.Kvm) -> None:
-    p = await private_vm(kvm, 4)
-    vcpu = await p.vm.create_vcpu(0)
-    assert await pre_fault(vcpu, 0, 4 * PAGE) is None
+    p = await prefaulted_private(kvm)
     await p.gmem.fallocate(PUNCH, PAGE, PAGE)
 
 
@@ -76,9 +91,7 @@ def test_mapped_freed_pfn_fires_when_punch_hole_does_not_zap(monkeypatch: pytest
 
 
 async def pin_then_munmap(kvm: asyncvm.Kvm) -> None:
-    vm, hva = await shared_vm(kvm, 4)
-    vcpu = await vm.create_vcpu(0)
-    assert await pre_fault(vcpu, 0, 4 * PAGE) is None
+    _vm, hva, _vcpu = await prefaulted_shared(kvm)
     # Someone else (e.g. an O_DIRECT read) holds references: the pages outlive the munmap.
     pins = [(await kvm.mm.get_user_page(hva + i * PAGE))[0] for i in range(4)]
     await kvm.mm.munmap(hva, 4 * PAGE)
@@ -96,9 +109,7 @@ def test_stale_spte_fires_when_the_mmu_notifier_does_not_zap(monkeypatch: pytest
 
 
 async def pre_fault_then_munmap_one_page(kvm: asyncvm.Kvm) -> None:
-    vm, hva = await shared_vm(kvm, 4)
-    vcpu = await vm.create_vcpu(0)
-    assert await pre_fault(vcpu, 0, 4 * PAGE) is None
+    _vm, hva, _vcpu = await prefaulted_shared(kvm)
     await kvm.mm.munmap(hva + 2 * PAGE, PAGE)
 
 
@@ -141,9 +152,7 @@ def test_mapped_freed_pfn_fires_at_the_free_when_punch_hole_truncates_before_the
 
 
 async def pre_fault_then_close(kvm: asyncvm.Kvm) -> None:
-    p = await private_vm(kvm, 4)
-    vcpu = await p.vm.create_vcpu(0)
-    assert await pre_fault(vcpu, 0, 4 * PAGE) is None
+    p = await prefaulted_private(kvm)
     await p.gmem.close()
 
 
@@ -165,18 +174,14 @@ def test_mapped_freed_pfn_fires_at_the_free_when_gmem_release_does_not_zap(monke
 
 
 async def pre_fault_then_delete_the_slot(kvm: asyncvm.Kvm) -> None:
-    vm, hva = await shared_vm(kvm, 4)
-    vcpu = await vm.create_vcpu(0)
-    assert await pre_fault(vcpu, 0, 4 * PAGE) is None
+    vm, hva, _vcpu = await prefaulted_shared(kvm)
     await vm.set_user_memory_region2(uapi.UserspaceMemoryRegion2(0, 0, 0, 0, hva))
 
 
 async def pre_fault_then_move_the_slot_onto_itself(kvm: asyncvm.Kvm) -> None:
     """A MOVE whose new range overlaps the old one, faulted again: the new slot's mappings in the
     old range are its own, not leftovers."""
-    vm, hva = await shared_vm(kvm, 4)
-    vcpu = await vm.create_vcpu(0)
-    assert await pre_fault(vcpu, 0, 4 * PAGE) is None
+    vm, hva, vcpu = await prefaulted_shared(kvm)
     await vm.set_user_memory_region2(uapi.UserspaceMemoryRegion2(0, 0, 2 * PAGE, 4 * PAGE, hva))
     assert await pre_fault(vcpu, 2 * PAGE, 4 * PAGE) is None
 
@@ -203,9 +208,7 @@ def test_stale_spte_fires_when_a_freed_memslot_was_not_flushed(body: Any, monkey
 
 
 async def pre_fault_shared(kvm: asyncvm.Kvm) -> None:
-    vm, _hva = await shared_vm(kvm, 4)
-    vcpu = await vm.create_vcpu(0)
-    assert await pre_fault(vcpu, 0, 4 * PAGE) is None
+    _vm, _hva, _vcpu = await prefaulted_shared(kvm)
 
 
 @pytest.mark.parametrize("body", [pre_fault_shared, pre_fault_then_punch], ids=["shared", "private"])
@@ -254,9 +257,7 @@ def test_invalidate_balance_fires_on_an_end_without_a_begin(monkeypatch: pytest.
 
 
 async def pre_fault_then_convert(kvm: asyncvm.Kvm) -> None:
-    p = await private_vm(kvm, 4)
-    vcpu = await p.vm.create_vcpu(0)
-    assert await pre_fault(vcpu, 0, 4 * PAGE) is None
+    p = await prefaulted_private(kvm)
     await p.vm.set_memory_attributes(uapi.MemoryAttributes(PAGE, PAGE, 0))
 
 
@@ -318,9 +319,7 @@ def test_memslot_uaf_fires_when_a_memslot_update_does_not_wait_for_srcu_readers(
 
 
 async def pre_fault_then_munmap(kvm: asyncvm.Kvm) -> None:
-    vm, hva = await shared_vm(kvm, 4)
-    vcpu = await vm.create_vcpu(0)
-    assert await pre_fault(vcpu, 0, 4 * PAGE) is None
+    _vm, hva, _vcpu = await prefaulted_shared(kvm)
     await kvm.mm.munmap(hva, 4 * PAGE)
 
 
@@ -340,9 +339,7 @@ def test_mn_active_balance_fires_when_range_end_forgets_the_count(monkeypatch: p
 
 
 async def delete_the_slot_twice(kvm: asyncvm.Kvm) -> None:
-    vm, hva = await shared_vm(kvm, 4)
-    vcpu = await vm.create_vcpu(0)
-    assert await pre_fault(vcpu, 0, 4 * PAGE) is None
+    vm, hva, _vcpu = await prefaulted_shared(kvm)
     for _ in range(2):
         await vm.set_user_memory_region2(uapi.UserspaceMemoryRegion2(0, 0, 0, 0, hva))
         await vm.set_user_memory_region2(uapi.UserspaceMemoryRegion2(0, 0, 0, 4 * PAGE, hva))
