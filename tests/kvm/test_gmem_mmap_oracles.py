@@ -44,6 +44,16 @@ async def mapped(kvm: asyncvm.Kvm, flags: int, vm_type: int = uapi.KVM_X86_DEFAU
     return vm, gmem, mem
 
 
+async def inplace_slot(kvm: asyncvm.Kvm, vm_type: int, pages: int = 2) -> tuple:
+    """mapped() with MMAP|INIT_SHARED, bound as the VM's only memslot (gpa 0, the mapping as its
+    userspace address): the in-place conversion design's guest memory."""
+    vm, gmem, mem = await mapped(kvm, MMAP | INIT_SHARED, vm_type, pages)
+    await vm.set_user_memory_region2(
+        uapi.UserspaceMemoryRegion2(0, uapi.KVM_MEM_GUEST_MEMFD, 0, pages * PAGE, mem, 0, gmem)
+    )
+    return vm, gmem, mem
+
+
 # -- gmem_host_private ------------------------------------------------------------------------
 
 
@@ -357,12 +367,7 @@ def test_conversion_and_host_truncation_unmap_balanced() -> None:
     no invalidation in progress."""
 
     async def body(kvm: asyncvm.Kvm) -> None:
-        vm = await kvm.create_vm(uapi.KVM_X86_SW_PROTECTED_VM)
-        gmem = await vm.create_guest_memfd(size=2 * PAGE, flags=MMAP | INIT_SHARED)
-        mem = await kvm.mm.mmap(2 * PAGE, fd=gmem, shared=True)
-        await vm.set_user_memory_region2(
-            uapi.UserspaceMemoryRegion2(0, uapi.KVM_MEM_GUEST_MEMFD, 0, 2 * PAGE, mem, 0, gmem)
-        )
+        vm, gmem, mem = await inplace_slot(kvm, uapi.KVM_X86_SW_PROTECTED_VM)
         await kvm.mm.write(mem, b"x" * 2 * PAGE)
         await gmem.set_memory_attributes2(uapi.MemoryAttributes2(0, PAGE, PRIVATE))
         await gmem.fallocate(PUNCH, 0, 2 * PAGE)
@@ -378,12 +383,7 @@ def test_inplace_conversion_is_seen_by_guest_faults_and_keeps_the_data() -> None
     back to shared, the host sees what the guest wrote privately."""
 
     async def body(kvm: asyncvm.Kvm) -> None:
-        vm = await kvm.create_vm(uapi.KVM_X86_SW_PROTECTED_VM)
-        gmem = await vm.create_guest_memfd(size=2 * PAGE, flags=MMAP | INIT_SHARED)
-        mem = await kvm.mm.mmap(2 * PAGE, fd=gmem, shared=True)
-        await vm.set_user_memory_region2(
-            uapi.UserspaceMemoryRegion2(0, uapi.KVM_MEM_GUEST_MEMFD, 0, 2 * PAGE, mem, 0, gmem)
-        )
+        vm, gmem, mem = await inplace_slot(kvm, uapi.KVM_X86_SW_PROTECTED_VM)
         assert not vm.mem_is_private(0)
         await kvm.mm.write(mem, b"host" * 2)
         vcpu = await vm.create_vcpu(0)
@@ -407,12 +407,7 @@ def test_inplace_conversion_is_seen_by_guest_faults_and_keeps_the_data() -> None
 
 async def _snp_inplace(kvm: asyncvm.Kvm) -> tuple:
     """An SNP guest (launched, no image) whose only memslot is an MMAP|INIT_SHARED guest_memfd."""
-    vm = await kvm.create_vm(uapi.KVM_X86_SNP_VM)
-    gmem = await vm.create_guest_memfd(size=2 * PAGE, flags=MMAP | INIT_SHARED)
-    mem = await kvm.mm.mmap(2 * PAGE, fd=gmem, shared=True)
-    await vm.set_user_memory_region2(
-        uapi.UserspaceMemoryRegion2(0, uapi.KVM_MEM_GUEST_MEMFD, 0, 2 * PAGE, mem, 0, gmem)
-    )
+    vm, gmem, mem = await inplace_slot(kvm, uapi.KVM_X86_SNP_VM)
     await vm.snp_launch_start(uapi.SevSnpLaunchStart(policy=1 << 17))
     await vm.snp_launch_finish()
     return vm, gmem, mem
