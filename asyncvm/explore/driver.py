@@ -28,7 +28,7 @@ from ..runtime.failures import Failure, ToolError, Violation
 from ..runtime.lockdep import Lockdep
 from ..runtime.strategies import make_strategy
 from .campaign import CampaignSpec, ChunkResult, FoundFailure, Report, run_chunk
-from .engine import DEFAULT_MAX_STEPS, Program, ScenarioFn, calibrate_steps, confirm, scenario_name
+from .engine import DEFAULT_MAX_STEPS, Program, ScenarioFn, calibrate_steps, check_scenario, confirm, scenario_name
 from .executors import EXECUTION_LOCK, connect_dask, dask_slots, run_dask, run_here, run_pool
 from .files import MAX_JOBS, SpecModel, explain
 from .known import known_behaviour
@@ -323,8 +323,7 @@ def explore(
     """
     from ..bugs import check_bug_names
 
-    if not (isinstance(scenario, str) or callable(scenario)):
-        raise TypeError(f"scenario must be a registered scenario's name or an async function, not {scenario!r}")
+    check_scenario(scenario)
     if isinstance(bugs, str):  # its letters would be taken as bug names
         raise ValueError(f"bugs must be a list of bug names, not the string {bugs!r}")
     if not isinstance(bugs, Iterable):

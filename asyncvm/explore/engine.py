@@ -207,11 +207,16 @@ def resolve(scenario: ScenarioFn | str) -> ScenarioFn:
         from .scenarios import get_scenario
 
         return get_scenario(scenario).fn
-    if not callable(scenario):
+    check_scenario(scenario)
+    return scenario
+
+
+def check_scenario(scenario: object) -> None:
+    """The scenario argument of the public API is a registered scenario's name or a function."""
+    if not (isinstance(scenario, str) or callable(scenario)):
         raise TypeError(
             f"scenario must be a scenario function or a registered scenario's name, not {type(scenario).__name__}"
         )
-    return scenario
 
 
 def _program_for(schedule: Schedule, scenario: ScenarioFn | str) -> Program:
