@@ -82,19 +82,21 @@ async def wait(obj: Any, arg: Any) -> None:
         while not obj._ready(t, arg):
             if _abandoned(obj):
                 break
-            event = obj._live_event
-            if event is None:
-                event = obj._live_event = anyio.Event()
-            await event.wait()
+            await _event(obj).wait()
         else:
             return
     # Held by a task that died holding it: a shielded wait would hang the program, so this one
     # waits unshielded and the caller's cancellation (its task group failing) may end it.
     while not obj._ready(t, arg):
-        event = obj._live_event
-        if event is None:
-            event = obj._live_event = anyio.Event()
-        await event.wait()
+        await _event(obj).wait()
+
+
+def _event(obj: Any) -> anyio.Event:
+    """The event the next notify(obj) sets (one per state change, made by the first waiter)."""
+    event = obj._live_event
+    if event is None:
+        event = obj._live_event = anyio.Event()
+    return event
 
 
 def _abandoned(obj: Any) -> bool:
@@ -108,11 +110,8 @@ async def _spin(obj: Any, arg: Any, t: LiveTask) -> None:
     await checkpoint()
     if obj._ready(t, arg) or cancel_pending():
         return
-    event = obj._live_event
-    if event is None:
-        event = obj._live_event = anyio.Event()
     try:
-        await event.wait()
+        await _event(obj).wait()
     except anyio.get_cancelled_exc_class():
         # Cancellation is level-triggered on both backends: it is raised again at the first
         # unshielded checkpoint, which is where the system call delivers it.
