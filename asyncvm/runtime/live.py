@@ -93,7 +93,7 @@ async def wait(obj: Any, arg: Any) -> None:
 
 def _event(obj: Any) -> anyio.Event:
     """The event the next notify(obj) sets (one per state change, made by the first waiter)."""
-    event = obj._live_event
+    event: anyio.Event | None = obj._live_event
     if event is None:
         event = obj._live_event = anyio.Event()
     return event
